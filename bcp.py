@@ -1,0 +1,437 @@
+"""
+Bidirectional Copy-Paste (BCP) for semi-supervised medical image segmentation, in one file.
+
+Bai et al., "Bidirectional Copy-Paste for Semi-Supervised Medical Image Segmentation", CVPR 2023.
+A Mean-Teacher in which the student never sees a plain image: a crop of a labeled image is pasted
+into an unlabeled one and a crop of an unlabeled image into a labeled one, so that labeled and
+unlabeled data learn from each other in both directions (inward and outward).
+
+Read top to bottom, this file follows the method:
+  1. the U-Net (as in SSL4MIS, which the authors build on)
+  2. the EMA teacher
+  3. the copy-paste mask M and the bidirectional mixing (Eq. 1-4)
+  4. the mixed Dice + CE loss with the weight alpha on pseudo-labeled pixels (Eq. 5-6)
+  5. pseudo-labels: the teacher's argmax, largest connected component per class
+  6. metrics: Dice, Jaccard, HD95, ASD on an exact Euclidean distance transform
+  7. the ACDC data in the SSL4MIS layout, the authors' augmentation, slice-wise volume inference
+
+train.py runs it (python train.py --phase pretrain; python train.py --phase selftrain),
+evaluate.py scores it, test_bcp.py checks every piece on small hand-built examples.
+"""
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# 1. U-Net: encoder 16-32-64-128-256 with dropout, bilinear decoder (SSL4MIS `UNet`, 1.81 M params)
+
+ENCODER_CHANNELS = (16, 32, 64, 128, 256)
+ENCODER_DROPOUT = (0.05, 0.1, 0.2, 0.3, 0.5)
+
+
+class ConvBlock(nn.Sequential):
+    """conv3x3-BN-LeakyReLU-Dropout-conv3x3-BN-LeakyReLU."""
+
+    def __init__(self, in_channels, out_channels, dropout):
+        super().__init__(
+            nn.Conv2d(in_channels, out_channels, 3, padding=1), nn.BatchNorm2d(out_channels), nn.LeakyReLU(),
+            nn.Dropout(dropout),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1), nn.BatchNorm2d(out_channels), nn.LeakyReLU(),
+        )
+
+
+class UpBlock(nn.Module):
+    """1x1 conv down to the skip's channels, bilinear x2, concatenate with the skip, ConvBlock."""
+
+    def __init__(self, in_channels, skip_channels, out_channels):
+        super().__init__()
+        self.reduce = nn.Conv2d(in_channels, skip_channels, 1)
+        self.conv = ConvBlock(2 * skip_channels, out_channels, dropout=0.0)
+
+    def forward(self, x, skip):
+        x = F.interpolate(self.reduce(x), scale_factor=2, mode="bilinear", align_corners=True)
+        return self.conv(torch.cat([skip, x], dim=1))
+
+
+class UNet(nn.Module):
+    def __init__(self, in_channels=1, num_classes=4):
+        super().__init__()
+        c, p = ENCODER_CHANNELS, ENCODER_DROPOUT
+        self.encoder = nn.ModuleList([ConvBlock(in_channels, c[0], p[0])])
+        self.encoder.extend(nn.Sequential(nn.MaxPool2d(2), ConvBlock(c[i - 1], c[i], p[i])) for i in range(1, len(c)))
+        self.decoder = nn.ModuleList(UpBlock(c[i], c[i - 1], c[i - 1]) for i in reversed(range(1, len(c))))
+        self.head = nn.Conv2d(c[0], num_classes, 3, padding=1)
+
+    def forward(self, x):  # (B, in_channels, H, W) -> logits (B, num_classes, H, W); H, W divisible by 16
+        skips = []
+        for block in self.encoder:
+            x = block(x)
+            skips.append(x)
+        x = skips.pop()
+        for block in self.decoder:
+            x = block(x, skips.pop())
+        return self.head(x)
+
+
+# -----------------------------------------------------------------------------
+# 2. Mean-Teacher: the teacher is an exponential moving average of the student
+
+@torch.no_grad()
+def ema_update(teacher, student, decay):
+    """teacher <- decay * teacher + (1 - decay) * student, for parameters and BN running statistics
+    (the authors average the whole state dict). decay 0 copies the student, decay 1 keeps the teacher."""
+    pairs = [(t, s) for t, s in zip(teacher.state_dict().values(), student.state_dict().values())
+             if t.is_floating_point()]  # skips BN's num_batches_tracked, unused with a set momentum
+    teacher_tensors, student_tensors = zip(*pairs)
+    torch._foreach_lerp_(list(teacher_tensors), list(student_tensors), 1.0 - decay)
+
+
+# -----------------------------------------------------------------------------
+# 3. Copy-paste: a mask M with one zero rectangle, and the bidirectional mixing (Eq. 1-4)
+
+def paste_mask(height, width, beta=2 / 3, centered=False, generator=None, device="cpu"):
+    """M (H, W) float: ones, with a zero rectangle of int(beta*H) x int(beta*W) where the crop is pasted.
+    The rectangle sits at a uniformly random position, or in the middle with centered=True."""
+    patch_h, patch_w = int(height * beta), int(width * beta)
+    if centered:
+        top, left = (height - patch_h) // 2, (width - patch_w) // 2
+    else:
+        top = int(torch.randint(height - patch_h + 1, (), generator=generator))
+        left = int(torch.randint(width - patch_w + 1, (), generator=generator))
+    mask = torch.ones(height, width, device=device)
+    mask[top:top + patch_h, left:left + patch_w] = 0
+    return mask
+
+
+def copy_paste(base, patch, mask):
+    """base * M + patch * (1 - M): the patch image's crop (where M = 0) pasted into the base image.
+    Works alike for images (B, 1, H, W), label maps (B, H, W) and probability maps; mask is (H, W).
+      inward  (Eq. 1, 3): X_in  = copy_paste(unlabeled_a, labeled_a, M)
+      outward (Eq. 2, 4): X_out = copy_paste(labeled_b, unlabeled_b, M)"""
+    mask = mask.to(base.dtype)
+    return base * mask + patch * (1 - mask)
+
+
+# -----------------------------------------------------------------------------
+# 4. The mixed loss: (Dice + CE) / 2, each summed over the two regions of M (Eq. 5-6)
+
+DICE_SMOOTH = 1e-10  # the authors' smoothing term; keeps 0/0 at 1 for a class absent from a region
+
+
+def region_dice_loss(probs, one_hot, region):
+    """1 - soft Dice inside a region, over all classes (background included), averaged over classes.
+    probs, one_hot: (B, C, H, W); region: (B, H, W) of 0/1. Sums run over the whole batch."""
+    region = region.unsqueeze(1)
+    intersection = (probs * one_hot * region).sum((0, 2, 3))
+    denominator = (probs * probs * region).sum((0, 2, 3)) + (one_hot * region).sum((0, 2, 3))
+    return (1 - (2 * intersection + DICE_SMOOTH) / (denominator + DICE_SMOOTH)).mean()
+
+
+def region_ce_loss(logits, target, region):
+    """Cross-entropy averaged over the pixels of a region. logits (B, C, H, W); target, region (B, H, W)."""
+    return (F.cross_entropy(logits, target, reduction="none") * region).sum() / region.sum().clamp_min(1e-16)
+
+
+def mixed_loss(logits, target, mask, weight_base, weight_patch):
+    """Loss of one copy-pasted image (Eq. 6): (Dice + CE) / 2 with each term summed over the base
+    region (M = 1) and the pasted region (M = 0), weighted 1 where the target is ground truth and
+    alpha (--u-weight) where it is a pseudo-label.
+    logits (B, C, H, W); target (B, H, W) long, mixed with copy_paste like the input; mask (H, W)."""
+    logits = logits.float()
+    probs = logits.softmax(1)
+    one_hot = F.one_hot(target, logits.shape[1]).permute(0, 3, 1, 2).float()
+    loss = logits.new_zeros((), dtype=torch.float32)
+    for region, weight in ((mask, weight_base), (1 - mask, weight_patch)):
+        region = region.expand_as(target)
+        loss = loss + weight * (region_dice_loss(probs, one_hot, region) + region_ce_loss(logits, target, region))
+    return loss / 2
+
+
+# -----------------------------------------------------------------------------
+# 5. Pseudo-labels: the teacher's argmax, keeping only the largest connected component of each class
+
+def largest_component(mask):
+    """Keep the largest 8-connected component of each (H, W) slice of a boolean (N, H, W) tensor.
+
+    Connected components by label propagation: every pixel starts with its own flat index, then
+    repeatedly takes the smallest label in its 3x3 neighbourhood and jumps to the label its label
+    points at (pointer jumping), until nothing changes. Each component ends labelled by the index of
+    its first pixel in raster order, so a tie in size goes to the component met first, as with
+    skimage.measure.label followed by argmax of the counts (the authors' code)."""
+    n, h, w = mask.shape
+    background = float(h * w)  # float32 holds every index exactly up to 2**24 pixels
+    index = torch.arange(h * w, device=mask.device, dtype=torch.float32).expand(n, -1)
+    foreground = mask.reshape(n, -1)
+    labels = torch.where(foreground, index, background)
+    while True:
+        new = labels
+        for _ in range(4):  # a few rounds per convergence check: fewer host syncs
+            smallest = -F.max_pool2d(-new.view(n, 1, h, w), 3, stride=1, padding=1).view(n, -1)
+            jumped = smallest.gather(1, smallest.clamp_max(h * w - 1).long())
+            new = torch.where(foreground, torch.minimum(smallest, jumped), background)
+        if torch.equal(new, labels):
+            break
+        labels = new
+    counts = torch.zeros(n, h * w + 1, device=mask.device).scatter_add_(1, labels.long(), torch.ones_like(labels))
+    largest = counts[:, :-1].argmax(1, keepdim=True)  # first (smallest) label among equal sizes
+    return ((labels == largest) & foreground).view(n, h, w)
+
+
+def pseudo_label(logits):
+    """(B, C, H, W) teacher logits -> (B, H, W) long labels: argmax, then per slice and per foreground
+    class only the largest connected component (other pixels become background)."""
+    prediction = logits.argmax(1)
+    num_classes = logits.shape[1]
+    b, h, w = prediction.shape
+    classes = torch.arange(1, num_classes, device=logits.device).view(1, -1, 1, 1)
+    per_class = (prediction.unsqueeze(1) == classes).view(-1, h, w)  # (B * (C-1), H, W)
+    kept = largest_component(per_class).view(b, num_classes - 1, h, w)
+    return (kept * classes).sum(1)
+
+
+# -----------------------------------------------------------------------------
+# 6. Metrics on boolean numpy arrays (2D or 3D), as medpy.metric.binary defines them
+
+def _as_masks(pred, gt, spacing):
+    pred, gt = np.asarray(pred, dtype=bool), np.asarray(gt, dtype=bool)  # never written to
+    if pred.shape != gt.shape or pred.ndim not in (2, 3):
+        raise ValueError(f"pred and gt must be 2D or 3D arrays of one shape, got {pred.shape} and {gt.shape}")
+    spacing = np.ones(pred.ndim) if spacing is None else np.asarray(spacing, dtype=float)
+    if spacing.shape != (pred.ndim,) or np.any(spacing <= 0):
+        raise ValueError(f"spacing must hold {pred.ndim} positive numbers, got {spacing.tolist()}")
+    return pred, gt, spacing
+
+
+def dice(pred, gt):
+    """2|P & G| / (|P| + |G|) in [0, 1]; two empty masks give 1.0."""
+    pred, gt, _ = _as_masks(pred, gt, None)
+    total = pred.sum() + gt.sum()
+    return 2.0 * np.logical_and(pred, gt).sum() / total if total else 1.0
+
+
+def jaccard(pred, gt):
+    """|P & G| / |P | G| in [0, 1]; two empty masks give 1.0."""
+    pred, gt, _ = _as_masks(pred, gt, None)
+    union = np.logical_or(pred, gt).sum()
+    return np.logical_and(pred, gt).sum() / union if union else 1.0
+
+
+def surface(mask):
+    """The mask minus its erosion by the face-connected cross; pixels on the array border are surface."""
+    padded = np.pad(mask, 1)
+    core = [slice(1, -1)] * mask.ndim
+    interior = mask.copy()
+    for axis in range(mask.ndim):
+        for shifted in (slice(None, -2), slice(2, None)):
+            neighbour = list(core)
+            neighbour[axis] = shifted
+            interior &= padded[tuple(neighbour)]
+    return mask & ~interior
+
+
+def distance_transform(features, spacing):
+    """Exact Euclidean distance from every element to the nearest True element of `features`.
+    Separable squared distances: along each axis in turn, d(x) = min_j d(j) + (spacing * (x - j))^2."""
+    squared = np.where(features, 0.0, np.inf)
+    for axis, step in enumerate(spacing):
+        squared = np.moveaxis(squared, axis, -1)
+        n = squared.shape[-1]
+        offsets = (step * (np.arange(n)[:, None] - np.arange(n)[None, :])) ** 2  # (x, j)
+        result = np.empty_like(squared)
+        for x in range(n):
+            result[..., x] = (squared + offsets[x]).min(-1)
+        squared = np.moveaxis(result, -1, axis)
+    return np.sqrt(squared)
+
+
+def surface_distances(pred, gt, spacing):
+    """Distances pred surface -> gt surface and gt surface -> pred surface (1D arrays).
+    The distance transforms run only inside the bounding box of both surfaces, which holds every
+    voxel that can be nearest to a surface voxel; that is what makes them cheap."""
+    for name, mask in (("prediction", pred), ("ground truth", gt)):
+        if not mask.any():
+            raise ValueError(f"the {name} mask is empty: surface distances are undefined")
+    pred_surface, gt_surface = surface(pred), surface(gt)
+    corners = np.argwhere(pred_surface | gt_surface)
+    box = tuple(slice(lo, hi + 1) for lo, hi in zip(corners.min(0), corners.max(0)))
+    pred_surface, gt_surface = pred_surface[box], gt_surface[box]
+    pred_to_gt = distance_transform(gt_surface, spacing)[pred_surface]
+    gt_to_pred = distance_transform(pred_surface, spacing)[gt_surface]
+    return pred_to_gt, gt_to_pred
+
+
+def hd95(pred, gt, spacing=None):
+    """95th percentile of the surface distances of both directions pooled. Raises on an empty mask."""
+    pred, gt, spacing = _as_masks(pred, gt, spacing)
+    return float(np.percentile(np.concatenate(surface_distances(pred, gt, spacing)), 95))
+
+
+def asd(pred, gt, spacing=None):
+    """Mean distance from the prediction's surface to the ground truth's (one direction, as medpy)."""
+    pred, gt, spacing = _as_masks(pred, gt, spacing)
+    return float(surface_distances(pred, gt, spacing)[0].mean())
+
+
+def binary_metrics(pred, gt, spacing=None):
+    """Dice, Jaccard, HD95 and ASD from one pass (each distance transform computed once).
+    Returns a dict of floats; raises ValueError if either mask is empty."""
+    pred, gt, spacing = _as_masks(pred, gt, spacing)
+    pred_to_gt, gt_to_pred = surface_distances(pred, gt, spacing)
+    overlap, total, union = np.logical_and(pred, gt).sum(), pred.sum() + gt.sum(), np.logical_or(pred, gt).sum()
+    return {"dice": 2.0 * overlap / total, "jaccard": overlap / union,
+            "hd95": float(np.percentile(np.concatenate([pred_to_gt, gt_to_pred]), 95)),
+            "asd": float(pred_to_gt.mean())}
+
+
+# -----------------------------------------------------------------------------
+# 7. ACDC in the SSL4MIS layout, held in memory on the training device
+
+class DataError(Exception):
+    """Bad input data; the message names the file and the problem."""
+
+
+def read_list(root, name):
+    path = Path(root) / name
+    if not path.is_file():
+        raise DataError(f"{path}: missing list file (is --root the ACDC folder? run prepare_acdc.py)")
+    names = path.read_text().split()
+    if not names:
+        raise DataError(f"{path}: the list is empty")
+    return names
+
+
+def read_h5(path, ndim, num_classes=4):
+    """-> (image float32, label uint8) from an SSL4MIS h5 file, checked."""
+    try:
+        with h5py.File(path, "r") as f:
+            image, label = f["image"][()], f["label"][()]
+    except (OSError, KeyError) as error:
+        raise DataError(f"{path}: cannot read 'image' and 'label' ({error})") from None
+    if image.ndim != ndim or image.shape != label.shape:
+        raise DataError(f"{path}: expected {ndim}D image and label of one shape, got {image.shape} and {label.shape}")
+    if label.size and (label.min() < 0 or label.max() >= num_classes):
+        raise DataError(f"{path}: label values must lie in 0..{num_classes - 1}, got {label.min()}..{label.max()}")
+    return image.astype(np.float32), label.astype(np.uint8)
+
+
+def patient_of(name):
+    return name.split("_")[0]
+
+
+def zoom_index(size_in, size_out):
+    """Source index of each output position for a nearest-neighbour resize, as scipy.ndimage.zoom
+    (order=0) computes it: round(o * (in - 1) / (out - 1)). Works on ints and on tensors of sizes."""
+    position = torch.arange(size_out, dtype=torch.float32)
+    if torch.is_tensor(size_in):
+        position = position.to(size_in.device)
+        size_in = size_in.float().unsqueeze(-1)
+    return torch.floor(position * (size_in - 1) / max(size_out - 1, 1) + 0.5).long()
+
+
+def resize_nearest(x, height, width):
+    """Nearest-neighbour resize of the last two dims, (..., H, W) -> (..., height, width)."""
+    rows = zoom_index(x.shape[-2], height).to(x.device)
+    cols = zoom_index(x.shape[-1], width).to(x.device)
+    return x[..., rows[:, None], cols[None, :]]
+
+
+class SliceBank:
+    """Training slices of different sizes stored flat (ragged) on one device, batched augmentation.
+
+    The authors' augmentation (SSL4MIS RandomGenerator) per slice: with p=0.5 rot90 by k in 0..3 then
+    a flip on a random axis; otherwise with p=0.5 a rotation by an integer angle in [-20, 20) degrees
+    (nearest, zeros outside); then a nearest resize to patch x patch. Here the whole chain is one
+    index map from output pixel to source pixel, so a batch is a single gather."""
+
+    def __init__(self, images, labels, device):
+        sizes = torch.tensor([image.shape for image in images])
+        self.heights, self.widths = sizes[:, 0].to(device), sizes[:, 1].to(device)
+        self.offsets = (sizes.prod(1).cumsum(0) - sizes.prod(1)).to(device)
+        self.images = torch.from_numpy(np.concatenate([i.ravel() for i in images])).to(device)
+        self.labels = torch.from_numpy(np.concatenate([l.ravel() for l in labels])).to(device)
+
+    def __len__(self):
+        return len(self.heights)
+
+    @staticmethod
+    def random_augmentation(batch_size, generator):
+        """The random choices of the authors' augmentation, per slice, drawn on the CPU."""
+        rot_flip = torch.rand(batch_size, generator=generator) < 0.5
+        rotate = ~rot_flip & (torch.rand(batch_size, generator=generator) < 0.5)
+        return {"rot_flip": rot_flip, "k": torch.randint(4, (batch_size,), generator=generator),
+                "flip_axis": torch.randint(2, (batch_size,), generator=generator),
+                "rotate": rotate, "angle": torch.randint(-20, 20, (batch_size,), generator=generator)}
+
+    @staticmethod
+    def no_augmentation(batch_size):
+        return {key: torch.zeros(batch_size, dtype=torch.bool if key in ("rot_flip", "rotate") else torch.long)
+                for key in ("rot_flip", "k", "flip_axis", "rotate", "angle")}
+
+    def batch(self, index, patch_size, augmentation=None):
+        """-> images (B, 1, P, P) float, labels (B, P, P) long for slice indices (B,), augmented with
+        the choices of random_augmentation (none if not given)."""
+        device = self.images.device
+        index = index.to(device)
+        aug = augmentation or self.no_augmentation(len(index))
+        aug = {key: value.to(device).view(-1, 1, 1) for key, value in aug.items()}
+        h, w = self.heights[index].view(-1, 1, 1), self.widths[index].view(-1, 1, 1)
+        k = torch.where(aug["rot_flip"], aug["k"], 0)
+        h_out, w_out = torch.where(k % 2 == 1, w, h), torch.where(k % 2 == 1, h, w)  # odd rot90 swaps H, W
+        r = zoom_index(h_out.view(-1), patch_size).view(-1, patch_size, 1)  # rows in the augmented slice
+        c = zoom_index(w_out.view(-1), patch_size).view(-1, 1, patch_size)
+        r, c = torch.broadcast_tensors(r, c)  # (B, P, P)
+        # undo the flip, then the rot90 (np.rot90 turns counter-clockwise)
+        flip_rows = aug["rot_flip"] & (aug["flip_axis"] == 0)
+        flip_cols = aug["rot_flip"] & (aug["flip_axis"] == 1)
+        r, c = torch.where(flip_rows, h_out - 1 - r, r), torch.where(flip_cols, w_out - 1 - c, c)
+        r, c = (torch.where(k == 1, c, torch.where(k == 2, h - 1 - r, torch.where(k == 3, h - 1 - c, r))),
+                torch.where(k == 1, w - 1 - r, torch.where(k == 2, w - 1 - c, torch.where(k == 3, r, c))))
+        # undo the rotation about the slice centre (scipy.ndimage.rotate, reshape=False, order=0)
+        theta = torch.deg2rad(aug["angle"].float())
+        cos, sin = torch.cos(theta), torch.sin(theta)
+        dr, dc = r - (h - 1) / 2, c - (w - 1) / 2
+        source_r, source_c = cos * dr + sin * dc + (h - 1) / 2, -sin * dr + cos * dc + (w - 1) / 2
+        # like scipy, a point is outside (zero) when its unrounded source lies off the slice
+        inside = ~aug["rotate"] | ((source_r >= 0) & (source_r <= h - 1) & (source_c >= 0) & (source_c <= w - 1))
+        r = torch.where(aug["rotate"], torch.floor(source_r + 0.5).long(), r)
+        c = torch.where(aug["rotate"], torch.floor(source_c + 0.5).long(), c)
+        flat = torch.where(inside, self.offsets[index].view(-1, 1, 1) + r * w + c, 0)
+        images = torch.where(inside, self.images[flat], 0.0).unsqueeze(1)
+        labels = torch.where(inside, self.labels[flat], 0).long()
+        return images, labels
+
+
+def load_slices(root, names):
+    root = Path(root)
+    pairs = [read_h5(root / "data" / "slices" / f"{name}.h5", ndim=2) for name in names]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def load_volumes(root, split):
+    """[(name, image (S, H, W) float32, label (S, H, W) uint8)] for the volumes of <split>.list."""
+    root = Path(root)
+    return [(name, *read_h5(root / "data" / f"{name}.h5", ndim=3)) for name in read_list(root, f"{split}.list")]
+
+
+def training_slices(root, labeled_patients):
+    """Slice names of train_slices.list split into (labeled, unlabeled): the labeled set is every
+    slice of the first `labeled_patients` patients in train.list order (3 -> 68, 7 -> 136 on ACDC)."""
+    patients = list(dict.fromkeys(patient_of(v) for v in read_list(root, "train.list")))
+    if not 1 <= labeled_patients <= len(patients):
+        raise DataError(f"{Path(root) / 'train.list'}: asked for {labeled_patients} labeled patients, it holds {len(patients)}")
+    chosen = set(patients[:labeled_patients])
+    slices = read_list(root, "train_slices.list")
+    return [s for s in slices if patient_of(s) in chosen], [s for s in slices if patient_of(s) not in chosen]
+
+
+@torch.no_grad()
+def predict_volume(model, image, patch_size):
+    """Slice-wise inference on a volume: (S, H, W) float tensor -> (S, H, W) long labels.
+    Each slice is resized to patch x patch (nearest), segmented, and the argmax resized back."""
+    slices = resize_nearest(image, patch_size, patch_size).unsqueeze(1)  # (S, 1, P, P)
+    prediction = model(slices).argmax(1)
+    return resize_nearest(prediction, *image.shape[-2:])

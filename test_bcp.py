@@ -1,0 +1,348 @@
+"""
+Tests for BCP: each checks one idea against a value worked out by hand or a trusted reference.
+    python -m pytest -q test_bcp.py
+scipy serves only as a reference here (medpy's metric definitions rebuilt on scipy.ndimage).
+"""
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+import bcp
+
+
+def reference_surface_distances(pred, gt, spacing=None):
+    """medpy.metric.binary.__surface_distances, on scipy."""
+    cross = ndimage.generate_binary_structure(pred.ndim, 1)
+    pred_border = pred ^ ndimage.binary_erosion(pred, structure=cross, iterations=1)
+    gt_border = gt ^ ndimage.binary_erosion(gt, structure=cross, iterations=1)
+    return ndimage.distance_transform_edt(~gt_border, sampling=spacing)[pred_border]
+
+
+def reference_metrics(pred, gt, spacing=None):
+    pred_to_gt = reference_surface_distances(pred, gt, spacing)
+    gt_to_pred = reference_surface_distances(gt, pred, spacing)
+    overlap = np.logical_and(pred, gt).sum()
+    return {"dice": 2 * overlap / (pred.sum() + gt.sum()), "jaccard": overlap / np.logical_or(pred, gt).sum(),
+            "hd95": np.percentile(np.hstack([pred_to_gt, gt_to_pred]), 95), "asd": pred_to_gt.mean()}
+
+
+def random_blobs(shape, seed, threshold=0.55):
+    noise = np.random.default_rng(seed).random(shape)
+    return ndimage.uniform_filter(noise, 3) > threshold
+
+
+def square(shape=(20, 20), top=5, left=5, size=8):
+    mask = np.zeros(shape, dtype=bool)
+    mask[top:top + size, left:left + size] = True
+    return mask
+
+
+# ----------------------------------------------------------------------------- metrics
+
+def test_dice_and_jaccard_by_hand():
+    """P = 8x8 square, G = the same square 2 rows lower: overlap 6*8 = 48, |P| = |G| = 64.
+    Dice = 96 / 128 = 0.75, Jaccard = 48 / 80 = 0.6."""
+    pred, gt = square(top=5), square(top=7)
+    assert bcp.dice(pred, gt) == pytest.approx(0.75)
+    assert bcp.jaccard(pred, gt) == pytest.approx(0.6)
+
+
+def test_empty_masks_dice_jaccard():
+    """Two empty masks agree perfectly (1.0); an empty prediction of a non-empty target scores 0."""
+    empty = np.zeros((4, 4), dtype=bool)
+    assert bcp.dice(empty, empty) == 1.0 and bcp.jaccard(empty, empty) == 1.0
+    assert bcp.dice(empty, square((4, 4), 0, 0, 2)) == 0.0
+
+
+def test_hd95_of_a_shifted_square_is_the_shift():
+    """Shifting a square by 2 pixels moves the top and bottom edges by exactly 2 and no surface
+    point further: the largest distance is 2 and more than 5% of the distances equal it."""
+    assert bcp.hd95(square(top=5), square(top=7)) == pytest.approx(2.0)
+
+
+def test_single_points_distance_by_hand():
+    """One voxel at (0, 0), one at (3, 4): every distance is 5; with spacing (2, 1) it is sqrt(36 + 16)."""
+    pred, gt = np.zeros((6, 6), bool), np.zeros((6, 6), bool)
+    pred[0, 0], gt[3, 4] = True, True
+    assert bcp.hd95(pred, gt) == pytest.approx(5.0)
+    assert bcp.asd(pred, gt) == pytest.approx(5.0)
+    assert bcp.hd95(pred, gt, spacing=(2, 1)) == pytest.approx(math.sqrt(52))
+
+
+def test_asd_is_one_directional():
+    """A 1-voxel prediction inside a big square: its distance to the square's surface is 3 (one
+    direction only), while the square's surface is further from the single voxel on average."""
+    gt = square(size=7, top=2, left=2)  # rows/cols 2..8, centre (5, 5)
+    pred = np.zeros_like(gt)
+    pred[5, 5] = True
+    assert bcp.asd(pred, gt) == pytest.approx(3.0)
+    assert bcp.asd(gt, pred) > 3.0
+
+
+@pytest.mark.parametrize("shape,spacing", [((40, 36), None), ((40, 36), (1.5, 0.7)),
+                                           ((7, 30, 26), None), ((7, 30, 26), (5.0, 1.25, 1.25))])
+def test_metrics_match_scipy_reference(shape, spacing):
+    """Random blobs in 2D and 3D, with and without voxel spacing: equal to medpy's definitions to 1e-6."""
+    for seed in range(3):
+        pred, gt = random_blobs(shape, seed), random_blobs(shape, seed + 100)
+        ours, reference = bcp.binary_metrics(pred, gt, spacing), reference_metrics(pred, gt, spacing)
+        for name in reference:
+            assert ours[name] == pytest.approx(reference[name], abs=1e-6), name
+        assert bcp.hd95(pred, gt, spacing) == pytest.approx(reference["hd95"], abs=1e-6)
+        assert bcp.asd(pred, gt, spacing) == pytest.approx(reference["asd"], abs=1e-6)
+
+
+def test_distance_transform_matches_scipy():
+    features = random_blobs((9, 23, 17), 7, threshold=0.7)
+    for spacing in ((1, 1, 1), (3.0, 0.5, 1.2)):
+        expected = ndimage.distance_transform_edt(~features, sampling=spacing)
+        np.testing.assert_allclose(bcp.distance_transform(features, spacing), expected, atol=1e-9)
+
+
+def test_surface_counts_the_array_border():
+    """A mask filling a 5x5 array: the 16 border pixels are surface, the 9 inner ones are not."""
+    full = np.ones((5, 5), dtype=bool)
+    assert bcp.surface(full).sum() == 16 and not bcp.surface(full)[1:-1, 1:-1].any()
+
+
+def test_metrics_do_not_modify_inputs():
+    pred = random_blobs((12, 12), 1).astype(np.uint8) * 3  # non-boolean input too
+    gt = random_blobs((12, 12), 2)
+    pred_copy, gt_copy = pred.copy(), gt.copy()
+    bcp.binary_metrics(pred, gt, spacing=(2, 1))
+    bcp.dice(pred, gt), bcp.jaccard(pred, gt), bcp.hd95(pred, gt), bcp.asd(pred, gt)
+    np.testing.assert_array_equal(pred, pred_copy)
+    np.testing.assert_array_equal(gt, gt_copy)
+
+
+def test_empty_side_raises_naming_it():
+    empty, mask = np.zeros((5, 5), bool), square((5, 5), 1, 1, 2)
+    with pytest.raises(ValueError, match="prediction"):
+        bcp.hd95(empty, mask)
+    with pytest.raises(ValueError, match="ground truth"):
+        bcp.asd(mask, empty)
+
+
+def test_shape_mismatch_is_reported():
+    with pytest.raises(ValueError, match=r"\(3, 4\) and \(3, 5\)"):
+        bcp.dice(np.zeros((3, 4)), np.zeros((3, 5)))
+
+
+# ----------------------------------------------------------------------------- model and teacher
+
+def test_unet_shape_and_parameter_count():
+    model = bcp.UNet(in_channels=1, num_classes=4)
+    assert sum(p.numel() for p in model.parameters()) == 1_813_764
+    assert model(torch.randn(2, 1, 32, 48)).shape == (2, 4, 32, 48)
+
+
+def test_ema_decay_zero_copies_and_one_keeps():
+    torch.manual_seed(0)
+    student, teacher = bcp.UNet(), bcp.UNet()
+    student(torch.randn(2, 1, 16, 16))  # move the student's BN running statistics away from init
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    bcp.ema_update(teacher, student, decay=1.0)
+    for key, value in teacher.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    bcp.ema_update(teacher, student, decay=0.0)
+    for key, value in teacher.state_dict().items():
+        if value.is_floating_point():  # weights and BN running statistics; not the batch counter
+            assert torch.equal(value, student.state_dict()[key]), key
+
+
+def test_ema_averages_parameters():
+    """decay 0.99: teacher = 0.99 * teacher + 0.01 * student."""
+    student, teacher = bcp.UNet(), bcp.UNet()
+    expected = 0.99 * teacher.head.weight.detach() + 0.01 * student.head.weight.detach()
+    bcp.ema_update(teacher, student, decay=0.99)
+    torch.testing.assert_close(teacher.head.weight.detach(), expected)
+
+
+# ----------------------------------------------------------------------------- copy-paste
+
+@pytest.mark.parametrize("centered", [False, True])
+def test_mask_area(centered):
+    """beta = 2/3 on 12 x 15: a zero rectangle of 8 x 10, ones elsewhere."""
+    mask = bcp.paste_mask(12, 15, beta=2 / 3, centered=centered, generator=torch.Generator().manual_seed(3))
+    zeros = torch.nonzero(mask == 0)
+    assert set(mask.unique().tolist()) == {0.0, 1.0} and len(zeros) == 8 * 10
+    assert (zeros.max(0).values - zeros.min(0).values + 1).tolist() == [8, 10]
+
+
+def test_centered_mask_position():
+    """beta = 0.5 on 12 x 12: the 6 x 6 hole spans rows and columns 3..8."""
+    mask = bcp.paste_mask(12, 12, beta=0.5, centered=True)
+    assert (mask[3:9, 3:9] == 0).all() and mask.sum() == 144 - 36
+
+
+def test_random_mask_reaches_every_position():
+    """A 2 x 2 hole in 4 x 4 has 3 x 3 = 9 positions; random draws find them all and no other."""
+    generator = torch.Generator().manual_seed(0)
+    corners = {tuple(torch.nonzero(bcp.paste_mask(4, 4, 0.5, generator=generator) == 0)[0].tolist())
+               for _ in range(300)}
+    assert corners == {(r, c) for r in range(3) for c in range(3)}
+
+
+def test_bidirectional_copy_paste_eq_1_to_4():
+    """On 1 x 2 x 2 images with M = [[1, 0], [1, 1]]: the inward image keeps the unlabeled pixels
+    where M = 1 and takes the labeled pixel where M = 0, the outward image the other way round.
+    The mixed targets follow the same rule and stay integer; M + (1 - M) = 1 everywhere."""
+    mask = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    labeled, unlabeled = torch.full((1, 1, 2, 2), 7.0), torch.full((1, 1, 2, 2), 3.0)
+    x_in = bcp.copy_paste(unlabeled, labeled, mask)  # Eq. 1
+    x_out = bcp.copy_paste(labeled, unlabeled, mask)  # Eq. 2
+    assert x_in.flatten().tolist() == [3, 7, 3, 3] and x_out.flatten().tolist() == [7, 3, 7, 7]
+    gt, pseudo = torch.tensor([[[1, 2], [3, 1]]]), torch.tensor([[[0, 3], [2, 2]]])
+    y_in = bcp.copy_paste(pseudo, gt, mask)  # Eq. 3
+    y_out = bcp.copy_paste(gt, pseudo, mask)  # Eq. 4
+    assert y_in.dtype == torch.long and y_in.tolist() == [[[0, 2], [2, 2]]] and y_out.tolist() == [[[1, 3], [3, 1]]]
+    assert torch.equal(x_in + x_out, labeled + unlabeled)
+
+
+# ----------------------------------------------------------------------------- loss
+
+def test_mixed_loss_by_hand():
+    """2 classes, logits 0 (p = 1/2 everywhere), target [[0, 1], [1, 1]], M = [[1, 1], [0, 0]],
+    weight 1 on the top row (M = 1) and alpha = 0.5 on the bottom row (M = 0).
+    Top row: CE = ln 2; Dice class 0 = 1 - 2*0.5/(0.5 + 1) = 1/3, class 1 the same: mean 1/3.
+    Bottom row: CE = ln 2; Dice class 0 = 1 - eps/(0.5 + eps) ~ 1, class 1 = 1 - 2*1/(0.5 + 2) = 0.2: mean 0.6.
+    Loss = (1/3 + ln 2 + 0.5 * (0.6 + ln 2)) / 2."""
+    logits = torch.zeros(1, 2, 2, 2)
+    target = torch.tensor([[[0, 1], [1, 1]]])
+    mask = torch.tensor([[1.0, 1.0], [0.0, 0.0]])
+    loss = bcp.mixed_loss(logits, target, mask, weight_base=1.0, weight_patch=0.5)
+    expected = (1 / 3 + math.log(2) + 0.5 * (0.6 + math.log(2))) / 2
+    assert loss.item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_perfect_prediction_has_near_zero_loss():
+    target = torch.randint(4, (2, 8, 8), generator=torch.Generator().manual_seed(0))
+    logits = 50.0 * torch.nn.functional.one_hot(target, 4).permute(0, 3, 1, 2).float()
+    mask = bcp.paste_mask(8, 8, centered=True)
+    assert bcp.mixed_loss(logits, target, mask, 1.0, 0.5).item() < 1e-6
+
+
+def test_zero_weight_region_gets_no_gradient():
+    """With weight 0 on the pasted region (M = 0), its logits receive no gradient, the rest do."""
+    logits = torch.randn(1, 4, 6, 6, requires_grad=True)
+    mask = bcp.paste_mask(6, 6, beta=0.5, centered=True)
+    bcp.mixed_loss(logits, torch.randint(4, (1, 6, 6)), mask, weight_base=1.0, weight_patch=0.0).backward()
+    grad = logits.grad.abs().sum(1)[0]
+    assert (grad[mask == 0] == 0).all() and (grad[mask == 1] > 0).all()
+
+
+# ----------------------------------------------------------------------------- pseudo-labels
+
+def test_largest_component_hand_drawn():
+    """Blob A (3 pixels, top left), blob B (2 x 2 square plus a pixel touching it diagonally = 5
+    pixels, 8-connectivity), and a lone pixel. Only B survives."""
+    drawing = ["##...",
+               "#..##",
+               "...##",
+               "..#..",
+               "#...."]
+    mask = torch.tensor([[ch == "#" for ch in row] for row in drawing])
+    expected = torch.zeros_like(mask)
+    expected[1:3, 3:5], expected[3, 2] = True, True
+    assert torch.equal(bcp.largest_component(mask[None])[0], expected)
+
+
+def test_largest_component_tie_goes_to_first_in_raster_order():
+    mask = torch.zeros(1, 4, 4, dtype=torch.bool)
+    mask[0, 3, 0:2], mask[0, 0, 2:4] = True, True  # two blobs of 2: the one in row 0 comes first
+    kept = bcp.largest_component(mask)[0]
+    assert kept[0, 2:4].all() and kept.sum() == 2
+
+
+def test_largest_component_matches_scipy_label():
+    masks = np.stack([random_blobs((24, 31), seed, threshold=0.5) for seed in range(8)])
+    masks[0] = False  # an empty slice stays empty
+    kept = bcp.largest_component(torch.from_numpy(masks)).numpy()
+    for mask, ours in zip(masks, kept):
+        labels, count = ndimage.label(mask, structure=np.ones((3, 3)))
+        expected = labels == (np.argmax(np.bincount(labels.ravel())[1:]) + 1) if count else mask
+        np.testing.assert_array_equal(ours, expected)
+
+
+def test_largest_component_of_a_long_snake():
+    """A serpentine path through a 21 x 21 slice (one component of 231 pixels) must be found whole."""
+    mask = torch.zeros(1, 21, 21, dtype=torch.bool)
+    mask[0, ::2, :] = True
+    for row in range(1, 21, 2):
+        mask[0, row, 20 if row % 4 == 1 else 0] = True
+    assert torch.equal(bcp.largest_component(mask), mask)
+
+
+def test_pseudo_label_per_class():
+    """Class 1 wins on two separate blobs (3 px and 1 px), class 2 on one: the 1-px blob of class 1
+    becomes background, everything else keeps its argmax."""
+    prediction = torch.tensor([[[1, 1, 0, 2],
+                                [1, 0, 0, 2],
+                                [0, 0, 0, 0],
+                                [0, 0, 0, 1]]])
+    logits = torch.nn.functional.one_hot(prediction, 4).permute(0, 3, 1, 2).float()
+    expected = prediction.clone()
+    expected[0, 3, 3] = 0
+    assert torch.equal(bcp.pseudo_label(logits), expected)
+
+
+# ----------------------------------------------------------------------------- data
+
+def two_slice_bank():
+    rng = np.random.default_rng(0)
+    images = [rng.random((37, 29)).astype(np.float32) + 1, rng.random((20, 41)).astype(np.float32) + 1]
+    labels = [(image * 2).astype(np.uint8) for image in images]
+    return bcp.SliceBank(images, labels, "cpu"), images
+
+
+@pytest.mark.parametrize("k", range(4))
+@pytest.mark.parametrize("axis", range(2))
+def test_rot_flip_augmentation_matches_numpy(k, axis):
+    """rot90 by k, flip on axis, nearest zoom to 32 x 32: exactly np.rot90 + np.flip + scipy zoom."""
+    bank, images = two_slice_bank()
+    aug = bank.no_augmentation(2)
+    aug["rot_flip"][:], aug["k"][:], aug["flip_axis"][:] = True, k, axis
+    batch, labels = bank.batch(torch.tensor([0, 1]), 32, aug)
+    for image, ours, our_labels in zip(images, batch[:, 0].numpy(), labels.numpy()):
+        turned = np.flip(np.rot90(image, k), axis)
+        expected = ndimage.zoom(turned, (32 / turned.shape[0], 32 / turned.shape[1]), order=0)
+        np.testing.assert_array_equal(ours, expected)
+        np.testing.assert_array_equal(our_labels, (expected * 2).astype(np.uint8))
+
+
+@pytest.mark.parametrize("angle", [-20, -7, 13, 19])
+def test_rotation_augmentation_matches_scipy(angle):
+    bank, images = two_slice_bank()
+    aug = bank.no_augmentation(2)
+    aug["rotate"][:], aug["angle"][:] = True, angle
+    batch, _ = bank.batch(torch.tensor([0, 1]), 32, aug)
+    for image, ours in zip(images, batch[:, 0].numpy()):
+        turned = ndimage.rotate(image, angle, order=0, reshape=False, mode="constant", cval=0)
+        expected = ndimage.zoom(turned, (32 / turned.shape[0], 32 / turned.shape[1]), order=0)
+        np.testing.assert_array_equal(ours, expected)
+
+
+def test_random_augmentation_draws_the_authors_mix():
+    """p(rot90+flip) = 1/2, p(rotation) = 1/2 * 1/2, angles in [-20, 20)."""
+    aug = bcp.SliceBank.random_augmentation(20000, torch.Generator().manual_seed(0))
+    assert aug["rot_flip"].float().mean() == pytest.approx(0.5, abs=0.02)
+    assert aug["rotate"].float().mean() == pytest.approx(0.25, abs=0.02)
+    assert not (aug["rot_flip"] & aug["rotate"]).any()
+    assert aug["angle"].min() == -20 and aug["angle"].max() == 19
+
+
+def test_resize_nearest_matches_scipy_zoom():
+    volume = np.random.default_rng(1).random((3, 19, 27)).astype(np.float32)
+    ours = bcp.resize_nearest(torch.from_numpy(volume), 32, 32).numpy()
+    np.testing.assert_array_equal(ours, ndimage.zoom(volume, (1, 32 / 19, 32 / 27), order=0))
+    back = bcp.resize_nearest(torch.from_numpy(ours), 19, 27).numpy()
+    np.testing.assert_array_equal(back, ndimage.zoom(ours, (1, 19 / 32, 27 / 32), order=0))
+
+
+def test_predict_volume_shape():
+    model = bcp.UNet().eval()
+    prediction = bcp.predict_volume(model, torch.rand(3, 21, 30), patch_size=32)
+    assert prediction.shape == (3, 21, 30) and prediction.dtype == torch.long

@@ -428,6 +428,16 @@ def training_slices(root, labeled_patients):
     return [s for s in slices if patient_of(s) in chosen], [s for s in slices if patient_of(s) not in chosen]
 
 
+def dice_per_class(prediction, label, num_classes):
+    """Dice of each foreground class 1..C-1 between two label volumes (torch, on their device) ->
+    (C-1,) tensor. A class absent from the prediction scores 0 (the authors' convention)."""
+    classes = torch.arange(1, num_classes, device=prediction.device).view(-1, *[1] * prediction.ndim)
+    predicted, truth = prediction.unsqueeze(0) == classes, label.unsqueeze(0) == classes
+    overlap = (predicted & truth).flatten(1).sum(1)
+    predicted_size, truth_size = predicted.flatten(1).sum(1), truth.flatten(1).sum(1)
+    return torch.where(predicted_size > 0, 2 * overlap / (predicted_size + truth_size).clamp_min(1), 0.0)
+
+
 @torch.no_grad()
 def predict_volume(model, image, patch_size):
     """Slice-wise inference on a volume: (S, H, W) float tensor -> (S, H, W) long labels.

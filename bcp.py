@@ -18,6 +18,8 @@ Read top to bottom, this file follows the method:
 train.py runs it (python train.py --phase pretrain; python train.py --phase selftrain),
 evaluate.py scores it, test_bcp.py checks every piece on small hand-built examples.
 """
+import struct
+import zlib
 from pathlib import Path
 
 import h5py
@@ -438,6 +440,16 @@ def dice_per_class(prediction, label, num_classes):
     return torch.where(predicted_size > 0, 2 * overlap / (predicted_size + truth_size).clamp_min(1), 0.0)
 
 
+def load_checkpoint(path):
+    """A checkpoint dict written by train.py, loaded on the CPU with weights_only."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such checkpoint") from None
+    except Exception as error:
+        raise DataError(f"{path}: not a readable checkpoint ({type(error).__name__}: {error})") from None
+
+
 @torch.no_grad()
 def predict_volume(model, image, patch_size):
     """Slice-wise inference on a volume: (S, H, W) float tensor -> (S, H, W) long labels.
@@ -445,3 +457,53 @@ def predict_volume(model, image, patch_size):
     slices = resize_nearest(image, patch_size, patch_size).unsqueeze(1)  # (S, 1, P, P)
     prediction = model(slices).argmax(1)
     return resize_nearest(prediction, *image.shape[-2:])
+
+
+# -----------------------------------------------------------------------------
+# 8. Pictures: a tiny PNG writer (zlib + numpy) and label overlays
+
+CLASS_COLORS = np.array([[0, 0, 0], [230, 60, 60], [60, 200, 90], [70, 130, 240]], dtype=np.uint8)  # bg, RV, Myo, LV
+
+
+def write_png(path, rgb):
+    """Write an (H, W, 3) uint8 array as an 8-bit RGB PNG."""
+    rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
+    height, width, _ = rgb.shape
+
+    def chunk(tag, data):
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+    rows = np.concatenate([np.zeros((height, 1), np.uint8), rgb.reshape(height, -1)], axis=1)  # filter byte 0
+    Path(path).write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+                           + chunk(b"IDAT", zlib.compress(rows.tobytes(), 6)) + chunk(b"IEND", b""))
+
+
+def gray(image):
+    """(H, W) float image -> (H, W, 3) uint8, stretched to its own range."""
+    image = np.asarray(image, dtype=np.float32)
+    low, high = float(image.min()), float(image.max())
+    scaled = (image - low) / (high - low) if high > low else np.zeros_like(image)
+    return np.repeat((scaled * 255).astype(np.uint8)[..., None], 3, axis=2)
+
+
+def paint_labels(rgb, labels, outline=False, opacity=0.45):
+    """Colour each class of an (H, W) label map onto an RGB picture: filled (blended) or as outlines."""
+    rgb = rgb.astype(np.float32)
+    for c in range(1, len(CLASS_COLORS)):
+        region = labels == c
+        if outline:
+            region = surface(region)
+        weight = 1.0 if outline else opacity
+        rgb[region] = (1 - weight) * rgb[region] + weight * CLASS_COLORS[c]
+    return rgb.astype(np.uint8)
+
+
+def montage(tiles, columns):
+    """Lay (H, W, 3) tiles of one size out in a grid, row by row, with 2-pixel white gaps."""
+    h, w, _ = tiles[0].shape
+    rows = -(-len(tiles) // columns)
+    sheet = np.full((rows * (h + 2) - 2, columns * (w + 2) - 2, 3), 255, np.uint8)
+    for i, tile in enumerate(tiles):
+        r, c = divmod(i, columns)
+        sheet[r * (h + 2):r * (h + 2) + h, c * (w + 2):c * (w + 2) + w] = tile
+    return sheet

@@ -346,3 +346,208 @@ def test_predict_volume_shape():
     model = bcp.UNet().eval()
     prediction = bcp.predict_volume(model, torch.rand(3, 21, 30), patch_size=32)
     assert prediction.shape == (3, 21, 30) and prediction.dtype == torch.long
+
+
+# ----------------------------------------------------------------------------- prepare_acdc.py
+
+import json
+import struct
+import gzip
+
+import h5py
+
+import evaluate
+import prepare_acdc
+import train
+
+NIFTI_CODES = {"u1": 2, "i2": 4, "f4": 16}
+
+
+def write_nifti(path, data, endian="<", slope=0.0, inter=0.0):
+    """A minimal NIfTI-1 writer for the tests: data indexed (i, j, k), stored in Fortran order."""
+    header = bytearray(352)
+    struct.pack_into(endian + "i", header, 0, 348)
+    struct.pack_into(endian + "8h", header, 40, data.ndim, *data.shape, *[1] * (7 - data.ndim))
+    struct.pack_into(endian + "2h", header, 70, NIFTI_CODES[data.dtype.str[1:]], data.dtype.itemsize * 8)
+    struct.pack_into(endian + "8f", header, 76, *[1.0] * 8)
+    struct.pack_into(endian + "3f", header, 108, 352.0, slope, inter)
+    header[344:348] = b"n+1\0"
+    payload = bytes(header) + data.astype(data.dtype.newbyteorder(endian)).tobytes(order="F")
+    (gzip.open if str(path).endswith(".gz") else open)(path, "wb").write(payload)
+
+
+def test_read_nifti_orders_axes_like_simpleitk_and_scales(tmp_path):
+    """Element (i, j, k) of the NIfTI lands at [k, j, i]; big-endian files read alike; slope/inter apply."""
+    data = np.arange(4 * 3 * 2, dtype=np.int16).reshape(4, 3, 2)
+    for endian, name in (("<", "a.nii.gz"), (">", "b.nii")):
+        write_nifti(tmp_path / name, data, endian)
+        np.testing.assert_array_equal(prepare_acdc.read_nifti(tmp_path / name), data.transpose(2, 1, 0))
+    write_nifti(tmp_path / "c.nii.gz", data, slope=2.0, inter=-1.0)
+    np.testing.assert_allclose(prepare_acdc.read_nifti(tmp_path / "c.nii.gz"), data.transpose(2, 1, 0) * 2.0 - 1.0)
+
+
+def fake_official_download(root, patients=(99, 38, 28, 1, 101)):
+    """patientXXX folders with Info.cfg (ED 1, ES 3) and image/label NIfTI files of shape (i, j, k) = (12, 10, 3)."""
+    rng = np.random.default_rng(0)
+    truth = {}
+    for patient in patients:
+        folder = root / "training" / f"patient{patient:03d}"
+        folder.mkdir(parents=True)
+        (folder / "Info.cfg").write_text("ED: 1\nES: 3\nGroup: NOR\n")
+        for frame in (1, 3):
+            image = rng.integers(0, 900, (12, 10, 3)).astype(np.int16)
+            label = rng.integers(0, 4, (12, 10, 3)).astype(np.uint8)
+            write_nifti(folder / f"patient{patient:03d}_frame{frame:02d}.nii.gz", image)
+            write_nifti(folder / f"patient{patient:03d}_frame{frame:02d}_gt.nii.gz", label)
+            truth[patient, frame] = (image.transpose(2, 1, 0), label.transpose(2, 1, 0))
+    return truth
+
+
+def test_prepare_official_download_volume_by_volume(tmp_path, capsys):
+    truth = fake_official_download(tmp_path / "raw")
+    assert prepare_acdc.main(["--raw", str(tmp_path / "raw"), "--out", str(tmp_path / "ACDC")]) == 0
+    root = tmp_path / "ACDC"
+    assert (root / "train.list").read_text().split() == ["patient099_frame01", "patient099_frame02",
+                                                         "patient038_frame01", "patient038_frame02"]
+    assert (root / "val.list").read_text().split() == ["patient028_frame01", "patient028_frame02"]
+    assert (root / "test.list").read_text().split() == ["patient001_frame01", "patient001_frame02"]
+    assert len((root / "train_slices.list").read_text().split()) == 2 * 2 * 3
+    assert "patient101" in capsys.readouterr().out  # skipped, and said so
+    for (patient, frame), (image, label) in truth.items():
+        if patient == 101:
+            continue
+        name = f"patient{patient:03d}_frame{'01' if frame == 1 else '02'}"
+        with h5py.File(root / "data" / f"{name}.h5") as f:
+            assert f["image"].dtype == np.float32 and f["image"].compression == "gzip"
+            expected = (image - image.min()) / (image.max() - image.min())
+            np.testing.assert_allclose(f["image"][()], expected, atol=1e-6)
+            np.testing.assert_array_equal(f["label"][()], label)
+        if patient in (99, 38):
+            with h5py.File(root / "data" / "slices" / f"{name}_slice_3.h5") as f:
+                np.testing.assert_array_equal(f["label"][()], label[2])
+    assert prepare_acdc.check(root) == []
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda folder: (folder / "Info.cfg").unlink(), "Info.cfg: missing"),
+    (lambda folder: write_nifti(folder / "patient038_frame03_gt.nii.gz", np.full((12, 10, 3), 5, np.uint8)), "label values"),
+    (lambda folder: write_nifti(folder / "patient038_frame03_gt.nii.gz", np.zeros((12, 10, 2), np.uint8)), "does not match"),
+    (lambda folder: (folder / "patient038_frame01.nii.gz").write_bytes(b"not a nifti"), "patient038_frame01.nii.gz"),
+])
+def test_prepare_bad_download_names_the_file_and_writes_nothing(tmp_path, capsys, damage, message):
+    fake_official_download(tmp_path / "raw")
+    damage(tmp_path / "raw" / "training" / "patient038")
+    assert prepare_acdc.main(["--raw", str(tmp_path / "raw"), "--out", str(tmp_path / "ACDC")]) == 1
+    error = capsys.readouterr().err
+    assert message in error and error.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"]  # no output, no leftover staging folder
+
+
+@pytest.fixture(scope="module")
+def synthetic_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic") / "ACDC"
+    assert prepare_acdc.main(["--out", str(root), "--patients", "10"]) == 0
+    return root
+
+
+def test_synthetic_set_layout(synthetic_root):
+    assert (synthetic_root / "SYNTHETIC").exists()
+    assert prepare_acdc.check(synthetic_root) == []
+    volumes = bcp.load_volumes(synthetic_root, "val")
+    assert len(volumes) == 2 and all(set(np.unique(label)) == {0, 1, 2, 3} for _, _, label in volumes)
+    labeled, unlabeled = bcp.training_slices(synthetic_root, 2)
+    assert {bcp.patient_of(s) for s in labeled} == set(list(dict.fromkeys(
+        bcp.patient_of(v) for v in (synthetic_root / "train.list").read_text().split()))[:2])
+    assert not {bcp.patient_of(s) for s in labeled} & {bcp.patient_of(s) for s in unlabeled}
+
+
+def test_check_finds_a_corrupted_copy(synthetic_root, tmp_path):
+    import shutil
+    copy = tmp_path / "copy"
+    shutil.copytree(synthetic_root, copy)
+    slice_name = (copy / "train_slices.list").read_text().split()[0]
+    with h5py.File(copy / "data" / "slices" / f"{slice_name}.h5", "r+") as f:
+        f["label"][0, 0] = 7
+    volume = (copy / "val.list").read_text().split()[0]
+    (copy / "data" / f"{volume}.h5").unlink()
+    problems = prepare_acdc.check(copy)
+    assert any(slice_name in p and "label values" in p for p in problems)
+    assert any(volume in p and "missing" in p for p in problems)
+    assert prepare_acdc.main(["--check", str(copy)]) == 1
+
+
+def test_dataset_errors_name_the_file(tmp_path):
+    path = tmp_path / "bad.h5"
+    with h5py.File(path, "w") as f:
+        f["image"], f["label"] = np.zeros((4, 4), np.float32), np.zeros((4, 5), np.uint8)
+    with pytest.raises(bcp.DataError, match=r"bad\.h5.*\(4, 4\) and \(4, 5\)"):
+        bcp.read_h5(path, ndim=2)
+    with pytest.raises(bcp.DataError, match="train.list: missing"):
+        bcp.read_list(tmp_path, "train.list")
+
+
+# ----------------------------------------------------------------------------- train.py and evaluate.py
+
+TINY = ["--patch-size", "32", "--batch-size", "4", "--labeled-batch-size", "2", "--labeled-patients", "2",
+        "--val-every", "2", "--log-every", "1"]
+
+
+def final_weights(run, phase):
+    return bcp.load_checkpoint(run / phase / "last.pt")["model"]
+
+
+def test_resumed_training_ends_with_the_same_weights(synthetic_root, tmp_path):
+    """Pre-train 4 steps straight vs 2 steps + resume to 4; then self-train the same way. On the CPU
+    with one seed both runs must end with identical student weights (and teacher for self-training)."""
+    common = ["--root", str(synthetic_root), *TINY]
+    for phase in ("pretrain", "selftrain"):
+        train.main([*common, "--out", str(tmp_path / "straight"), "--phase", phase, "--iterations", "4"])
+        train.main([*common, "--out", str(tmp_path / "resumed"), "--phase", phase, "--iterations", "2"])
+        train.main([*common, "--out", str(tmp_path / "resumed"), "--phase", phase, "--iterations", "4", "--resume"])
+        straight, resumed = (bcp.load_checkpoint(tmp_path / run / phase / "last.pt") for run in ("straight", "resumed"))
+        assert resumed["iteration"] == 4
+        for part in ("model", "teacher") if phase == "selftrain" else ("model",):
+            for key, value in straight[part].items():
+                assert torch.equal(value, resumed[part][key]), (phase, part, key)
+    rows = [json.loads(line) for line in (tmp_path / "resumed" / "selftrain" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in rows if "loss" in r] == [1, 2, 3, 4]
+    assert all(r["time"] >= 0 and r["lr"] == 0.01 for r in rows if "loss" in r)
+    assert [r["iter"] for r in rows if "val_dice" in r] == [2, 4]
+
+
+def test_supervised_phase_and_evaluation_json(synthetic_root, tmp_path, capsys):
+    train.main(["--root", str(synthetic_root), *TINY, "--out", str(tmp_path), "--phase", "supervised", "--iterations", "2"])
+    scores_path = tmp_path / "scores.json"
+    evaluate.main(["--root", str(synthetic_root), "--checkpoint", str(tmp_path / "supervised" / "best.pt"),
+                   "--json", str(scores_path), "--save-png", str(tmp_path / "pictures")])
+    scores = json.loads(scores_path.read_text())
+    assert scores["volumes"] == 4 and scores["split"] == "test"
+    assert set(scores["per_class"]) == {"RV", "Myo", "LV"} and set(scores["mean"]) == {"dice", "jaccard", "hd95", "asd"}
+    assert 0 <= scores["empty_predictions"] <= 12 and 0 <= scores["mean"]["dice"] <= 100
+    assert "do not apply" in capsys.readouterr().out
+    assert len(list((tmp_path / "pictures").glob("*.png"))) == 4
+
+
+def test_nan_loss_stops_and_keeps_checkpoints(synthetic_root, tmp_path, capsys):
+    """A learning rate of 1e30 blows the loss up: the run stops with a message, last.pt stays loadable."""
+    args = ["--root", str(synthetic_root), *TINY, "--out", str(tmp_path), "--phase", "pretrain", "--iterations", "2"]
+    train.main(args)
+    with pytest.raises(SystemExit):
+        train.main([*args[:-1], "6", "--resume", "--lr", "1e30"])
+    assert "stopping: the loss became" in capsys.readouterr().out
+    checkpoint = bcp.load_checkpoint(tmp_path / "pretrain" / "last.pt")
+    assert checkpoint["iteration"] == 2 and all(torch.isfinite(v).all() for v in checkpoint["model"].values() if v.is_floating_point())
+
+
+def test_png_writer_round_trip(tmp_path):
+    """Decode our PNG with zlib by hand: the pixels come back unchanged."""
+    import zlib
+    rgb = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    bcp.write_png(tmp_path / "a.png", rgb)
+    data = (tmp_path / "a.png").read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", data[16:24]) == (7, 5)
+    idat = data.index(b"IDAT")
+    length = struct.unpack(">I", data[idat - 4:idat])[0]
+    rows = np.frombuffer(zlib.decompress(data[idat + 4:idat + 4 + length]), np.uint8).reshape(5, 1 + 7 * 3)
+    assert (rows[:, 0] == 0).all()
+    np.testing.assert_array_equal(rows[:, 1:].reshape(5, 7, 3), rgb)

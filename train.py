@@ -141,15 +141,6 @@ def save_atomic(checkpoint, path):
     os.replace(temporary, path)
 
 
-def load_checkpoint(path):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise bcp.DataError(f"{path}: no such checkpoint") from None
-    except Exception as error:
-        raise bcp.DataError(f"{path}: not a readable checkpoint ({type(error).__name__}: {error})") from None
-
-
 def format_seconds(seconds):
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
@@ -189,11 +180,13 @@ def main(argv=None):
     start, best_dice, best_iteration, elapsed_before = 0, -1.0, 0, 0.0
     last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
     if args.resume and last_path.exists():
-        checkpoint = load_checkpoint(last_path)
+        checkpoint = bcp.load_checkpoint(last_path)
         student.load_state_dict(checkpoint["model"])
         if teacher is not None:
             teacher.load_state_dict(checkpoint["teacher"])
         optimizer.load_state_dict(checkpoint["optimizer"])
+        for group in optimizer.param_groups:  # the flags of this invocation win over the saved ones
+            group.update(lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
         start, best_dice, best_iteration = checkpoint["iteration"], checkpoint["best_dice"], checkpoint["best_iteration"]
         elapsed_before = checkpoint["elapsed"]
         torch.set_rng_state(checkpoint["rng"]["torch"])
@@ -202,7 +195,7 @@ def main(argv=None):
         log(f"resumed from {last_path} at iteration {start} (best val Dice {best_dice:.4f} @ {best_iteration})")
     elif teacher is not None:
         init_path = Path(args.init or Path(args.out) / "pretrain" / "best.pt")
-        init = load_checkpoint(init_path)["model"]
+        init = bcp.load_checkpoint(init_path)["model"]
         student.load_state_dict(init)
         teacher.load_state_dict(init)
         log(f"student and teacher start from {init_path}")
@@ -256,9 +249,9 @@ def main(argv=None):
             metrics_file.write(json.dumps({"iter": iteration, "loss": mean_loss, "lr": args.lr,
                                            "time": round(now - phase_start, 3)}) + "\n")
             metrics_file.flush()
+            validation = f"val Dice {last_dice:.4f} (best {best_dice:.4f} @ {best_iteration})" if best_iteration else "val Dice -"
             log(f"iter {iteration}/{args.iterations} | loss {mean_loss:.4f} | {speed:.2f} it/s | "
-                f"ETA {format_seconds((args.iterations - iteration) / speed)} | "
-                f"val Dice {last_dice:.4f} (best {best_dice:.4f} @ {best_iteration})")
+                f"ETA {format_seconds((args.iterations - iteration) / speed)} | {validation}")
             loss_sum, window_steps, window_start = torch.zeros((), device=device), 0, now
 
         if iteration % args.val_every == 0 or iteration == args.iterations:

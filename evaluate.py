@@ -1,0 +1,113 @@
+"""
+Score a checkpoint on a split of ACDC with the paper's protocol, beside the paper's numbers.
+
+    python evaluate.py --checkpoint runs/acdc_7/selftrain/best.pt          # the test split of data/ACDC
+    python evaluate.py --root data/ACDC --split val --checkpoint P --json scores.json --save-png pictures/
+
+Protocol (as the authors compute the table): every slice resized to the training patch size
+(nearest), argmax, resized back (nearest); per class on the 3D volume, in voxels: Dice and Jaccard
+(percent), HD95 and ASD. A class missing from the prediction scores 0 on all four (counted and
+reported). Mean over volumes, then over the classes.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import bcp
+
+METRICS = ("dice", "jaccard", "hd95", "asd")
+ACDC_CLASSES = ("RV", "Myo", "LV")
+# The paper's ACDC table (test split, 20 patients / 40 volumes, mean of RV, Myo, LV), by labeled patients.
+PAPER_ROWS = {
+    3: [("U-Net (5%)", 47.83, 37.01, 31.16, 12.62), ("BCP paper (5%)", 87.59, 78.67, 1.90, 0.67)],
+    7: [("U-Net (10%)", 79.41, 68.11, 9.35, 2.70), ("BCP paper (10%)", 88.84, 80.62, 3.98, 1.17),
+        ("BCP seed report (10%, beta 0.5, centred)", 88.29, 79.41, 2.47, 0.79)],
+    70: [("U-Net (100%)", 91.44, 84.59, 4.30, 0.99)],
+}
+
+
+def score_volume(prediction, label, num_classes):
+    """Per foreground class: {'dice', 'jaccard' (percent), 'hd95', 'asd' (voxels), 'empty'}."""
+    scores = []
+    for c in range(1, num_classes):
+        predicted, truth = prediction == c, label == c
+        if not predicted.any():  # the authors' convention: a missed class scores 0 on every metric
+            scores.append({**dict.fromkeys(METRICS, 0.0), "empty": True})
+            continue
+        metrics = bcp.binary_metrics(predicted, truth)
+        scores.append({"dice": 100 * metrics["dice"], "jaccard": 100 * metrics["jaccard"],
+                       "hd95": metrics["hd95"], "asd": metrics["asd"], "empty": False})
+    return scores
+
+
+def save_montage(path, image, label, prediction, size=160):
+    """One row per slice: the image, ground truth outlines, prediction outlines."""
+    tiles = []
+    for image_slice, label_slice, prediction_slice in zip(image, label, prediction):
+        resized = [bcp.resize_nearest(torch.from_numpy(np.ascontiguousarray(a)), size, size).numpy()
+                   for a in (image_slice, label_slice, prediction_slice)]
+        picture = bcp.gray(resized[0])
+        tiles += [picture, bcp.paint_labels(picture, resized[1], outline=True),
+                  bcp.paint_labels(picture, resized[2], outline=True)]
+    bcp.write_png(path, bcp.montage(tiles, columns=3))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--root", default="data/ACDC")
+    p.add_argument("--split", default="test", help="which <split>.list to score")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint written by train.py (best.pt)")
+    p.add_argument("--json", help="also write the scores to this JSON file")
+    p.add_argument("--save-png", metavar="DIR", help="write a montage per volume: image, ground truth, prediction")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+
+    checkpoint = bcp.load_checkpoint(args.checkpoint)
+    flags = checkpoint["args"]
+    num_classes, patch_size = flags["num_classes"], flags["patch_size"]
+    model = bcp.UNet(num_classes=num_classes).to(args.device)
+    model.load_state_dict(checkpoint["model"])
+    model.eval()
+    class_names = ACDC_CLASSES if num_classes == 4 else tuple(f"class {c}" for c in range(1, num_classes))
+    if args.save_png:
+        Path(args.save_png).mkdir(parents=True, exist_ok=True)
+
+    per_volume = []
+    for name, image, label in bcp.load_volumes(args.root, args.split):
+        prediction = bcp.predict_volume(model, torch.from_numpy(image).to(args.device), patch_size).cpu().numpy()
+        per_volume.append(score_volume(prediction, label, num_classes))
+        if args.save_png:
+            save_montage(Path(args.save_png) / f"{name}.png", image, label, prediction)
+
+    per_class = {class_names[c]: {m: float(np.mean([v[c][m] for v in per_volume])) for m in METRICS}
+                 for c in range(num_classes - 1)}
+    mean = {m: float(np.mean([per_class[n][m] for n in class_names])) for m in METRICS}
+    empty = sum(s["empty"] for v in per_volume for s in v)
+
+    print(f"{args.checkpoint} ({flags['phase']}, {flags['labeled_patients']} labeled patients) "
+          f"on {args.root} {args.split}: {len(per_volume)} volumes")
+    print(f"{'':42s} {'Dice %':>8s} {'Jaccard %':>10s} {'HD95':>8s} {'ASD':>8s}")
+    for row_name, scores in [*per_class.items(), ("mean (ours)", mean)]:
+        print(f"{row_name:42s} {scores['dice']:8.2f} {scores['jaccard']:10.2f} {scores['hd95']:8.2f} {scores['asd']:8.2f}")
+    if (Path(args.root) / "SYNTHETIC").exists():
+        print("SYNTHETIC phantoms: the paper's ACDC rows do not apply")
+    else:
+        for row_name, *row in PAPER_ROWS.get(flags["labeled_patients"], []):
+            print(f"{row_name:42s} {row[0]:8.2f} {row[1]:10.2f} {row[2]:8.2f} {row[3]:8.2f}")
+    print(f"class-volumes with an empty prediction (scored 0): {empty} of {len(per_volume) * (num_classes - 1)}")
+
+    if args.json:
+        Path(args.json).write_text(json.dumps(
+            {"mean": mean, "per_class": per_class, "volumes": len(per_volume), "empty_predictions": empty,
+             "checkpoint": str(args.checkpoint), "split": args.split}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except bcp.DataError as error:
+        sys.exit(f"error: {error}")

@@ -56,6 +56,69 @@ def save_montage(path, image, label, prediction, size=160):
     bcp.write_png(path, bcp.montage(tiles, columns=3))
 
 
+def embed_slices(model, bank, patch_size, batch_size=32):
+    """(N, 256) features of slices: the U-Net bottleneck, averaged over space (no augmentation)."""
+    features = []
+    hook = model.encoder[-1].register_forward_hook(lambda module, inputs, output: features.append(output.mean((2, 3))))
+    with torch.no_grad():
+        for start in range(0, len(bank), batch_size):
+            model(bank.batch(torch.arange(start, min(start + batch_size, len(bank))), patch_size)[0])
+    hook.remove()
+    return torch.cat(features).float().cpu().numpy()
+
+
+def gaussian_kde(samples, grid):
+    """Density of 1D samples on a grid, Gaussian kernel with Scott's bandwidth (as scipy.stats.gaussian_kde)."""
+    bandwidth = samples.std(ddof=1) * len(samples) ** -0.2
+    z = (grid[:, None] - samples[None, :]) / bandwidth
+    return np.exp(-0.5 * z ** 2).sum(1) / (len(samples) * bandwidth * np.sqrt(2 * np.pi))
+
+
+def write_svg(path, grid, curves, title, width=640, height=360, margin=50):
+    """A line plot of {name: (density, colour)} over grid, as a small SVG file."""
+    top = max(d.max() for d, _ in curves.values()) * 1.1
+    x = lambda v: margin + (v - grid[0]) / (grid[-1] - grid[0]) * (width - 2 * margin)
+    y = lambda v: height - margin - v / top * (height - 2 * margin)
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="13">',
+             f'<rect width="{width}" height="{height}" fill="white"/>',
+             f'<text x="{width / 2}" y="22" text-anchor="middle">{title}</text>',
+             f'<line x1="{margin}" y1="{height - margin}" x2="{width - margin}" y2="{height - margin}" stroke="black"/>',
+             f'<line x1="{margin}" y1="{margin}" x2="{margin}" y2="{height - margin}" stroke="black"/>',
+             f'<text x="{width / 2}" y="{height - 15}" text-anchor="middle">first principal component of the bottleneck features</text>',
+             f'<text x="15" y="{height / 2}" text-anchor="middle" transform="rotate(-90 15 {height / 2})">density</text>']
+    for i, (name, (density, colour)) in enumerate(curves.items()):
+        points = " ".join(f"{x(g):.1f},{y(d):.1f}" for g, d in zip(grid, density))
+        parts.append(f'<polyline points="{points}" fill="none" stroke="{colour}" stroke-width="2"/>')
+        parts.append(f'<text x="{width - margin - 150}" y="{margin + 18 * i}" fill="{colour}">{name}</text>')
+    Path(path).write_text("\n".join(parts + ["</svg>"]) + "\n")
+
+
+def feature_distributions(model, root, labeled_patients, patch_size, device, out_dir):
+    """The seed report's figure 4.9: are labeled and unlabeled slices embedded alike? Features of all
+    training slices, projected on their first principal component, one Gaussian KDE per set."""
+    labeled_names, unlabeled_names = bcp.training_slices(root, labeled_patients)
+    features = {name: embed_slices(model, bcp.SliceBank(*bcp.load_slices(root, names), device), patch_size)
+                for name, names in (("labeled", labeled_names), ("unlabeled", unlabeled_names)) if names}
+    everything = np.concatenate(list(features.values()))
+    center = everything.mean(0)
+    direction = np.linalg.svd(everything - center, full_matrices=False)[2][0]
+    projected = {name: (f - center) @ direction for name, f in features.items()}
+    pad = 0.1 * (everything @ direction).std()
+    grid = np.linspace(min(p.min() for p in projected.values()) - pad, max(p.max() for p in projected.values()) + pad, 200)
+    densities = {name: gaussian_kde(p, grid) for name, p in projected.items()}
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = list(densities)
+    rows = [",".join(["x", *names])] + [",".join(f"{v:.6g}" for v in (g, *(densities[n][i] for n in names)))
+                                         for i, g in enumerate(grid)]
+    (out_dir / "kde.csv").write_text("\n".join(rows) + "\n")
+    colours = {"labeled": "#d62728", "unlabeled": "#1f77b4"}
+    overlap = np.minimum(*densities.values()).sum() * (grid[1] - grid[0]) if len(densities) == 2 else float("nan")
+    write_svg(out_dir / "kde.svg", grid, {f"{n} ({len(projected[n])} slices)": (densities[n], colours[n]) for n in names},
+              f"labeled vs unlabeled slices: overlap {overlap:.2f}")
+    print(f"feature distributions: {out_dir / 'kde.csv'}, {out_dir / 'kde.svg'} (overlap of the two densities {overlap:.3f})")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", default="data/ACDC")
@@ -63,6 +126,7 @@ def main(argv=None):
     p.add_argument("--checkpoint", required=True, help="a checkpoint written by train.py (best.pt)")
     p.add_argument("--json", help="also write the scores to this JSON file")
     p.add_argument("--save-png", metavar="DIR", help="write a montage per volume: image, ground truth, prediction")
+    p.add_argument("--kde", metavar="DIR", help="write the labeled/unlabeled feature distributions (CSV, SVG)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
 
@@ -100,6 +164,8 @@ def main(argv=None):
             print(f"{row_name:42s} {row[0]:8.2f} {row[1]:10.2f} {row[2]:8.2f} {row[3]:8.2f}")
     print(f"class-volumes with an empty prediction (scored 0): {empty} of {len(per_volume) * (num_classes - 1)}")
 
+    if args.kde:
+        feature_distributions(model, args.root, flags["labeled_patients"], patch_size, args.device, args.kde)
     if args.json:
         Path(args.json).write_text(json.dumps(
             {"mean": mean, "per_class": per_class, "volumes": len(per_volume), "empty_predictions": empty,

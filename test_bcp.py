@@ -519,13 +519,22 @@ def test_supervised_phase_and_evaluation_json(synthetic_root, tmp_path, capsys):
     train.main(["--root", str(synthetic_root), *TINY, "--out", str(tmp_path), "--phase", "supervised", "--iterations", "2"])
     scores_path = tmp_path / "scores.json"
     evaluate.main(["--root", str(synthetic_root), "--checkpoint", str(tmp_path / "supervised" / "best.pt"),
-                   "--json", str(scores_path), "--save-png", str(tmp_path / "pictures")])
+                   "--json", str(scores_path), "--save-png", str(tmp_path / "pictures"), "--kde", str(tmp_path / "kde")])
     scores = json.loads(scores_path.read_text())
     assert scores["volumes"] == 4 and scores["split"] == "test"
     assert set(scores["per_class"]) == {"RV", "Myo", "LV"} and set(scores["mean"]) == {"dice", "jaccard", "hd95", "asd"}
     assert 0 <= scores["empty_predictions"] <= 12 and 0 <= scores["mean"]["dice"] <= 100
     assert "do not apply" in capsys.readouterr().out
     assert len(list((tmp_path / "pictures").glob("*.png"))) == 4
+    assert (tmp_path / "kde" / "kde.csv").read_text().splitlines()[0] == "x,labeled,unlabeled"
+    assert (tmp_path / "kde" / "kde.svg").read_text().count("<polyline") == 2
+    assert len(list((tmp_path / "supervised" / "pictures").glob("iter_*.png"))) == 1
+
+
+def test_gaussian_kde_matches_scipy():
+    from scipy.stats import gaussian_kde
+    samples, grid = np.random.default_rng(0).normal(size=50), np.linspace(-3, 3, 41)
+    np.testing.assert_allclose(evaluate.gaussian_kde(samples, grid), gaussian_kde(samples)(grid), rtol=1e-10)
 
 
 def test_nan_loss_stops_and_keeps_checkpoints(synthetic_root, tmp_path, capsys):

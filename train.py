@@ -141,6 +141,24 @@ def save_atomic(checkpoint, path):
     os.replace(temporary, path)
 
 
+def save_step_picture(path, views, mask, rows=4):
+    """A few samples of the current step, one row each: the (mixed) input with the pasted rectangle
+    outlined in yellow, its (mixed) target, the student's prediction."""
+    images, targets, logits = views
+    pick = torch.linspace(0, len(images) - 1, min(rows, len(images))).long()  # both halves of a selftrain batch
+    size = max(images.shape[-1], 160)  # small patches are enlarged to be seen
+    images, targets, predictions, hole = (bcp.resize_nearest(t.detach().float().cpu(), size, size).numpy() for t in
+                                          (images[pick, 0], targets[pick], logits[pick].argmax(1), mask == 0))
+    hole = bcp.surface(hole > 0)
+    tiles = []
+    for image, target, prediction in zip(images, targets, predictions):
+        picture = bcp.gray(image)
+        framed = picture.copy()
+        framed[hole] = (255, 220, 0)
+        tiles += [framed, bcp.paint_labels(picture, target), bcp.paint_labels(picture, prediction)]
+    bcp.write_png(path, bcp.montage(tiles, columns=3))
+
+
 def format_seconds(seconds):
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
@@ -204,6 +222,8 @@ def main(argv=None):
         for parameter in teacher.parameters():
             parameter.requires_grad_(False)
 
+    picture_dir = run_dir / "pictures"
+    picture_dir.mkdir(exist_ok=True)
     metrics_path = run_dir / "metrics.jsonl"
     if metrics_path.exists():  # keep only rows up to where this run starts (a resume restarts there)
         rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
@@ -229,7 +249,7 @@ def main(argv=None):
         unlabeled = draw_batch(unlabeled_bank, iteration, unlabeled_count, args, stream=1) if unlabeled_bank else None
         mask = bcp.paste_mask(args.patch_size, args.patch_size, args.beta, centered=args.mask == "center",
                               generator=step_generator(args.seed, 2, iteration), device=device)
-        loss, _ = step_fn(student, teacher, labeled, unlabeled, mask, args)
+        loss, views = step_fn(student, teacher, labeled, unlabeled, mask, args)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -256,6 +276,7 @@ def main(argv=None):
 
         if iteration % args.val_every == 0 or iteration == args.iterations:
             validation_start = time.time()
+            save_step_picture(picture_dir / f"iter_{iteration:06d}.png", views, mask)
             last_dice = validate(student, volumes, args)
             metrics_file.write(json.dumps({"iter": iteration, "val_dice": last_dice}) + "\n")
             metrics_file.flush()

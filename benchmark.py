@@ -1,0 +1,132 @@
+"""
+Rerunnable speed benchmarks (they print numbers; nothing here is a test).
+
+    python benchmark.py steps --root data/ACDC      # seconds per train.py step of each phase vs the bare compute
+    python benchmark.py metrics --root data/ACDC    # our Dice+Jaccard+HD95+ASD vs medpy (pip install medpy)
+
+`steps` runs train.py for a few steps per phase and reads the seconds per step from its
+metrics.jsonl, beside the floor measured in the same process: the convolutions the phase cannot
+avoid (forwards, backward, SGD step, EMA) on random tensors of the same shapes.
+"""
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import bcp
+import train
+
+
+def floor_seconds(phase, args, device, steps):
+    """Seconds per step of the bare compute of a phase, on random tensors."""
+    student, teacher = bcp.UNet(num_classes=args.num_classes).to(device), bcp.UNet(num_classes=args.num_classes).to(device)
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    p, labeled = args.patch_size, args.labeled_batch_size
+    if phase == "supervised":
+        student_batches = [args.batch_size]
+    elif phase == "pretrain":
+        student_batches = [labeled // 2]
+    else:  # selftrain: two mixed batches, each half labeled and half unlabeled
+        student_batches = [labeled // 2 + (args.batch_size - labeled) // 2] * 2
+    teacher_batches = [(args.batch_size - labeled) // 2] * 2 if phase == "selftrain" else []
+    inputs = [torch.randn(n, 1, p, p, device=device) for n in student_batches]
+    targets = [torch.randint(args.num_classes, (n, p, p), device=device) for n in student_batches]
+    teacher_inputs = [torch.randn(n, 1, p, p, device=device) for n in teacher_batches]
+
+    def step():
+        with torch.no_grad():
+            for x in teacher_inputs:
+                teacher(x)
+        loss = sum(F.cross_entropy(student(x), y) for x, y in zip(inputs, targets))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if teacher_inputs:
+            bcp.ema_update(teacher, student, 0.99)
+
+    for _ in range(3):  # warm-up
+        step()
+    synchronize(device)
+    start = time.time()
+    for _ in range(steps):
+        step()
+    synchronize(device)
+    return (time.time() - start) / steps
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def train_seconds(phase, args, out, steps):
+    """Seconds per step of train.py, from the `time` column of its metrics.jsonl (warm-up excluded)."""
+    flags = ["--root", args.root, "--out", out, "--phase", phase, "--iterations", str(steps),
+             "--patch-size", str(args.patch_size), "--batch-size", str(args.batch_size),
+             "--labeled-batch-size", str(args.labeled_batch_size), "--labeled-patients", str(args.labeled_patients),
+             "--log-every", "5", "--val-every", str(10 * steps), "--device", args.device]
+    train.main(flags)
+    rows = [json.loads(line) for line in (Path(out) / phase / "metrics.jsonl").read_text().splitlines()]
+    first, last = [r for r in rows if "loss" in r][1], [r for r in rows if "loss" in r][-2]  # skip warm-up and final validation
+    return (last["time"] - first["time"]) / (last["iter"] - first["iter"])
+
+
+def bench_steps(args):
+    device = torch.device(args.device)
+    print(f"device {device}, {torch.get_num_threads()} threads, patch {args.patch_size}, batch {args.batch_size} "
+          f"({args.labeled_batch_size} labeled), {args.steps} steps")
+    results = []
+    with tempfile.TemporaryDirectory() as out:
+        for phase in ("supervised", "pretrain", "selftrain"):
+            seconds = train_seconds(phase, args, out, args.steps)
+            floor = floor_seconds(phase, args, device, args.steps)
+            results.append((phase, seconds, floor))
+    print(f"{'phase':12s} {'train.py s/step':>16s} {'floor s/step':>13s} {'ratio':>6s}")
+    for phase, seconds, floor in results:
+        print(f"{phase:12s} {seconds:16.4f} {floor:13.4f} {seconds / floor:6.2f}")
+
+
+def bench_metrics(args):
+    from medpy.metric import binary as medpy_binary  # a reference for the benchmark only
+
+    ours_total, medpy_total, worst = 0.0, 0.0, 0.0
+    volumes = bcp.load_volumes(args.root, "val")
+    for name, _, label in volumes:
+        prediction = np.roll(label, 2, axis=1)  # a plausible prediction: the truth shifted by 2 rows
+        for c in (1, 2, 3):
+            pred, gt = prediction == c, label == c
+            start = time.perf_counter()
+            ours = bcp.binary_metrics(pred, gt)
+            ours_total += time.perf_counter() - start
+            start = time.perf_counter()
+            reference = (medpy_binary.dc(pred, gt), medpy_binary.jc(pred, gt), medpy_binary.hd95(pred, gt),
+                         medpy_binary.asd(pred, gt))
+            medpy_total += time.perf_counter() - start
+            worst = max(worst, *(abs(a - b) for a, b in zip(ours.values(), reference)))
+    n = 3 * len(volumes)
+    print(f"{len(volumes)} volumes x 3 classes: ours {1000 * ours_total / n:.1f} ms, medpy {1000 * medpy_total / n:.1f} ms "
+          f"per class-volume ({medpy_total / ours_total:.1f}x faster); largest difference {worst:.2e}")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", choices=["steps", "metrics"])
+    p.add_argument("--root", default="data/ACDC")
+    p.add_argument("--patch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=12)
+    p.add_argument("--labeled-batch-size", type=int, default=6)
+    p.add_argument("--labeled-patients", type=int, default=3)
+    p.add_argument("--num-classes", type=int, default=4)
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args()
+    bench_steps(args) if args.what == "steps" else bench_metrics(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -9,6 +9,8 @@ metrics.jsonl, beside the floor measured in the same process: the convolutions t
 avoid (forwards, backward, SGD step, EMA) on random tensors of the same shapes.
 """
 import argparse
+import contextlib
+import io
 import json
 import tempfile
 import time
@@ -31,8 +33,8 @@ def floor_seconds(phase, args, device, steps):
         student_batches = [args.batch_size]
     elif phase == "pretrain":
         student_batches = [labeled // 2]
-    else:  # selftrain: two mixed batches, each half labeled and half unlabeled
-        student_batches = [labeled // 2 + (args.batch_size - labeled) // 2] * 2
+    else:  # selftrain: X_in and X_out, each as many slices as one labeled half (a or b)
+        student_batches = [labeled // 2] * 2
     teacher_batches = [(args.batch_size - labeled) // 2] * 2 if phase == "selftrain" else []
     inputs = [torch.randn(n, 1, p, p, device=device) for n in student_batches]
     targets = [torch.randint(args.num_classes, (n, p, p), device=device) for n in student_batches]
@@ -69,10 +71,12 @@ def train_seconds(phase, args, out, steps):
     flags = ["--root", args.root, "--out", out, "--phase", phase, "--iterations", str(steps),
              "--patch-size", str(args.patch_size), "--batch-size", str(args.batch_size),
              "--labeled-batch-size", str(args.labeled_batch_size), "--labeled-patients", str(args.labeled_patients),
-             "--log-every", "5", "--val-every", str(10 * steps), "--device", args.device]
-    train.main(flags)
+             "--log-every", str(max(1, steps // 8)), "--val-every", str(10 * steps), "--device", args.device]
+    with contextlib.redirect_stdout(io.StringIO()):  # train.py's own log goes to <out>/<phase>/train.log
+        train.main(flags)
     rows = [json.loads(line) for line in (Path(out) / phase / "metrics.jsonl").read_text().splitlines()]
-    first, last = [r for r in rows if "loss" in r][1], [r for r in rows if "loss" in r][-2]  # skip warm-up and final validation
+    loss_rows = [r for r in rows if "loss" in r]
+    first, last = loss_rows[1], loss_rows[-1]  # the first window holds the warm-up
     return (last["time"] - first["time"]) / (last["iter"] - first["iter"])
 
 
@@ -122,7 +126,7 @@ def main():
     p.add_argument("--labeled-batch-size", type=int, default=6)
     p.add_argument("--labeled-patients", type=int, default=3)
     p.add_argument("--num-classes", type=int, default=4)
-    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--steps", type=int, default=40, help="steps per phase (at least 16)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
     bench_steps(args) if args.what == "steps" else bench_metrics(args)

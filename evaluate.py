@@ -127,11 +127,15 @@ def main(argv=None):
     p.add_argument("--json", help="also write the scores to this JSON file")
     p.add_argument("--save-png", metavar="DIR", help="write a montage per volume: image, ground truth, prediction")
     p.add_argument("--kde", metavar="DIR", help="write the labeled/unlabeled feature distributions (CSV, SVG)")
+    p.add_argument("--export", metavar="FILE", help="also write the weights as a small fp16 checkpoint (model + flags)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
 
     checkpoint = bcp.load_checkpoint(args.checkpoint)
-    flags = checkpoint["args"]
+    flags = checkpoint["flags"]
+    if args.export:  # float16 halves the size; evaluation casts back to float32 on load
+        torch.save({"model": {k: v.half() if v.is_floating_point() else v for k, v in checkpoint["model"].items()},
+                    "flags": flags, "iteration": checkpoint["iteration"], "best_dice": checkpoint["best_dice"]}, args.export)
     num_classes, patch_size = flags["num_classes"], flags["patch_size"]
     model = bcp.UNet(num_classes=num_classes).to(args.device)
     model.load_state_dict(checkpoint["model"])
@@ -160,6 +164,8 @@ def main(argv=None):
     if (Path(args.root) / "SYNTHETIC").exists():
         print("SYNTHETIC phantoms: the paper's ACDC rows do not apply")
     else:
+        if args.split != "test":
+            print(f"the paper's rows below were measured on the test split, these on {args.split}")
         for row_name, *row in PAPER_ROWS.get(flags["labeled_patients"], []):
             print(f"{row_name:42s} {row[0]:8.2f} {row[1]:10.2f} {row[2]:8.2f} {row[3]:8.2f}")
     print(f"class-volumes with an empty prediction (scored 0): {empty} of {len(per_volume) * (num_classes - 1)}")

@@ -331,7 +331,12 @@ def main(argv=None):
             lists = write_layout(args.out, official_volumes(args.raw), args.force)
         else:
             print(SYNTHETIC_BANNER)
-            lists = write_layout(args.out, synthetic_volumes(args.patients, args.seed), args.force, marker=SYNTHETIC_BANNER + "\n")
+            marker = f"{SYNTHETIC_BANNER}\n--patients {args.patients} --seed {args.seed}\n"
+            marker_path = Path(args.out) / "SYNTHETIC"
+            if not args.force and marker_path.exists() and marker_path.read_text() == marker and not check(args.out):
+                print(f"{args.out} already holds this synthetic set; nothing to do")
+                return 0
+            lists = write_layout(args.out, synthetic_volumes(args.patients, args.seed), args.force, marker=marker)
         print(f"wrote {args.out}: {len(lists['train'])} train volumes ({len(lists['train_slices'])} slices), "
               f"{len(lists['val'])} val, {len(lists['test'])} test volumes in {time.time() - start:.0f} s")
     except bcp.DataError as error:

@@ -3,14 +3,23 @@ Tests for BCP: each checks one idea against a value worked out by hand or a trus
     python -m pytest -q test_bcp.py
 scipy serves only as a reference here (medpy's metric definitions rebuilt on scipy.ndimage).
 """
+import gzip
+import json
 import math
+import shutil
+import struct
+import zlib
 
+import h5py
 import numpy as np
 import pytest
 import torch
 from scipy import ndimage
 
 import bcp
+import evaluate
+import prepare_acdc
+import train
 
 
 def reference_surface_distances(pred, gt, spacing=None):
@@ -350,16 +359,6 @@ def test_predict_volume_shape():
 
 # ----------------------------------------------------------------------------- prepare_acdc.py
 
-import json
-import struct
-import gzip
-
-import h5py
-
-import evaluate
-import prepare_acdc
-import train
-
 NIFTI_CODES = {"u1": 2, "i2": 4, "f4": 16}
 
 
@@ -450,8 +449,11 @@ def synthetic_root(tmp_path_factory):
     return root
 
 
-def test_synthetic_set_layout(synthetic_root):
+def test_synthetic_set_layout(synthetic_root, capsys):
     assert (synthetic_root / "SYNTHETIC").exists()
+    assert prepare_acdc.main(["--out", str(synthetic_root), "--patients", "10"]) == 0  # a rerun has nothing to do
+    assert "nothing to do" in capsys.readouterr().out
+    assert prepare_acdc.main(["--out", str(synthetic_root), "--patients", "12"]) == 1  # another set: refuses
     assert prepare_acdc.check(synthetic_root) == []
     volumes = bcp.load_volumes(synthetic_root, "val")
     assert len(volumes) == 2 and all(set(np.unique(label)) == {0, 1, 2, 3} for _, _, label in volumes)
@@ -462,7 +464,6 @@ def test_synthetic_set_layout(synthetic_root):
 
 
 def test_check_finds_a_corrupted_copy(synthetic_root, tmp_path):
-    import shutil
     copy = tmp_path / "copy"
     shutil.copytree(synthetic_root, copy)
     slice_name = (copy / "train_slices.list").read_text().split()[0]
@@ -521,6 +522,11 @@ def test_supervised_phase_and_evaluation_json(synthetic_root, tmp_path, capsys):
     evaluate.main(["--root", str(synthetic_root), "--checkpoint", str(tmp_path / "supervised" / "best.pt"),
                    "--json", str(scores_path), "--save-png", str(tmp_path / "pictures"), "--kde", str(tmp_path / "kde")])
     scores = json.loads(scores_path.read_text())
+    evaluate.main(["--root", str(synthetic_root), "--checkpoint", str(tmp_path / "supervised" / "best.pt"),
+                   "--export", str(tmp_path / "small.pt")])
+    evaluate.main(["--root", str(synthetic_root), "--checkpoint", str(tmp_path / "small.pt"), "--json", str(tmp_path / "small.json")])
+    small = json.loads((tmp_path / "small.json").read_text())
+    assert small["mean"]["dice"] == pytest.approx(scores["mean"]["dice"], abs=1.0)  # fp16 weights score alike
     assert scores["volumes"] == 4 and scores["split"] == "test"
     assert set(scores["per_class"]) == {"RV", "Myo", "LV"} and set(scores["mean"]) == {"dice", "jaccard", "hd95", "asd"}
     assert 0 <= scores["empty_predictions"] <= 12 and 0 <= scores["mean"]["dice"] <= 100
@@ -550,7 +556,6 @@ def test_nan_loss_stops_and_keeps_checkpoints(synthetic_root, tmp_path, capsys):
 
 def test_png_writer_round_trip(tmp_path):
     """Decode our PNG with zlib by hand: the pixels come back unchanged."""
-    import zlib
     rgb = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
     bcp.write_png(tmp_path / "a.png", rgb)
     data = (tmp_path / "a.png").read_bytes()
@@ -560,3 +565,12 @@ def test_png_writer_round_trip(tmp_path):
     rows = np.frombuffer(zlib.decompress(data[idat + 4:idat + 4 + length]), np.uint8).reshape(5, 1 + 7 * 3)
     assert (rows[:, 0] == 0).all()
     np.testing.assert_array_equal(rows[:, 1:].reshape(5, 7, 3), rgb)
+
+
+def test_bf16_autocast_path_trains(synthetic_root, tmp_path):
+    """The GPU default (bf16 autocast) also runs on the CPU: two steps give a finite checkpoint."""
+    train.main(["--root", str(synthetic_root), *TINY, "--out", str(tmp_path), "--phase", "pretrain",
+                "--iterations", "2", "--precision", "bf16"])
+    checkpoint = bcp.load_checkpoint(tmp_path / "pretrain" / "last.pt")
+    assert checkpoint["flags"]["precision"] == "bf16"
+    assert all(torch.isfinite(v).all() for v in checkpoint["model"].values() if v.is_floating_point())

@@ -48,6 +48,9 @@ def parse_args(argv=None):
     p.add_argument("--log-every", type=int, default=20, help="progress line and metrics row every N steps")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="bf16" if torch.cuda.is_available() else "fp32",
+                   help="bf16 autocast (default on CUDA) or plain float32 (default on CPU)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the student and teacher forwards")
     p.add_argument("--resume", action="store_true", help="continue from <out>/<phase>/last.pt")
     p.add_argument("--init", help="selftrain: start student and teacher from this checkpoint "
                                   "(default <out>/pretrain/best.pt)")
@@ -85,7 +88,7 @@ def selftrain_step(student, teacher, labeled, unlabeled, mask, args):
     (labeled_a, labeled_b), (gt_a, gt_b) = (t.chunk(2) for t in labeled)
     unlabeled_a, unlabeled_b = unlabeled[0].chunk(2)
     with torch.no_grad():  # two teacher forwards, as the authors run them (BN statistics per half)
-        pseudo_a, pseudo_b = bcp.pseudo_label(teacher(unlabeled_a)), bcp.pseudo_label(teacher(unlabeled_b))
+        pseudo_a, pseudo_b = bcp.pseudo_label(torch.cat([teacher(unlabeled_a), teacher(unlabeled_b)])).chunk(2)
     x_in, y_in = bcp.copy_paste(unlabeled_a, labeled_a, mask), bcp.copy_paste(pseudo_a, gt_a, mask)
     x_out, y_out = bcp.copy_paste(labeled_b, unlabeled_b, mask), bcp.copy_paste(gt_b, pseudo_b, mask)
     logits_in, logits_out = student(x_in), student(x_out)
@@ -125,12 +128,13 @@ def draw_batch(bank, step, count, args, stream):
 # ----------------------------------------------------------------------------- validation and checkpoints
 
 @torch.no_grad()
-def validate(model, volumes, args):
+def validate(model, volumes, args, autocast):
     """Mean Dice over the validation volumes and the foreground classes (a class the model does not
     predict scores 0, as in the authors' evaluation)."""
     model.eval()
-    scores = [bcp.dice_per_class(bcp.predict_volume(model, image, args.patch_size), label, args.num_classes)
-              for image, label in volumes]
+    with autocast:
+        scores = [bcp.dice_per_class(bcp.predict_volume(model, image, args.patch_size), label, args.num_classes)
+                  for image, label in volumes]
     model.train()
     return torch.stack(scores).mean().item()
 
@@ -178,6 +182,8 @@ def main(argv=None):
         log_file.flush()
 
     device = torch.device(args.device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "bf16" else nullcontext()
+    memory_format = torch.channels_last if device.type == "cuda" else torch.preserve_format
     torch.manual_seed(args.seed)
 
     # data: every slice and validation volume in memory on the training device
@@ -190,10 +196,12 @@ def main(argv=None):
                for _, image, label in bcp.load_volumes(args.root, "val")]
     log(f"{args.phase}: {len(labeled_names)} labeled slices ({args.labeled_patients} patients), "
         f"{len(unlabeled_names) if unlabeled_bank else 0} unlabeled, {len(volumes)} validation volumes, device {device}")
+    if (Path(args.root) / "SYNTHETIC").exists():
+        log(f"{args.root} holds SYNTHETIC phantoms, not ACDC (see prepare_acdc.py)")
 
     # models and optimizer
-    student = bcp.UNet(num_classes=args.num_classes).to(device)
-    teacher = bcp.UNet(num_classes=args.num_classes).to(device) if args.phase == "selftrain" else None
+    student = bcp.UNet(num_classes=args.num_classes).to(device, memory_format=memory_format)
+    teacher = bcp.UNet(num_classes=args.num_classes).to(device, memory_format=memory_format) if args.phase == "selftrain" else None
     optimizer = torch.optim.SGD(student.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     start, best_dice, best_iteration, elapsed_before = 0, -1.0, 0, 0.0
     last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
@@ -211,7 +219,9 @@ def main(argv=None):
         if device.type == "cuda" and checkpoint["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(checkpoint["rng"]["cuda"])
         log(f"resumed from {last_path} at iteration {start} (best val Dice {best_dice:.4f} @ {best_iteration})")
-    elif teacher is not None:
+    elif args.resume:
+        log(f"--resume: no {last_path} yet, starting from the beginning")
+    if teacher is not None and start == 0:
         init_path = Path(args.init or Path(args.out) / "pretrain" / "best.pt")
         init = bcp.load_checkpoint(init_path)["model"]
         student.load_state_dict(init)
@@ -234,11 +244,14 @@ def main(argv=None):
     def checkpoint_dict(iteration, elapsed):
         return {"model": student.state_dict(), "teacher": teacher.state_dict() if teacher is not None else None,
                 "optimizer": optimizer.state_dict(), "iteration": iteration, "best_dice": best_dice,
-                "best_iteration": best_iteration, "elapsed": elapsed, "args": vars(args),
+                "best_iteration": best_iteration, "elapsed": elapsed, "flags": vars(args),
                 "rng": {"torch": torch.get_rng_state(),
                         "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}}
 
     step_fn = STEPS[args.phase]
+    compiled = torch.compile if args.compile else (lambda model: model)
+    student_forward = compiled(student)
+    teacher_forward = compiled(teacher) if teacher is not None else None
     labeled_count = args.batch_size if args.phase == "supervised" else args.labeled_batch_size
     unlabeled_count = args.batch_size - args.labeled_batch_size
     student.train()
@@ -249,7 +262,8 @@ def main(argv=None):
         unlabeled = draw_batch(unlabeled_bank, iteration, unlabeled_count, args, stream=1) if unlabeled_bank else None
         mask = bcp.paste_mask(args.patch_size, args.patch_size, args.beta, centered=args.mask == "center",
                               generator=step_generator(args.seed, 2, iteration), device=device)
-        loss, views = step_fn(student, teacher, labeled, unlabeled, mask, args)
+        with autocast:
+            loss, views = step_fn(student_forward, teacher_forward, labeled, unlabeled, mask, args)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -277,7 +291,7 @@ def main(argv=None):
         if iteration % args.val_every == 0 or iteration == args.iterations:
             validation_start = time.time()
             save_step_picture(picture_dir / f"iter_{iteration:06d}.png", views, mask)
-            last_dice = validate(student, volumes, args)
+            last_dice = validate(student, volumes, args, autocast)
             metrics_file.write(json.dumps({"iter": iteration, "val_dice": last_dice}) + "\n")
             metrics_file.flush()
             if last_dice > best_dice:

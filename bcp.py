@@ -14,6 +14,7 @@ Read top to bottom, this file follows the method:
   5. pseudo-labels: the teacher's argmax, largest connected component per class
   6. metrics: Dice, Jaccard, HD95, ASD on an exact Euclidean distance transform
   7. the ACDC data in the SSL4MIS layout, the authors' augmentation, slice-wise volume inference
+  8. pictures: a small PNG writer and label overlays
 
 train.py runs it (python train.py --phase pretrain; python train.py --phase selftrain),
 evaluate.py scores it, test_bcp.py checks every piece on small hand-built examples.

@@ -38,6 +38,8 @@ def score_volume(prediction, label, num_classes):
         if not predicted.any():  # the authors' convention: a missed class scores 0 on every metric
             scores.append({**dict.fromkeys(METRICS, 0.0), "empty": True})
             continue
+        if not truth.any():
+            raise ValueError(f"class {c} is predicted but absent from the ground truth")
         metrics = bcp.binary_metrics(predicted, truth)
         scores.append({"dice": 100 * metrics["dice"], "jaccard": 100 * metrics["jaccard"],
                        "hd95": metrics["hd95"], "asd": metrics["asd"], "empty": False})
@@ -147,7 +149,10 @@ def main(argv=None):
     per_volume = []
     for name, image, label in bcp.load_volumes(args.root, args.split):
         prediction = bcp.predict_volume(model, torch.from_numpy(image).to(args.device), patch_size).cpu().numpy()
-        per_volume.append(score_volume(prediction, label, num_classes))
+        try:
+            per_volume.append(score_volume(prediction, label, num_classes))
+        except ValueError as error:  # a class missing from the ground truth: HD95 and ASD are undefined
+            raise bcp.DataError(f"{Path(args.root) / 'data' / name}.h5: {error}") from None
         if args.save_png:
             save_montage(Path(args.save_png) / f"{name}.png", image, label, prediction)
 

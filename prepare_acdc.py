@@ -47,10 +47,10 @@ def write_h5(path, image, label):
         f.create_dataset("label", data=label.astype(np.uint8), compression="gzip")
 
 
-def write_layout(out, splits, force, marker=None):
-    """Write {split: [(volume name, image (S, H, W), label (S, H, W))]} into a temporary folder beside
-    --out, slices for the training volumes, the lists, then rename it to --out. splits is consumed
-    lazily, so a generator can produce volumes one at a time."""
+def write_layout(out, volumes, force, marker=None):
+    """Write (split, volume name, image (S, H, W), label (S, H, W)) tuples into a temporary folder
+    beside --out, slices for the training volumes, the lists, then rename it to --out. `volumes` may be
+    a generator: one volume is in memory at a time."""
     out = Path(out)
     if out.exists() and not force:
         raise bcp.DataError(f"{out}: already exists (pass --force to replace it)")
@@ -59,7 +59,7 @@ def write_layout(out, splits, force, marker=None):
     try:
         (staging / "data" / "slices").mkdir(parents=True)
         lists = {"train": [], "val": [], "test": [], "train_slices": []}
-        for split, name, image, label in splits:
+        for split, name, image, label in volumes:
             write_h5(staging / "data" / f"{name}.h5", image, label)
             lists[split].append(name)
             if split == "train":
@@ -96,7 +96,8 @@ def read_nifti(path):
     GetArrayFromImage gives it: the reverse of the NIfTI index order (i, j, k). scl_slope/scl_inter
     are applied when set (the result is then float)."""
     try:
-        raw = (gzip.open if str(path).endswith(".gz") else open)(path, "rb").read()
+        with (gzip.open if str(path).endswith(".gz") else open)(path, "rb") as f:
+            raw = f.read()
     except (OSError, EOFError) as error:
         raise bcp.DataError(f"{path}: cannot read ({error})") from None
     if len(raw) < 348:

@@ -543,9 +543,11 @@ def test_gaussian_kde_matches_scipy():
     np.testing.assert_allclose(evaluate.gaussian_kde(samples, grid), gaussian_kde(samples)(grid), rtol=1e-10)
 
 
-def test_nan_loss_stops_and_keeps_checkpoints(synthetic_root, tmp_path, capsys):
+@pytest.mark.parametrize("log_every", ["1", "5"])  # 5: the loss must still be checked before each checkpoint
+def test_nan_loss_stops_and_keeps_checkpoints(synthetic_root, tmp_path, capsys, log_every):
     """A learning rate of 1e30 blows the loss up: the run stops with a message, last.pt stays loadable."""
-    args = ["--root", str(synthetic_root), *TINY, "--out", str(tmp_path), "--phase", "pretrain", "--iterations", "2"]
+    args = ["--root", str(synthetic_root), *TINY, "--log-every", log_every, "--out", str(tmp_path), "--phase", "pretrain",
+            "--iterations", "2"]
     train.main(args)
     with pytest.raises(SystemExit):
         train.main([*args[:-1], "6", "--resume", "--lr", "1e30"])
@@ -574,3 +576,18 @@ def test_bf16_autocast_path_trains(synthetic_root, tmp_path):
     checkpoint = bcp.load_checkpoint(tmp_path / "pretrain" / "last.pt")
     assert checkpoint["flags"]["precision"] == "bf16"
     assert all(torch.isfinite(v).all() for v in checkpoint["model"].values() if v.is_floating_point())
+
+
+def test_score_volume_by_hand_and_missing_ground_truth():
+    """Class 1 predicted exactly, class 2 missed (all four scored 0, flagged empty), class 3 predicted
+    where the ground truth has none: HD95 is undefined and the error says which class."""
+    label = np.zeros((2, 6, 6), np.uint8)
+    label[:, 1:3, 1:3], label[:, 4:, 4:] = 1, 2
+    scores = evaluate.score_volume(label.copy(), label, 3)
+    assert scores[0] == {"dice": 100.0, "jaccard": 100.0, "hd95": 0.0, "asd": 0.0, "empty": False}
+    prediction = label.copy()
+    prediction[label == 2] = 0
+    assert evaluate.score_volume(prediction, label, 3)[1] == {"dice": 0.0, "jaccard": 0.0, "hd95": 0.0, "asd": 0.0, "empty": True}
+    prediction[0, 0, 5] = 3
+    with pytest.raises(ValueError, match="class 3 is predicted but absent"):
+        evaluate.score_volume(prediction, label, 4)

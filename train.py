@@ -69,7 +69,7 @@ def supervised_step(student, teacher, labeled, unlabeled, mask, args):
     images, labels = labeled
     logits = student(images)
     everywhere = torch.ones_like(mask)
-    return bcp.mixed_loss(logits, labels, everywhere, 1.0, 0.0), (images, labels, logits)
+    return bcp.mixed_loss(logits, labels, everywhere, 1.0, 0.0), [(images, labels, logits)]
 
 
 def pretrain_step(student, teacher, labeled, unlabeled, mask, args):
@@ -78,7 +78,7 @@ def pretrain_step(student, teacher, labeled, unlabeled, mask, args):
     mixed = bcp.copy_paste(images_a, images_b, mask)
     target = bcp.copy_paste(labels_a, labels_b, mask)
     logits = student(mixed)
-    return bcp.mixed_loss(logits, target, mask, 1.0, 1.0), (mixed, target, logits)
+    return bcp.mixed_loss(logits, target, mask, 1.0, 1.0), [(mixed, target, logits)]
 
 
 def selftrain_step(student, teacher, labeled, unlabeled, mask, args):
@@ -94,9 +94,10 @@ def selftrain_step(student, teacher, labeled, unlabeled, mask, args):
     logits_in, logits_out = student(x_in), student(x_out)
     alpha = args.u_weight
     loss = bcp.mixed_loss(logits_in, y_in, mask, alpha, 1.0) + bcp.mixed_loss(logits_out, y_out, mask, 1.0, alpha)
-    return loss, (torch.cat([x_in, x_out]), torch.cat([y_in, y_out]), torch.cat([logits_in, logits_out]))
+    return loss, [(x_in, y_in, logits_in), (x_out, y_out, logits_out)]
 
 
+# Each step returns the loss and, for the pictures, one (input, target, logits) triple per student forward.
 STEPS = {"supervised": supervised_step, "pretrain": pretrain_step, "selftrain": selftrain_step}
 
 
@@ -148,7 +149,7 @@ def save_atomic(checkpoint, path):
 def save_step_picture(path, views, mask, rows=4):
     """A few samples of the current step, one row each: the (mixed) input with the pasted rectangle
     outlined in yellow, its (mixed) target, the student's prediction."""
-    images, targets, logits = views
+    images, targets, logits = (torch.cat(parts) for parts in zip(*views))
     pick = torch.linspace(0, len(images) - 1, min(rows, len(images))).long()  # both halves of a selftrain batch
     size = max(images.shape[-1], 160)  # small patches are enlarged to be seen
     images, targets, predictions, hole = (bcp.resize_nearest(t.detach().float().cpu(), size, size).numpy() for t in
@@ -259,7 +260,7 @@ def main(argv=None):
     loss_sum, window_steps, last_dice = torch.zeros((), device=device), 0, float("nan")
     for iteration in range(start + 1, args.iterations + 1):
         labeled = draw_batch(labeled_bank, iteration, labeled_count, args, stream=0)
-        unlabeled = draw_batch(unlabeled_bank, iteration, unlabeled_count, args, stream=1) if unlabeled_bank else None
+        unlabeled = draw_batch(unlabeled_bank, iteration, unlabeled_count, args, stream=1) if unlabeled_bank is not None else None
         mask = bcp.paste_mask(args.patch_size, args.patch_size, args.beta, centered=args.mask == "center",
                               generator=step_generator(args.seed, 2, iteration), device=device)
         with autocast:
@@ -272,7 +273,8 @@ def main(argv=None):
         loss_sum += loss.detach()
         window_steps += 1
 
-        if iteration % args.log_every == 0 or iteration == args.iterations:
+        validating = iteration % args.val_every == 0 or iteration == args.iterations
+        if iteration % args.log_every == 0 or validating:  # never checkpoint weights whose loss was not checked
             mean_loss = loss_sum.item() / window_steps  # the one host sync every --log-every steps
             if not math.isfinite(mean_loss):
                 log(f"stopping: the loss became {mean_loss} between iterations {iteration - window_steps + 1} "
@@ -283,12 +285,13 @@ def main(argv=None):
             metrics_file.write(json.dumps({"iter": iteration, "loss": mean_loss, "lr": args.lr,
                                            "time": round(now - phase_start, 3)}) + "\n")
             metrics_file.flush()
-            validation = f"val Dice {last_dice:.4f} (best {best_dice:.4f} @ {best_iteration})" if best_iteration else "val Dice -"
+            last_text = "-" if math.isnan(last_dice) else f"{last_dice:.4f}"
+            validation = f"val Dice {last_text} (best {best_dice:.4f} @ {best_iteration})" if best_iteration else "val Dice -"
             log(f"iter {iteration}/{args.iterations} | loss {mean_loss:.4f} | {speed:.2f} it/s | "
                 f"ETA {format_seconds((args.iterations - iteration) / speed)} | {validation}")
             loss_sum, window_steps, window_start = torch.zeros((), device=device), 0, now
 
-        if iteration % args.val_every == 0 or iteration == args.iterations:
+        if validating:
             validation_start = time.time()
             save_step_picture(picture_dir / f"iter_{iteration:06d}.png", views, mask)
             last_dice = validate(student, volumes, args, autocast)

@@ -172,11 +172,12 @@ def largest_component(mask):
     points at (pointer jumping), until nothing changes. Each component ends labelled by the index of
     its first pixel in raster order, so a tie in size goes to the component met first, as with
     skimage.measure.label followed by argmax of the counts (the authors' code). The work runs inside
-    the bounding box of all foreground pixels, which is what makes it cheap on a heart."""
-    rows, cols = mask.any(0).any(1).nonzero(), mask.any(0).any(0).nonzero()
-    if len(rows) == 0:
-        return mask.clone()
-    box = (slice(None), slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1))
+    the bounding box of all foreground pixels, which is what makes it cheap on a heart. The host
+    waits for the device once for the box and once per two rounds: the only waits in a training step."""
+    rows, cols = mask.any(0).any(1), mask.any(0).any(0)  # (H,), (W,): which rows / columns hold foreground
+    top, bottom, left, right = torch.stack([rows.int().argmax(), len(rows) - rows.flip(0).int().argmax(),
+                                            cols.int().argmax(), len(cols) - cols.flip(0).int().argmax()]).tolist()
+    box = (slice(None), slice(top, bottom), slice(left, right))  # the whole slice when there is no foreground
     inside = mask[box].contiguous()
     n, h, w = inside.shape
     background = h * w
@@ -339,21 +340,28 @@ def patient_of(name):
     return name.split("_")[0]
 
 
-def zoom_index(size_in, size_out):
+def zoom_index(size_in, size_out, device="cpu"):
     """Source index of each output position for a nearest-neighbour resize, as scipy.ndimage.zoom
     (order=0) computes it: round(o * (in - 1) / (out - 1)). Works on ints and on tensors of sizes."""
-    position = torch.arange(size_out, dtype=torch.float32)
     if torch.is_tensor(size_in):
-        position = position.to(size_in.device)
-        size_in = size_in.float().unsqueeze(-1)
+        device, size_in = size_in.device, size_in.float().unsqueeze(-1)
+    position = torch.arange(size_out, dtype=torch.float32, device=device)
     return torch.floor(position * (size_in - 1) / max(size_out - 1, 1) + 0.5).long()
 
 
 def resize_nearest(x, height, width):
     """Nearest-neighbour resize of the last two dims, (..., H, W) -> (..., height, width)."""
-    rows = zoom_index(x.shape[-2], height).to(x.device)
-    cols = zoom_index(x.shape[-1], width).to(x.device)
+    rows, cols = zoom_index(x.shape[-2], height, x.device), zoom_index(x.shape[-1], width, x.device)
     return x[..., rows[:, None], cols[None, :]]
+
+
+def to_device(tensor, device):
+    """A small host tensor (a step's slice indices, augmentation choices) copied to the training device
+    without making the host wait: on CUDA through pinned memory, so the host can queue the next step
+    while the GPU still runs this one."""
+    if torch.device(device).type == "cuda":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
 
 
 class SliceBank:
@@ -392,9 +400,9 @@ class SliceBank:
         """-> images (B, 1, P, P) float, labels (B, P, P) long for slice indices (B,), augmented with
         the choices of random_augmentation (none if not given)."""
         device = self.images.device
-        index = index.to(device)
+        index = to_device(index, device)
         aug = augmentation or self.no_augmentation(len(index))
-        aug = {key: value.to(device).view(-1, 1, 1) for key, value in aug.items()}
+        aug = {key: to_device(value, device).view(-1, 1, 1) for key, value in aug.items()}
         h, w = self.heights[index].view(-1, 1, 1), self.widths[index].view(-1, 1, 1)
         k = torch.where(aug["rot_flip"], aug["k"], 0)
         h_out, w_out = torch.where(k % 2 == 1, w, h), torch.where(k % 2 == 1, h, w)  # odd rot90 swaps H, W

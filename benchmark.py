@@ -3,6 +3,8 @@ Rerunnable speed benchmarks (they print numbers; nothing here is a test).
 
     python benchmark.py steps --root data/ACDC      # seconds per train.py step of each phase vs the bare compute
     python benchmark.py metrics --root data/ACDC    # our Dice+Jaccard+HD95+ASD vs medpy (pip install medpy)
+    python benchmark.py steps --root data/ACDC --patch-size 256 --batch-size 24 --labeled-batch-size 12 --labeled-patients 7
+                                                    # the paper's shapes (on a GPU; add --compile to try it)
 
 `steps` runs train.py for a few steps per phase and reads the seconds per step from its
 metrics.jsonl, beside the floor measured in the same process: the convolutions the phase cannot
@@ -24,34 +26,39 @@ import bcp
 import train
 
 
-def floor_seconds(phase, args, device, steps):
-    """Seconds per step of the bare compute of a phase, on random tensors."""
-    student, teacher = bcp.UNet(num_classes=args.num_classes).to(device), bcp.UNet(num_classes=args.num_classes).to(device)
-    optimizer = torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+def floor_seconds(args, steps):
+    """Seconds per step of the bare compute of a phase on random tensors, with train.py's settings
+    (device, precision, memory format, compile) for the same flags."""
+    device, autocast, memory_format, compiled = train.runtime(args)
+    models = [bcp.UNet(num_classes=args.num_classes).to(device, memory_format=memory_format) for _ in range(2)]
+    student, teacher = models[0], models[1].requires_grad_(False)
+    student_forward, teacher_forward = compiled(student), compiled(teacher)
+    optimizer = torch.optim.SGD(student.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     p, labeled = args.patch_size, args.labeled_batch_size
-    if phase == "supervised":
+    if args.phase == "supervised":
         student_batches = [args.batch_size]
-    elif phase == "pretrain":
+    elif args.phase == "pretrain":
         student_batches = [labeled // 2]
     else:  # selftrain: X_in and X_out, each as many slices as one labeled half (a or b)
         student_batches = [labeled // 2] * 2
-    teacher_batches = [(args.batch_size - labeled) // 2] * 2 if phase == "selftrain" else []
+    teacher_batches = [(args.batch_size - labeled) // 2] * 2 if args.phase == "selftrain" else []
     inputs = [torch.randn(n, 1, p, p, device=device) for n in student_batches]
     targets = [torch.randint(args.num_classes, (n, p, p), device=device) for n in student_batches]
     teacher_inputs = [torch.randn(n, 1, p, p, device=device) for n in teacher_batches]
 
     def step():
-        with torch.no_grad():
-            for x in teacher_inputs:
-                teacher(x)
-        loss = sum(F.cross_entropy(student(x), y) for x, y in zip(inputs, targets))
+        with autocast:
+            with torch.no_grad():
+                for x in teacher_inputs:
+                    teacher_forward(x)
+            loss = sum(F.cross_entropy(student_forward(x), y) for x, y in zip(inputs, targets))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         if teacher_inputs:
-            bcp.ema_update(teacher, student, 0.99)
+            bcp.ema_update(teacher, student, args.ema_decay)
 
-    for _ in range(3):  # warm-up
+    for _ in range(3):  # warm-up (and compilation)
         step()
     synchronize(device)
     start = time.time()
@@ -66,30 +73,32 @@ def synchronize(device):
         torch.cuda.synchronize()
 
 
-def train_seconds(phase, args, out, steps):
+def train_seconds(flags, args):
     """Seconds per step of train.py, from the `time` column of its metrics.jsonl (warm-up excluded)."""
-    flags = ["--root", args.root, "--out", out, "--phase", phase, "--iterations", str(steps),
-             "--patch-size", str(args.patch_size), "--batch-size", str(args.batch_size),
-             "--labeled-batch-size", str(args.labeled_batch_size), "--labeled-patients", str(args.labeled_patients),
-             "--log-every", str(max(1, steps // 8)), "--val-every", str(10 * steps), "--device", args.device]
     with contextlib.redirect_stdout(io.StringIO()):  # train.py's own log goes to <out>/<phase>/train.log
         train.main(flags)
-    rows = [json.loads(line) for line in (Path(out) / phase / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (Path(args.out) / args.phase / "metrics.jsonl").read_text().splitlines()]
     loss_rows = [r for r in rows if "loss" in r]
     first, last = loss_rows[1], loss_rows[-1]  # the first window holds the warm-up
     return (last["time"] - first["time"]) / (last["iter"] - first["iter"])
 
 
 def bench_steps(args):
-    device = torch.device(args.device)
-    print(f"device {device}, {torch.get_num_threads()} threads, patch {args.patch_size}, batch {args.batch_size} "
-          f"({args.labeled_batch_size} labeled), {args.steps} steps")
     results = []
     with tempfile.TemporaryDirectory() as out:
         for phase in ("supervised", "pretrain", "selftrain"):
-            seconds = train_seconds(phase, args, out, args.steps)
-            floor = floor_seconds(phase, args, device, args.steps)
-            results.append((phase, seconds, floor))
+            flags = ["--root", args.root, "--out", out, "--phase", phase, "--iterations", str(args.steps),
+                     "--patch-size", str(args.patch_size), "--batch-size", str(args.batch_size),
+                     "--labeled-batch-size", str(args.labeled_batch_size), "--labeled-patients", str(args.labeled_patients),
+                     "--log-every", str(max(1, args.steps // 8)), "--val-every", str(10 * args.steps),
+                     "--device", args.device, *(["--precision", args.precision] if args.precision else []),
+                     *(["--compile"] if args.compile else [])]
+            train_args = train.parse_args(flags)
+            if not results:
+                print(f"device {train_args.device} ({torch.cuda.get_device_name() if 'cuda' in train_args.device else 'CPU'}), "
+                      f"{torch.get_num_threads()} threads, {train_args.precision}{', compiled' if args.compile else ''}, "
+                      f"patch {args.patch_size}, batch {args.batch_size} ({args.labeled_batch_size} labeled), {args.steps} steps")
+            results.append((phase, train_seconds(flags, train_args), floor_seconds(train_args, args.steps)))
     print(f"{'phase':12s} {'train.py s/step':>16s} {'floor s/step':>13s} {'ratio':>6s}")
     for phase, seconds, floor in results:
         print(f"{phase:12s} {seconds:16.4f} {floor:13.4f} {seconds / floor:6.2f}")
@@ -128,6 +137,8 @@ def main():
     p.add_argument("--num-classes", type=int, default=4)
     p.add_argument("--steps", type=int, default=40, help="steps per phase (at least 16)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--precision", choices=["fp32", "bf16"], help="as train.py (bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--compile", action="store_true", help="as train.py")
     args = p.parse_args()
     bench_steps(args) if args.what == "steps" else bench_metrics(args)
 

@@ -15,8 +15,10 @@ import numpy as np
 import pytest
 import torch
 from scipy import ndimage
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import bcp
+import benchmark
 import evaluate
 import prepare_acdc
 import train
@@ -514,6 +516,61 @@ def test_resumed_training_ends_with_the_same_weights(synthetic_root, tmp_path):
     assert [r["iter"] for r in rows if "loss" in r] == [1, 2, 3, 4]
     assert all(r["time"] >= 0 and r["lr"] == 0.01 for r in rows if "loss" in r)
     assert [r["iter"] for r in rows if "val_dice" in r] == [2, 4]
+
+
+class BlockingCopies(TorchDispatchMode):
+    """Records each host -> device copy that makes the host wait for the device (non_blocking=False)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._to_copy.default:
+            source, target, blocking = args[0].device, kwargs.get("device", args[0].device), not kwargs.get("non_blocking")
+        elif func is torch.ops.aten.copy_.default:
+            source, target, blocking = args[1].device, args[0].device, not (args[2:] or [kwargs.get("non_blocking")])[0]
+        else:
+            return func(*args, **kwargs)
+        if source.type == "cpu" and target.type != "cpu" and blocking:
+            self.seen.append(func)
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("phase", ["pretrain", "selftrain"])
+def test_a_step_never_waits_for_the_device(phase, monkeypatch):
+    """Batches, augmentation, mask, step, SGD and EMA on the meta device, which stands in for a GPU: it
+    holds no data, so any op that must read values on the host fails there, and every host -> device
+    copy is seen by the dispatcher. The teacher's connected components are the one part that reads
+    values (bcp.largest_component); here the pseudo-label is the plain argmax."""
+    monkeypatch.setattr(bcp, "pseudo_label", lambda logits: logits.argmax(1))
+    device = torch.device("meta")
+    rng = np.random.default_rng(0)
+    images = [rng.random(shape).astype(np.float32) for shape in [(37, 29), (20, 41), (32, 32), (30, 30)]]
+    bank = bcp.SliceBank(images, [(image * 4).astype(np.uint8) for image in images], device)
+    args = train.parse_args(["--phase", phase, *TINY])
+    student, teacher = bcp.UNet().to(device), bcp.UNet().to(device)
+    optimizer = torch.optim.SGD(student.parameters(), lr=args.lr, momentum=args.momentum)
+    with BlockingCopies() as copies:
+        labeled = train.draw_batch(bank, 7, args.labeled_batch_size, args, stream=0)
+        unlabeled = train.draw_batch(bank, 7, args.batch_size - args.labeled_batch_size, args, stream=1)
+        mask = bcp.paste_mask(args.patch_size, args.patch_size, generator=train.step_generator(args.seed, 2, 7), device=device)
+        loss, _ = train.STEPS[phase](student, teacher, labeled, unlabeled, mask, args)
+        loss.backward()
+        optimizer.step()
+        bcp.ema_update(teacher, student, args.ema_decay)
+    assert loss.device == device and copies.seen == []
+
+
+def test_step_benchmark_runs_every_phase(synthetic_root, monkeypatch, capsys):
+    """benchmark.py steps end to end on the tiny set: one row per phase, positive times."""
+    monkeypatch.setattr("sys.argv", ["benchmark.py", "steps", "--root", str(synthetic_root), "--patch-size", "32",
+                                     "--batch-size", "4", "--labeled-batch-size", "2", "--labeled-patients", "2", "--steps", "16"])
+    benchmark.main()
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[-3:]]
+    assert [row[0] for row in rows] == ["supervised", "pretrain", "selftrain"]
+    assert all(float(value) > 0 for row in rows for value in row[1:])
 
 
 def test_supervised_phase_and_evaluation_json(synthetic_root, tmp_path, capsys):

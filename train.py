@@ -48,7 +48,7 @@ def parse_args(argv=None):
     p.add_argument("--log-every", type=int, default=20, help="progress line and metrics row every N steps")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="bf16" if torch.cuda.is_available() else "fp32",
+    p.add_argument("--precision", choices=["fp32", "bf16"],
                    help="bf16 autocast (default on CUDA) or plain float32 (default on CPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile the student and teacher forwards")
     p.add_argument("--resume", action="store_true", help="continue from <out>/<phase>/last.pt")
@@ -56,6 +56,7 @@ def parse_args(argv=None):
                                   "(default <out>/pretrain/best.pt)")
     args = p.parse_args(argv)
     args.iterations = args.iterations or PHASE_ITERATIONS[args.phase]
+    args.precision = args.precision or ("bf16" if torch.device(args.device).type == "cuda" else "fp32")
     half_batches = [args.labeled_batch_size] + ([args.batch_size - args.labeled_batch_size] if args.phase == "selftrain" else [])
     if args.phase != "supervised" and any(n < 2 or n % 2 for n in half_batches):
         p.error(f"--phase {args.phase} splits each half of the batch in two: got {half_batches} slices")
@@ -171,6 +172,16 @@ def format_seconds(seconds):
 
 # ----------------------------------------------------------------------------- main
 
+def runtime(args):
+    """Device, autocast context, memory format of models and batches, and the forward wrapper
+    (torch.compile or nothing), resolved once from the flags (benchmark.py measures with the same)."""
+    device = torch.device(args.device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "bf16" else nullcontext()
+    memory_format = torch.channels_last if device.type == "cuda" else torch.preserve_format
+    compiled = torch.compile if args.compile else (lambda model: model)
+    return device, autocast, memory_format, compiled
+
+
 def main(argv=None):
     args = parse_args(argv)
     run_dir = Path(args.out) / args.phase
@@ -182,9 +193,7 @@ def main(argv=None):
         log_file.write(message + "\n")
         log_file.flush()
 
-    device = torch.device(args.device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "bf16" else nullcontext()
-    memory_format = torch.channels_last if device.type == "cuda" else torch.preserve_format
+    device, autocast, memory_format, compiled = runtime(args)
     torch.manual_seed(args.seed)
 
     # data: every slice and validation volume in memory on the training device
@@ -250,7 +259,6 @@ def main(argv=None):
                         "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}}
 
     step_fn = STEPS[args.phase]
-    compiled = torch.compile if args.compile else (lambda model: model)
     student_forward = compiled(student)
     teacher_forward = compiled(teacher) if teacher is not None else None
     labeled_count = args.batch_size if args.phase == "supervised" else args.labeled_batch_size

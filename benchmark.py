@@ -3,6 +3,8 @@ Rerunnable speed benchmarks (they print numbers; nothing here is a test).
 
     python benchmark.py steps --root data/ACDC      # seconds per train.py step of each phase vs the bare compute
     python benchmark.py metrics --root data/ACDC    # our Dice+Jaccard+HD95+ASD vs medpy (pip install medpy)
+    python benchmark.py pseudo-labels --root data/ACDC --checkpoint runs/acdc_7/selftrain/best.pt
+                                                    # the teacher's pseudo-labels (largest components) alone
     python benchmark.py steps --root data/ACDC --patch-size 256 --batch-size 24 --labeled-batch-size 12 --labeled-patients 7
                                                     # the paper's shapes (on a GPU; add --compile to try it)
 
@@ -104,6 +106,28 @@ def bench_steps(args):
         print(f"{phase:12s} {seconds:16.4f} {floor:13.4f} {seconds / floor:6.2f}")
 
 
+def bench_pseudo_labels(args):
+    """Milliseconds per bcp.pseudo_label on a trained teacher's logits for real unlabeled batches."""
+    device, autocast, memory_format, _ = train.runtime(train.parse_args(["--device", args.device]))
+    checkpoint = bcp.load_checkpoint(args.checkpoint)
+    teacher = bcp.UNet(num_classes=checkpoint["flags"]["num_classes"]).to(device, memory_format=memory_format)
+    teacher.load_state_dict({key: value.float() for key, value in checkpoint["model"].items()})
+    _, unlabeled_names = bcp.training_slices(args.root, args.labeled_patients)
+    bank = bcp.SliceBank(*bcp.load_slices(args.root, unlabeled_names), device)
+    flags = train.parse_args(["--patch-size", str(args.patch_size)])
+    count = args.batch_size - args.labeled_batch_size
+    with torch.no_grad(), autocast:
+        logits = [teacher(train.draw_batch(bank, step, count, flags, stream=1)[0]) for step in range(1, args.steps + 1)]
+    bcp.pseudo_label(logits[0])  # warm-up
+    synchronize(device)
+    start = time.time()
+    for batch in logits:
+        bcp.pseudo_label(batch)
+    synchronize(device)
+    print(f"device {device}: {1000 * (time.time() - start) / len(logits):.1f} ms per pseudo-label of {count} slices "
+          f"at {args.patch_size} x {args.patch_size} ({args.checkpoint}, {args.steps} batches)")
+
+
 def bench_metrics(args):
     from medpy.metric import binary as medpy_binary  # a reference for the benchmark only
 
@@ -128,7 +152,7 @@ def bench_metrics(args):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["steps", "metrics"])
+    p.add_argument("what", choices=["steps", "pseudo-labels", "metrics"])
     p.add_argument("--root", default="data/ACDC")
     p.add_argument("--patch-size", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=12)
@@ -139,8 +163,9 @@ def main():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", choices=["fp32", "bf16"], help="as train.py (bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--compile", action="store_true", help="as train.py")
+    p.add_argument("--checkpoint", help="pseudo-labels: the teacher (a train.py checkpoint)")
     args = p.parse_args()
-    bench_steps(args) if args.what == "steps" else bench_metrics(args)
+    {"steps": bench_steps, "pseudo-labels": bench_pseudo_labels, "metrics": bench_metrics}[args.what](args)
 
 
 if __name__ == "__main__":

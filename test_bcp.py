@@ -278,13 +278,45 @@ def test_largest_component_matches_scipy_label():
         np.testing.assert_array_equal(ours, expected)
 
 
+def serpentine(size):
+    """A one-pixel-wide path snaking down a size x size slice: rows 0, 2, 4, ... joined at alternate ends."""
+    mask = torch.zeros(size, size, dtype=torch.bool)
+    mask[::2, :] = True
+    for row in range(1, size - 1, 2):
+        mask[row, size - 1 if row % 4 == 1 else 0] = True
+    return mask
+
+
 def test_largest_component_of_a_long_snake():
-    """A serpentine path through a 21 x 21 slice (one component of 231 pixels) must be found whole."""
-    mask = torch.zeros(1, 21, 21, dtype=torch.bool)
-    mask[0, ::2, :] = True
-    for row in range(1, 21, 2):
-        mask[0, row, 20 if row % 4 == 1 else 0] = True
+    """A serpentine through a 21 x 21 slice (one component of 231 pixels) must be found whole, and a
+    small blob beside nothing else is dropped."""
+    mask = serpentine(21)[None]
     assert torch.equal(bcp.largest_component(mask), mask)
+    mask[0, 1, 5] = True  # touches rows 0 and 2: still one component
+    assert torch.equal(bcp.largest_component(mask), mask)
+
+
+@pytest.mark.parametrize("turn", ["none", "flip", "transpose", "both"])
+def test_components_take_few_rounds_on_a_long_snake(turn, monkeypatch):
+    """A 256 x 256 serpentine is one path of 33,000 pixels. Spreading the smallest label from neighbour
+    to neighbour needs hundreds of rounds on it (262 for the unturned one); hooking whole trees with
+    pointer jumping needs a handful, whichever way the path runs through raster order."""
+    mask = serpentine(256)
+    mask = {"none": mask, "flip": mask.flip(1), "transpose": mask.T, "both": mask.T.flip(0)}[turn].contiguous()
+    rounds = []
+    equal = torch.equal
+    monkeypatch.setattr(torch, "equal", lambda a, b: rounds.append(1) or equal(a, b))  # one check per round
+    kept = bcp.largest_component(mask[None])[0]
+    assert len(rounds) <= 12 and equal(kept, mask)
+
+
+def test_largest_component_matches_scipy_near_the_percolation_threshold():
+    """Random pixels at density 0.45 on 96 x 96: hundreds of tangled components per slice."""
+    masks = np.random.default_rng(3).random((4, 96, 96)) < 0.45
+    kept = bcp.largest_component(torch.from_numpy(masks)).numpy()
+    for mask, ours in zip(masks, kept):
+        labels, _ = ndimage.label(mask, structure=np.ones((3, 3)))
+        np.testing.assert_array_equal(ours, labels == np.argmax(np.bincount(labels.ravel())[1:]) + 1)
 
 
 def test_pseudo_label_per_class():
@@ -571,6 +603,14 @@ def test_step_benchmark_runs_every_phase(synthetic_root, monkeypatch, capsys):
     rows = [line.split() for line in capsys.readouterr().out.splitlines()[-3:]]
     assert [row[0] for row in rows] == ["supervised", "pretrain", "selftrain"]
     assert all(float(value) > 0 for row in rows for value in row[1:])
+
+
+def test_pseudo_label_benchmark_runs(synthetic_root, tmp_path, monkeypatch, capsys):
+    train.main(["--root", str(synthetic_root), *TINY, "--out", str(tmp_path), "--phase", "pretrain", "--iterations", "1"])
+    monkeypatch.setattr("sys.argv", ["benchmark.py", "pseudo-labels", "--root", str(synthetic_root), "--patch-size", "32",
+                                     "--checkpoint", str(tmp_path / "pretrain" / "best.pt"), "--steps", "3"])
+    benchmark.main()
+    assert "ms per pseudo-label of 6 slices at 32 x 32" in capsys.readouterr().out
 
 
 def test_supervised_phase_and_evaluation_json(synthetic_root, tmp_path, capsys):

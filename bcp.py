@@ -177,9 +177,9 @@ def largest_component(mask):
     once; then every pixel follows its pointer a few times. Labels only decrease and always name a pixel
     of the same component, so when a round changes nothing each component is labelled by the index of
     its first pixel in raster order, and a tie in size goes to the component met first, as with
-    skimage.measure.label followed by argmax of the counts (the authors' code). Rounds grow with the log
-    of a component's length: a one-pixel-wide spiral over 256 x 256 takes 9 (spreading the smallest
-    label from neighbour to neighbour takes hundreds), a teacher's prediction 4 or 5. The work runs
+    skimage.measure.label followed by argmax of the counts (the authors' code). Few rounds are needed:
+    a one-pixel-wide spiral or serpentine filling 256 x 256 takes 6 or 7 (spreading the smallest label
+    from neighbour to neighbour takes over 250), a teacher's prediction on ACDC 4 or 5. The work runs
     inside the bounding box of all foreground pixels, which is what makes it cheap on a heart.
     On a GPU the host waits once for the box and once per round: the only waits in a training step."""
     rows, cols = mask.any(0).any(1), mask.any(0).any(0)  # (H,), (W,): which rows / columns hold foreground

@@ -9,6 +9,7 @@ import math
 import shutil
 import struct
 import zlib
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -673,6 +674,18 @@ def test_bf16_autocast_path_trains(synthetic_root, tmp_path):
     checkpoint = bcp.load_checkpoint(tmp_path / "pretrain" / "last.pt")
     assert checkpoint["flags"]["precision"] == "bf16"
     assert all(torch.isfinite(v).all() for v in checkpoint["model"].values() if v.is_floating_point())
+
+
+def test_committed_checkpoints_load_on_the_cpu():
+    """The fp16 weights under checkpoints/ (README's results) load into the U-Net their flags describe."""
+    paths = sorted(Path(__file__).parent.glob("checkpoints/*/*/best_fp16.pt"))
+    assert len(paths) >= 3
+    for path in paths:
+        checkpoint = bcp.load_checkpoint(path)
+        assert (path.parent / "flags.json").exists() and (path.parent / "metrics.jsonl").exists()
+        model = bcp.UNet(num_classes=checkpoint["flags"]["num_classes"]).eval()
+        model.load_state_dict({key: value.float() for key, value in checkpoint["model"].items()})
+        assert torch.isfinite(model(torch.rand(1, 1, 64, 64))).all(), path
 
 
 def test_score_volume_by_hand_and_missing_ground_truth():

@@ -108,13 +108,16 @@ def bench_steps(args):
 
 def bench_pseudo_labels(args):
     """Milliseconds per bcp.pseudo_label on a trained teacher's logits for real unlabeled batches."""
-    device, autocast, memory_format, _ = train.runtime(train.parse_args(["--device", args.device]))
+    if not args.checkpoint:
+        raise SystemExit("benchmark.py pseudo-labels: --checkpoint is required (the teacher)")
+    flags = train.parse_args(["--device", args.device, "--patch-size", str(args.patch_size),
+                              *(["--precision", args.precision] if args.precision else [])])
+    device, autocast, memory_format, _ = train.runtime(flags)
     checkpoint = bcp.load_checkpoint(args.checkpoint)
     teacher = bcp.UNet(num_classes=checkpoint["flags"]["num_classes"]).to(device, memory_format=memory_format)
     teacher.load_state_dict({key: value.float() for key, value in checkpoint["model"].items()})
     _, unlabeled_names = bcp.training_slices(args.root, args.labeled_patients)
     bank = bcp.SliceBank(*bcp.load_slices(args.root, unlabeled_names), device)
-    flags = train.parse_args(["--patch-size", str(args.patch_size)])
     count = args.batch_size - args.labeled_batch_size
     with torch.no_grad(), autocast:
         logits = [teacher(train.draw_batch(bank, step, count, flags, stream=1)[0]) for step in range(1, args.steps + 1)]

@@ -187,7 +187,7 @@ def largest_component(mask):
                                             cols.int().argmax(), len(cols) - cols.flip(0).int().argmax()]).tolist()
     box = (slice(None), slice(top, bottom), slice(left, right))  # the whole slice when there is no foreground
     n, h, w = mask[box].shape
-    inside = mask[box].reshape(n, h * w)
+    inside = mask[box].reshape(n, h * w)  # (n, h*w) foreground inside the box
     outside = h * w  # the label of background pixels, and the index of one extra entry they point at
     labels = F.pad(torch.where(inside, torch.arange(h * w, device=mask.device), outside), (0, 1), value=outside)
     while True:
@@ -478,6 +478,14 @@ def load_checkpoint(path):
         raise DataError(f"{path}: no such checkpoint") from None
     except Exception as error:
         raise DataError(f"{path}: not a readable checkpoint ({type(error).__name__}: {error})") from None
+
+
+def load_unet(path, device="cpu"):
+    """(U-Net with the weights of a train.py checkpoint or its fp16 export, on `device`; the checkpoint)."""
+    checkpoint = load_checkpoint(path)
+    model = UNet(num_classes=checkpoint["flags"]["num_classes"]).to(device)
+    model.load_state_dict(checkpoint["model"])  # copies fp16 weights into the float32 parameters
+    return model, checkpoint
 
 
 @torch.no_grad()

@@ -32,8 +32,8 @@ def floor_seconds(args, steps):
     """Seconds per step of the bare compute of a phase on random tensors, with train.py's settings
     (device, precision, memory format, compile) for the same flags."""
     device, autocast, memory_format, compiled = train.runtime(args)
-    models = [bcp.UNet(num_classes=args.num_classes).to(device, memory_format=memory_format) for _ in range(2)]
-    student, teacher = models[0], models[1].requires_grad_(False)
+    student = bcp.UNet(num_classes=args.num_classes).to(device, memory_format=memory_format)
+    teacher = bcp.UNet(num_classes=args.num_classes).to(device, memory_format=memory_format).requires_grad_(False)
     student_forward, teacher_forward = compiled(student), compiled(teacher)
     optimizer = torch.optim.SGD(student.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     p, labeled = args.patch_size, args.labeled_batch_size
@@ -113,9 +113,8 @@ def bench_pseudo_labels(args):
     flags = train.parse_args(["--device", args.device, "--patch-size", str(args.patch_size),
                               *(["--precision", args.precision] if args.precision else [])])
     device, autocast, memory_format, _ = train.runtime(flags)
-    checkpoint = bcp.load_checkpoint(args.checkpoint)
-    teacher = bcp.UNet(num_classes=checkpoint["flags"]["num_classes"]).to(device, memory_format=memory_format)
-    teacher.load_state_dict({key: value.float() for key, value in checkpoint["model"].items()})
+    teacher, _ = bcp.load_unet(args.checkpoint, device)  # in train mode, as train.py's teacher
+    teacher.to(memory_format=memory_format)
     _, unlabeled_names = bcp.training_slices(args.root, args.labeled_patients)
     bank = bcp.SliceBank(*bcp.load_slices(args.root, unlabeled_names), device)
     count = args.batch_size - args.labeled_batch_size

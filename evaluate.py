@@ -133,15 +133,13 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
 
-    checkpoint = bcp.load_checkpoint(args.checkpoint)
+    model, checkpoint = bcp.load_unet(args.checkpoint, args.device)
+    model.eval()
     flags = checkpoint["flags"]
     if args.export:  # float16 halves the size; evaluation casts back to float32 on load
         torch.save({"model": {k: v.half() if v.is_floating_point() else v for k, v in checkpoint["model"].items()},
                     "flags": flags, "iteration": checkpoint["iteration"], "best_dice": checkpoint["best_dice"]}, args.export)
     num_classes, patch_size = flags["num_classes"], flags["patch_size"]
-    model = bcp.UNet(num_classes=num_classes).to(args.device)
-    model.load_state_dict(checkpoint["model"])
-    model.eval()
     class_names = ACDC_CLASSES if num_classes == 4 else tuple(f"class {c}" for c in range(1, num_classes))
     if args.save_png:
         Path(args.save_png).mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,8 @@ Read top to bottom, this file follows the method:
   1. the U-Net (as in SSL4MIS, which the authors build on)
   2. the EMA teacher
   3. the copy-paste mask M and the bidirectional mixing (Eq. 1-4)
-  4. the mixed Dice + CE loss with the weight alpha on pseudo-labeled pixels (Eq. 5-6)
+  4. the mixed Dice + CE loss: one term per region of M, weighted alpha where the target is a
+     pseudo-label and 1 where it is ground truth (Eq. 5-6)
   5. pseudo-labels: the teacher's argmax, largest connected component per class
   6. metrics: Dice, Jaccard, HD95, ASD on an exact Euclidean distance transform
   7. the ACDC data in the SSL4MIS layout, the authors' augmentation, slice-wise volume inference
@@ -19,6 +20,7 @@ Read top to bottom, this file follows the method:
 train.py runs it (python train.py --phase pretrain; python train.py --phase selftrain),
 evaluate.py scores it, test_bcp.py checks every piece on small hand-built examples.
 """
+import os
 import struct
 import zlib
 from pathlib import Path
@@ -94,29 +96,32 @@ def ema_update(teacher, student, decay):
 
 
 # -----------------------------------------------------------------------------
-# 3. Copy-paste: a mask M with one zero rectangle, and the bidirectional mixing (Eq. 1-4)
+# 3. Copy-paste: a mask M with one zero rectangle, and the bidirectional mixing (Eq. 1-4).
+#    M = 1 keeps the base image, M = 0 is where the crop of the other image is pasted.
 
 def paste_mask(height, width, beta=2 / 3, centered=False, generator=None, device="cpu"):
     """M (H, W) float: ones, with a zero rectangle of int(beta*H) x int(beta*W) where the crop is pasted.
-    The rectangle sits at a uniformly random position, or in the middle with centered=True."""
-    patch_h, patch_w = int(height * beta), int(width * beta)
+    One mask serves the whole batch of a step. The rectangle's top-left corner is drawn as the authors
+    draw it, np.random.randint(0, H - h): rows 0 .. H - h - 1 (the last position is never drawn), the
+    same for columns; or the rectangle sits in the middle with centered=True."""
+    crop_h, crop_w = int(height * beta), int(width * beta)
     if centered:
-        top, left = (height - patch_h) // 2, (width - patch_w) // 2
+        top, left = (height - crop_h) // 2, (width - crop_w) // 2
     else:
-        top = int(torch.randint(height - patch_h + 1, (), generator=generator))
-        left = int(torch.randint(width - patch_w + 1, (), generator=generator))
+        top = int(torch.randint(max(height - crop_h, 1), (), generator=generator))
+        left = int(torch.randint(max(width - crop_w, 1), (), generator=generator))
     mask = torch.ones(height, width, device=device)
-    mask[top:top + patch_h, left:left + patch_w] = 0
+    mask[top:top + crop_h, left:left + crop_w] = 0
     return mask
 
 
-def copy_paste(base, patch, mask):
-    """base * M + patch * (1 - M): the patch image's crop (where M = 0) pasted into the base image.
+def copy_paste(base, pasted, mask):
+    """base * M + pasted * (1 - M): the crop of `pasted` where M = 0, pasted into `base`.
     Works alike for images (B, 1, H, W), label maps (B, H, W) and probability maps; mask is (H, W).
-      inward  (Eq. 1, 3): X_in  = copy_paste(unlabeled_a, labeled_a, M)
-      outward (Eq. 2, 4): X_out = copy_paste(labeled_b, unlabeled_b, M)"""
+      inward  (Eq. 1, 3): X_in  = copy_paste(unlabeled_a, labeled_a, M)   a labeled crop in an unlabeled image
+      outward (Eq. 2, 4): X_out = copy_paste(labeled_b, unlabeled_b, M)   an unlabeled crop in a labeled image"""
     mask = mask.to(base.dtype)
-    return base * mask + patch * (1 - mask)
+    return base * mask + pasted * (1 - mask)
 
 
 # -----------------------------------------------------------------------------
@@ -125,10 +130,14 @@ def copy_paste(base, patch, mask):
 DICE_SMOOTH = 1e-10  # the authors' smoothing term; keeps 0/0 at 1 for a class absent from a region
 
 
-def region_dice_loss(probs, one_hot, region):
+def region_dice_loss(probs, one_hot, region, legacy_background=False):
     """1 - soft Dice inside a region, over all classes (background included), averaged over classes.
-    probs, one_hot: (B, C, H, W); region: (B, H, W) of 0/1. Sums run over the whole batch."""
-    region = region.unsqueeze(1)
+    probs, one_hot: (B, C, H, W); region: (B, H, W) of 0/1. Sums run over the whole batch.
+    legacy_background: the background class over the whole image instead of the region, as the
+    authors' Dice loss did before their fix of 2023-10-29 (their issue #25), when the paper's table was made."""
+    region = region.unsqueeze(1).expand_as(probs)
+    if legacy_background:
+        region = torch.cat([torch.ones_like(region[:, :1]), region[:, 1:]], dim=1)
     intersection = (probs * one_hot * region).sum((0, 2, 3))
     denominator = (probs * probs * region).sum((0, 2, 3)) + (one_hot * region).sum((0, 2, 3))
     return (1 - (2 * intersection + DICE_SMOOTH) / (denominator + DICE_SMOOTH)).mean()
@@ -139,18 +148,20 @@ def region_ce_loss(logits, target, region):
     return (F.cross_entropy(logits, target, reduction="none") * region).sum() / region.sum().clamp_min(1e-16)
 
 
-def mixed_loss(logits, target, mask, weight_base, weight_patch):
-    """Loss of one copy-pasted image (Eq. 6): (Dice + CE) / 2 with each term summed over the base
-    region (M = 1) and the pasted region (M = 0), weighted 1 where the target is ground truth and
-    alpha (--u-weight) where it is a pseudo-label.
+def mixed_loss(logits, target, mask, weight_base, weight_pasted, legacy_dice_mask=False):
+    """Loss of one copy-pasted image (Eq. 6): (Dice + CE) / 2, each the sum of a term for the base
+    region (M = 1) and a term for the pasted region (M = 0). A region's terms are weighted alpha
+    (--u-weight) when its target is a pseudo-label and 1 when it is ground truth: a weight on the
+    region's term, not on each pixel (CE is a mean over the region's pixels, Dice is per region).
     logits (B, C, H, W); target (B, H, W) long, mixed with copy_paste like the input; mask (H, W)."""
     logits = logits.float()
     probs = logits.softmax(1)
     one_hot = F.one_hot(target, logits.shape[1]).permute(0, 3, 1, 2).float()
     loss = logits.new_zeros((), dtype=torch.float32)
-    for region, weight in ((mask, weight_base), (1 - mask, weight_patch)):
+    for region, weight in ((mask, weight_base), (1 - mask, weight_pasted)):
         region = region.expand_as(target)
-        loss = loss + weight * (region_dice_loss(probs, one_hot, region) + region_ce_loss(logits, target, region))
+        loss = loss + weight * (region_dice_loss(probs, one_hot, region, legacy_dice_mask)
+                                + region_ce_loss(logits, target, region))
     return loss / 2
 
 
@@ -168,9 +179,12 @@ POINTER_JUMPS = 3  # per round of largest_component; fewest rounds and least tim
 
 
 def largest_component(mask):
-    """Keep the largest 8-connected component of each (H, W) slice of a boolean (N, H, W) tensor.
+    """Keep the largest 8-connected component of each (H, W) slice of a boolean (N, H, W) tensor:
+    the same as skimage.measure.label (or scipy.ndimage.label with a 3x3 structure) followed by the
+    component with the largest count, ties to the first in raster order, as the authors' code does
+    (test_largest_component_matches_scipy_label and the tests after it pin this). Empty slices stay empty.
 
-    Connected components by hooking and pointer jumping (as in Shiloach-Vishkin): every foreground
+    How: connected components by hooking and pointer jumping (as in Shiloach-Vishkin): every foreground
     pixel starts labelled by its own flat index, and a label is also a pointer to the pixel it names.
     Each round, every pixel sees the smallest label in its 3x3 neighbourhood; the pixel its label points
     at (its root) takes the smallest label any pixel pointing at it saw, so a whole tree is hooked at
@@ -208,7 +222,8 @@ def largest_component(mask):
 
 def pseudo_label(logits):
     """(B, C, H, W) teacher logits -> (B, H, W) long labels: argmax, then per slice and per foreground
-    class only the largest connected component (other pixels become background)."""
+    class only the largest connected component (other pixels become background). The teacher that
+    gives the logits runs in train mode (dropout on, batch statistics), as in the authors' code."""
     prediction = logits.argmax(1)
     num_classes = logits.shape[1]
     b, h, w = prediction.shape
@@ -312,6 +327,16 @@ def binary_metrics(pred, gt, spacing=None):
             "asd": float(pred_to_gt.mean())}
 
 
+def dice_per_class(prediction, label, num_classes):
+    """Dice of each foreground class 1..C-1 between two label volumes (torch, on their device) ->
+    (C-1,) tensor. A class absent from the prediction scores 0 (the authors' convention)."""
+    classes = torch.arange(1, num_classes, device=prediction.device).view(-1, *[1] * prediction.ndim)
+    predicted, truth = prediction.unsqueeze(0) == classes, label.unsqueeze(0) == classes
+    overlap = (predicted & truth).flatten(1).sum(1)
+    predicted_size, truth_size = predicted.flatten(1).sum(1), truth.flatten(1).sum(1)
+    return torch.where(predicted_size > 0, 2 * overlap / (predicted_size + truth_size).clamp_min(1), 0.0)
+
+
 # -----------------------------------------------------------------------------
 # 7. ACDC in the SSL4MIS layout, held in memory on the training device
 
@@ -329,17 +354,33 @@ def read_list(root, name):
     return names
 
 
-def read_h5(path, ndim, num_classes=4):
-    """-> (image float32, label uint8) from an SSL4MIS h5 file, checked."""
+def read_h5(path, ndim, num_classes):
+    """-> (image float32, label uint8) from an SSL4MIS h5 file, checked: both numeric arrays of one
+    non-empty ndim-D shape, the image finite, the labels whole numbers in 0..num_classes-1."""
+    arrays = {}
     try:
         with h5py.File(path, "r") as f:
-            image, label = f["image"][()], f["label"][()]
-    except (OSError, KeyError) as error:
+            for key in ("image", "label"):
+                if not isinstance(f.get(key), h5py.Dataset):
+                    raise DataError(f"{path}: no '{key}' array (keys: {sorted(f)})")
+                arrays[key] = np.asarray(f[key][()])
+    except OSError as error:
         raise DataError(f"{path}: cannot read 'image' and 'label' ({error})") from None
+    image, label = arrays["image"], arrays["label"]
+    for key, array in arrays.items():
+        if array.dtype.kind not in "biuf":
+            raise DataError(f"{path}: '{key}' must hold numbers, got dtype {array.dtype}")
     if image.ndim != ndim or image.shape != label.shape:
         raise DataError(f"{path}: expected {ndim}D image and label of one shape, got {image.shape} and {label.shape}")
-    if label.size and (label.min() < 0 or label.max() >= num_classes):
-        raise DataError(f"{path}: label values must lie in 0..{num_classes - 1}, got {label.min()}..{label.max()}")
+    if image.size == 0:
+        raise DataError(f"{path}: empty image of shape {image.shape}")
+    if not np.isfinite(image).all():
+        raise DataError(f"{path}: the image holds {np.size(image) - np.isfinite(image).sum()} NaN or infinite values")
+    if not np.array_equal(label, np.round(label)):
+        raise DataError(f"{path}: labels must be whole numbers, got values like {label[label != np.round(label)].flat[0]}")
+    if label.min() < 0 or label.max() >= num_classes:
+        raise DataError(f"{path}: label values must lie in 0..{num_classes - 1} (--num-classes {num_classes}), "
+                        f"got {label.min():g}..{label.max():g}")
     return image.astype(np.float32), label.astype(np.uint8)
 
 
@@ -437,16 +478,16 @@ class SliceBank:
         return images, labels
 
 
-def load_slices(root, names):
+def load_slices(root, names, num_classes):
     root = Path(root)
-    pairs = [read_h5(root / "data" / "slices" / f"{name}.h5", ndim=2) for name in names]
+    pairs = [read_h5(root / "data" / "slices" / f"{name}.h5", 2, num_classes) for name in names]
     return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
-def load_volumes(root, split):
+def load_volumes(root, split, num_classes):
     """[(name, image (S, H, W) float32, label (S, H, W) uint8)] for the volumes of <split>.list."""
     root = Path(root)
-    return [(name, *read_h5(root / "data" / f"{name}.h5", ndim=3)) for name in read_list(root, f"{split}.list")]
+    return [(name, *read_h5(root / "data" / f"{name}.h5", 3, num_classes)) for name in read_list(root, f"{split}.list")]
 
 
 def training_slices(root, labeled_patients):
@@ -457,34 +498,43 @@ def training_slices(root, labeled_patients):
         raise DataError(f"{Path(root) / 'train.list'}: asked for {labeled_patients} labeled patients, it holds {len(patients)}")
     chosen = set(patients[:labeled_patients])
     slices = read_list(root, "train_slices.list")
-    return [s for s in slices if patient_of(s) in chosen], [s for s in slices if patient_of(s) not in chosen]
+    labeled = [s for s in slices if patient_of(s) in chosen]
+    if not labeled:
+        raise DataError(f"{Path(root) / 'train_slices.list'}: no slices of the labeled patients {sorted(chosen)}")
+    return labeled, [s for s in slices if patient_of(s) not in chosen]
 
 
-def dice_per_class(prediction, label, num_classes):
-    """Dice of each foreground class 1..C-1 between two label volumes (torch, on their device) ->
-    (C-1,) tensor. A class absent from the prediction scores 0 (the authors' convention)."""
-    classes = torch.arange(1, num_classes, device=prediction.device).view(-1, *[1] * prediction.ndim)
-    predicted, truth = prediction.unsqueeze(0) == classes, label.unsqueeze(0) == classes
-    overlap = (predicted & truth).flatten(1).sum(1)
-    predicted_size, truth_size = predicted.flatten(1).sum(1), truth.flatten(1).sum(1)
-    return torch.where(predicted_size > 0, 2 * overlap / (predicted_size + truth_size).clamp_min(1), 0.0)
-
-
-def load_checkpoint(path):
-    """A checkpoint dict written by train.py, loaded on the CPU with weights_only."""
+def load_checkpoint(path, required=("model", "flags")):
+    """A checkpoint dict written by train.py, loaded on the CPU with weights_only; it must hold the
+    `required` keys."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise DataError(f"{path}: no such checkpoint") from None
     except Exception as error:
         raise DataError(f"{path}: not a readable checkpoint ({type(error).__name__}: {error})") from None
+    missing = [key for key in required if not isinstance(checkpoint, dict) or key not in checkpoint]
+    if missing:
+        raise DataError(f"{path}: not a train.py checkpoint (no {', '.join(repr(k) for k in missing)})")
+    return checkpoint
+
+
+def load_weights(model, weights, path):
+    """model.load_state_dict(weights), with one clear line naming the file when they do not fit."""
+    try:
+        model.load_state_dict(weights)  # copies fp16 weights into the float32 parameters
+    except (RuntimeError, TypeError, AttributeError) as error:
+        raise DataError(f"{path}: the weights do not fit this U-Net ({' '.join(str(error).split())[:300]})") from None
 
 
 def load_unet(path, device="cpu"):
     """(U-Net with the weights of a train.py checkpoint or its fp16 export, on `device`; the checkpoint)."""
     checkpoint = load_checkpoint(path)
-    model = UNet(num_classes=checkpoint["flags"]["num_classes"]).to(device)
-    model.load_state_dict(checkpoint["model"])  # copies fp16 weights into the float32 parameters
+    num_classes = checkpoint["flags"].get("num_classes") if isinstance(checkpoint["flags"], dict) else None
+    if not isinstance(num_classes, int):
+        raise DataError(f"{path}: its flags do not say num_classes")
+    model = UNet(num_classes=num_classes).to(device)
+    load_weights(model, checkpoint["model"], path)
     return model, checkpoint
 
 
@@ -503,6 +553,23 @@ def predict_volume(model, image, patch_size):
 CLASS_COLORS = np.array([[0, 0, 0], [230, 60, 60], [60, 200, 90], [70, 130, 240]], dtype=np.uint8)  # bg, RV, Myo, LV
 
 
+def write_atomic(path, data):
+    """Write bytes (or a callable that writes to a binary file) to `path` through a temporary file in
+    the same folder, flushed to disk, then renamed over `path`: readers see the old or the new file,
+    never a half-written one. The temporary file is removed if anything fails."""
+    path = Path(path)
+    temporary = path.with_name(path.name + ".tmp")
+    try:
+        with open(temporary, "wb") as f:
+            data(f) if callable(data) else f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
 def write_png(path, rgb):
     """Write an (H, W, 3) uint8 array as an 8-bit RGB PNG."""
     rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
@@ -512,7 +579,7 @@ def write_png(path, rgb):
         return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
 
     rows = np.concatenate([np.zeros((height, 1), np.uint8), rgb.reshape(height, -1)], axis=1)  # filter byte 0
-    Path(path).write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+    write_atomic(path, b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
                            + chunk(b"IDAT", zlib.compress(rows.tobytes(), 6)) + chunk(b"IEND", b""))
 
 

@@ -93,7 +93,7 @@ def bench_steps(args):
                      "--patch-size", str(args.patch_size), "--batch-size", str(args.batch_size),
                      "--labeled-batch-size", str(args.labeled_batch_size), "--labeled-patients", str(args.labeled_patients),
                      "--log-every", str(max(1, args.steps // 8)), "--val-every", str(10 * args.steps),
-                     "--device", args.device, *(["--precision", args.precision] if args.precision else []),
+                     "--device", args.device, "--precision", args.precision,
                      *(["--compile"] if args.compile else [])]
             train_args = train.parse_args(flags)
             if not results:
@@ -110,16 +110,15 @@ def bench_pseudo_labels(args):
     """Milliseconds per bcp.pseudo_label on a trained teacher's logits for real unlabeled batches."""
     if not args.checkpoint:
         raise SystemExit("benchmark.py pseudo-labels: --checkpoint is required (the teacher)")
-    flags = train.parse_args(["--device", args.device, "--patch-size", str(args.patch_size),
-                              *(["--precision", args.precision] if args.precision else [])])
+    flags = train.parse_args(["--device", args.device, "--patch-size", str(args.patch_size), "--precision", args.precision])
     device, autocast, memory_format, _ = train.runtime(flags)
     teacher, _ = bcp.load_unet(args.checkpoint, device)  # in train mode, as train.py's teacher
     teacher.to(memory_format=memory_format)
     _, unlabeled_names = bcp.training_slices(args.root, args.labeled_patients)
-    bank = bcp.SliceBank(*bcp.load_slices(args.root, unlabeled_names), device)
+    bank = bcp.SliceBank(*bcp.load_slices(args.root, unlabeled_names, args.num_classes), device)
     count = args.batch_size - args.labeled_batch_size
     with torch.no_grad(), autocast:
-        logits = [teacher(train.draw_batch(bank, step, count, flags, stream=1)[0]) for step in range(1, args.steps + 1)]
+        logits = [teacher(train.draw_batch(bank, step, count, flags, train.UNLABELED)[0]) for step in range(1, args.steps + 1)]
     bcp.pseudo_label(logits[0])  # warm-up
     synchronize(device)
     start = time.time()
@@ -134,7 +133,7 @@ def bench_metrics(args):
     from medpy.metric import binary as medpy_binary  # a reference for the benchmark only
 
     ours_total, medpy_total, worst = 0.0, 0.0, 0.0
-    volumes = bcp.load_volumes(args.root, "val")
+    volumes = bcp.load_volumes(args.root, "val", args.num_classes)
     for name, _, label in volumes:
         prediction = np.roll(label, 2, axis=1)  # a plausible prediction: the truth shifted by 2 rows
         for c in (1, 2, 3):
@@ -163,7 +162,7 @@ def main():
     p.add_argument("--num-classes", type=int, default=4)
     p.add_argument("--steps", type=int, default=40, help="steps per phase (at least 16)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--precision", choices=["fp32", "bf16"], help="as train.py (bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="as train.py")
     p.add_argument("--compile", action="store_true", help="as train.py")
     p.add_argument("--checkpoint", help="pseudo-labels: the teacher (a train.py checkpoint)")
     args = p.parse_args()

@@ -7,11 +7,14 @@ Score a checkpoint on a split of ACDC with the paper's protocol, beside the pape
 Protocol (as the authors compute the table): every slice resized to the training patch size
 (nearest), argmax, resized back (nearest); per class on the 3D volume, in voxels: Dice and Jaccard
 (percent), HD95 and ASD. A class missing from the prediction scores 0 on all four (counted and
-reported). Mean over volumes, then over the classes.
+reported). That convention gives a missed class an HD95 and ASD of 0, the best possible: it
+flatters those two numbers, so read them with the count of empty predictions. Mean over volumes,
+then over the classes.
 """
 import argparse
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +28,7 @@ ACDC_CLASSES = ("RV", "Myo", "LV")
 PAPER_ROWS = {
     3: [("U-Net (5%)", 47.83, 37.01, 31.16, 12.62), ("BCP paper (5%)", 87.59, 78.67, 1.90, 0.67)],
     7: [("U-Net (10%)", 79.41, 68.11, 9.35, 2.70), ("BCP paper (10%)", 88.84, 80.62, 3.98, 1.17),
-        ("BCP seed report (10%, beta 0.5, centred)", 88.29, 79.41, 2.47, 0.79)],
+        ("MT-BCP student report (10%, beta 0.5, centred)", 88.29, 79.41, 2.47, 0.79)],
     70: [("U-Net (100%)", 91.44, 84.59, 4.30, 0.99)],
 }
 
@@ -44,6 +47,12 @@ def score_volume(prediction, label, num_classes):
         scores.append({"dice": 100 * metrics["dice"], "jaccard": 100 * metrics["jaccard"],
                        "hd95": metrics["hd95"], "asd": metrics["asd"], "empty": False})
     return scores
+
+
+def check_writable(folder):
+    """Make `folder` if needed and check that a file can be created in it; OSError names it if not."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tempfile.TemporaryFile(dir=folder).close()
 
 
 def save_montage(path, image, label, prediction, size=160):
@@ -92,14 +101,15 @@ def write_svg(path, grid, curves, title, width=640, height=360, margin=50):
         points = " ".join(f"{x(g):.1f},{y(d):.1f}" for g, d in zip(grid, density))
         parts.append(f'<polyline points="{points}" fill="none" stroke="{colour}" stroke-width="2"/>')
         parts.append(f'<text x="{width - margin - 150}" y="{margin + 18 * i}" fill="{colour}">{name}</text>')
-    Path(path).write_text("\n".join(parts + ["</svg>"]) + "\n")
+    bcp.write_atomic(path, ("\n".join(parts + ["</svg>"]) + "\n").encode())
 
 
 def feature_distributions(model, root, labeled_patients, patch_size, device, out_dir):
-    """The seed report's figure 4.9: are labeled and unlabeled slices embedded alike? Features of all
-    training slices, projected on their first principal component, one Gaussian KDE per set."""
+    """Figure 4.9 of the MT-BCP student report (Huynh T. P. and Le Q. T., Mean Teacher + BCP on ACDC
+    10 %): are labeled and unlabeled slices embedded alike? Features of all training slices, projected
+    on their first principal component, one Gaussian KDE per set."""
     labeled_names, unlabeled_names = bcp.training_slices(root, labeled_patients)
-    features = {name: embed_slices(model, bcp.SliceBank(*bcp.load_slices(root, names), device), patch_size)
+    features = {name: embed_slices(model, bcp.SliceBank(*bcp.load_slices(root, names, model.head.out_channels), device), patch_size)
                 for name, names in (("labeled", labeled_names), ("unlabeled", unlabeled_names)) if names}
     everything = np.concatenate(list(features.values()))
     center = everything.mean(0)
@@ -113,7 +123,7 @@ def feature_distributions(model, root, labeled_patients, patch_size, device, out
     names = list(densities)
     rows = [",".join(["x", *names])] + [",".join(f"{v:.6g}" for v in (g, *(densities[n][i] for n in names)))
                                          for i, g in enumerate(grid)]
-    (out_dir / "kde.csv").write_text("\n".join(rows) + "\n")
+    bcp.write_atomic(out_dir / "kde.csv", ("\n".join(rows) + "\n").encode())
     colours = {"labeled": "#d62728", "unlabeled": "#1f77b4"}
     overlap = np.minimum(*densities.values()).sum() * (grid[1] - grid[0]) if len(densities) == 2 else float("nan")
     write_svg(out_dir / "kde.svg", grid, {f"{n} ({len(projected[n])} slices)": (densities[n], colours[n]) for n in names},
@@ -132,21 +142,30 @@ def main(argv=None):
     p.add_argument("--export", metavar="FILE", help="also write the weights as a small fp16 checkpoint (model + flags)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        p.error(f"--device {args.device}: not a device torch knows (cpu, cuda, cuda:1, ...)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: CUDA is not available on this machine")
+    for folder in [Path(f).parent for f in (args.json, args.export) if f] + [Path(d) for d in (args.save_png, args.kde) if d]:
+        check_writable(folder)  # before the evaluation, not after it
 
-    model, checkpoint = bcp.load_unet(args.checkpoint, args.device)
+    model, checkpoint = bcp.load_unet(args.checkpoint, device)
     model.eval()
     flags = checkpoint["flags"]
+    if not isinstance(flags.get("patch_size"), int):
+        raise bcp.DataError(f"{args.checkpoint}: its flags do not say patch_size")
     if args.export:  # float16 halves the size; evaluation casts back to float32 on load
-        torch.save({"model": {k: v.half() if v.is_floating_point() else v for k, v in checkpoint["model"].items()},
-                    "flags": flags, "iteration": checkpoint["iteration"], "best_dice": checkpoint["best_dice"]}, args.export)
+        bcp.write_atomic(args.export, lambda f: torch.save(
+            {"model": {k: v.half() if v.is_floating_point() else v for k, v in checkpoint["model"].items()},
+             "flags": flags, "iteration": checkpoint.get("iteration"), "best_dice": checkpoint.get("best_dice")}, f))
     num_classes, patch_size = flags["num_classes"], flags["patch_size"]
     class_names = ACDC_CLASSES if num_classes == 4 else tuple(f"class {c}" for c in range(1, num_classes))
-    if args.save_png:
-        Path(args.save_png).mkdir(parents=True, exist_ok=True)
 
     per_volume = []
-    for name, image, label in bcp.load_volumes(args.root, args.split):
-        prediction = bcp.predict_volume(model, torch.from_numpy(image).to(args.device), patch_size).cpu().numpy()
+    for name, image, label in bcp.load_volumes(args.root, args.split, num_classes):
+        prediction = bcp.predict_volume(model, torch.from_numpy(image).to(device), patch_size).cpu().numpy()
         try:
             per_volume.append(score_volume(prediction, label, num_classes))
         except ValueError as error:  # a class missing from the ground truth: HD95 and ASD are undefined
@@ -159,7 +178,7 @@ def main(argv=None):
     mean = {m: float(np.mean([per_class[n][m] for n in class_names])) for m in METRICS}
     empty = sum(s["empty"] for v in per_volume for s in v)
 
-    print(f"{args.checkpoint} ({flags['phase']}, {flags['labeled_patients']} labeled patients) "
+    print(f"{args.checkpoint} ({flags.get('phase')}, {flags.get('labeled_patients')} labeled patients) "
           f"on {args.root} {args.split}: {len(per_volume)} volumes")
     print(f"{'':42s} {'Dice %':>8s} {'Jaccard %':>10s} {'HD95':>8s} {'ASD':>8s}")
     for row_name, scores in [*per_class.items(), ("mean (ours)", mean)]:
@@ -169,20 +188,20 @@ def main(argv=None):
     else:
         if args.split != "test":
             print(f"the paper's rows below were measured on the test split, these on {args.split}")
-        for row_name, *row in PAPER_ROWS.get(flags["labeled_patients"], []):
+        for row_name, *row in PAPER_ROWS.get(flags.get("labeled_patients"), []):
             print(f"{row_name:42s} {row[0]:8.2f} {row[1]:10.2f} {row[2]:8.2f} {row[3]:8.2f}")
     print(f"class-volumes with an empty prediction (scored 0): {empty} of {len(per_volume) * (num_classes - 1)}")
 
     if args.kde:
-        feature_distributions(model, args.root, flags["labeled_patients"], patch_size, args.device, args.kde)
+        feature_distributions(model, args.root, flags["labeled_patients"], patch_size, device, args.kde)
     if args.json:
-        Path(args.json).write_text(json.dumps(
+        bcp.write_atomic(args.json, json.dumps(
             {"mean": mean, "per_class": per_class, "volumes": len(per_volume), "empty_predictions": empty,
-             "checkpoint": str(args.checkpoint), "split": args.split}, indent=2) + "\n")
+             "checkpoint": str(args.checkpoint), "split": args.split}, indent=2).encode() + b"\n")
 
 
 if __name__ == "__main__":
     try:
         main()
-    except bcp.DataError as error:
+    except (bcp.DataError, OSError) as error:  # OSError: an output that cannot be written
         sys.exit(f"error: {error}")

@@ -10,11 +10,15 @@ Layout written (and checked):
     ROOT/train_slices.list                 slice names of the training volumes
     ROOT/data/<volume>.h5                  'image' float32 (S, H, W) in [0, 1], 'label' uint8 (S, H, W)
     ROOT/data/slices/<volume>_slice_<i>.h5 'image' float32 (H, W), 'label' uint8 (H, W), i from 1
-Everything is written into a temporary folder that is renamed to --out only when complete.
+Everything is written into a temporary folder beside --out that is renamed to --out only when
+complete. --force replaces only a folder this script wrote (its lists and data/), never one that
+holds the current directory; the old folder is renamed aside first and deleted last, so a kill at any
+moment leaves the old data set or the new one, whole.
 """
 import argparse
 import gzip
 import math
+import os
 import shutil
 import struct
 import sys
@@ -47,15 +51,52 @@ def write_h5(path, image, label):
         f.create_dataset("label", data=label.astype(np.uint8), compression="gzip")
 
 
+LISTS = ("train", "val", "test", "train_slices")
+
+
+def is_dataset(folder):
+    """A folder this script wrote: the SYNTHETIC marker, or the lists and data/."""
+    return (folder / "SYNTHETIC").is_file() or (
+        (folder / "data").is_dir() and all((folder / f"{name}.list").is_file() for name in LISTS))
+
+
+def check_replaceable(out, force):
+    """Refuse to write over anything but a data set, and over a folder that holds the current directory."""
+    if not out.exists():
+        return
+    if not force:
+        raise bcp.DataError(f"{out}: already exists (pass --force to replace it)")
+    if not out.is_dir() or not is_dataset(out):
+        raise bcp.DataError(f"{out}: not a data set written by prepare_acdc.py (no SYNTHETIC marker, lists or data/); "
+                            f"refusing to replace it, even with --force")
+    if out == Path.cwd().resolve() or out in Path.cwd().resolve().parents:
+        raise bcp.DataError(f"{out}: holds the current directory; refusing to replace it")
+
+
+def clean_leftovers(out):
+    """Staging folders of a killed run are deleted; an old data set renamed aside is put back if the
+    new one never arrived, deleted if it did."""
+    for staging in out.parent.glob(f".{out.name}.staging-*"):
+        shutil.rmtree(staging, ignore_errors=True)
+    for old in out.parent.glob(f".{out.name}.old-*"):
+        if out.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.rename(out)
+
+
 def write_layout(out, volumes, force, marker=None):
     """Write (split, volume name, image (S, H, W), label (S, H, W)) tuples into a temporary folder
-    beside --out, slices for the training volumes, the lists, then rename it to --out. `volumes` may be
-    a generator: one volume is in memory at a time."""
-    out = Path(out)
-    if out.exists() and not force:
-        raise bcp.DataError(f"{out}: already exists (pass --force to replace it)")
+    beside --out, slices for the training volumes, the lists, then swap it in for --out. `volumes` may
+    be a generator: one volume is in memory at a time."""
+    out = Path(out).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    clean_leftovers(out)
+    check_replaceable(out, force)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the data set is an ordinary folder
     try:
         (staging / "data" / "slices").mkdir(parents=True)
         lists = {"train": [], "val": [], "test": [], "train_slices": []}
@@ -70,12 +111,15 @@ def write_layout(out, volumes, force, marker=None):
             (staging / f"{split}.list").write_text("".join(n + "\n" for n in names))
         if marker:
             (staging / "SYNTHETIC").write_text(marker)
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
         if out.exists():
-            shutil.rmtree(out)
+            out.rename(old)
         staging.rename(out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        clean_leftovers(out)
         raise
+    shutil.rmtree(old, ignore_errors=True)
     return lists
 
 
@@ -272,10 +316,10 @@ def check(root):
     if not root.is_dir():
         return [f"{root}: no such folder"]
     lists = {}
-    for split in ("train", "val", "test", "train_slices"):
+    for split in LISTS:
         path = root / f"{split}.list"
         lists[split] = path.read_text().split() if path.exists() else []
-        if not lists[split] and split != "test":
+        if not lists[split]:
             problems.append(f"{path}: missing or empty")
     train_patients = {bcp.patient_of(v) for v in lists["train"]}
     for name in lists["train_slices"]:

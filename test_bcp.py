@@ -9,7 +9,9 @@ import math
 import shutil
 import struct
 import zlib
+from contextlib import nullcontext
 from pathlib import Path
+from types import SimpleNamespace
 
 import h5py
 import numpy as np
@@ -190,12 +192,16 @@ def test_centered_mask_position():
     assert (mask[3:9, 3:9] == 0).all() and mask.sum() == 144 - 36
 
 
-def test_random_mask_reaches_every_position():
-    """A 2 x 2 hole in 4 x 4 has 3 x 3 = 9 positions; random draws find them all and no other."""
+def test_random_mask_position_as_the_authors_draw_it():
+    """The authors draw the corner with np.random.randint(0, H - h), upper end excluded. At 256 px with
+    beta = 2/3 the crop is 170 px, so rows and columns 0..85 (never 86); a 2 x 2 hole in 4 x 4 sits at
+    rows and columns 0..1 (never 2)."""
     generator = torch.Generator().manual_seed(0)
-    corners = {tuple(torch.nonzero(bcp.paste_mask(4, 4, 0.5, generator=generator) == 0)[0].tolist())
-               for _ in range(300)}
-    assert corners == {(r, c) for r in range(3) for c in range(3)}
+    corners = torch.tensor([torch.nonzero(bcp.paste_mask(256, 256, 2 / 3, generator=generator) == 0)[0].tolist()
+                            for _ in range(3000)])
+    assert corners.min().item() == 0 and corners.max(0).values.tolist() == [85, 85]
+    small = {tuple(torch.nonzero(bcp.paste_mask(4, 4, 0.5, generator=generator) == 0)[0].tolist()) for _ in range(300)}
+    assert small == {(r, c) for r in range(2) for c in range(2)}
 
 
 def test_bidirectional_copy_paste_eq_1_to_4():
@@ -225,7 +231,7 @@ def test_mixed_loss_by_hand():
     logits = torch.zeros(1, 2, 2, 2)
     target = torch.tensor([[[0, 1], [1, 1]]])
     mask = torch.tensor([[1.0, 1.0], [0.0, 0.0]])
-    loss = bcp.mixed_loss(logits, target, mask, weight_base=1.0, weight_patch=0.5)
+    loss = bcp.mixed_loss(logits, target, mask, weight_base=1.0, weight_pasted=0.5)
     expected = (1 / 3 + math.log(2) + 0.5 * (0.6 + math.log(2))) / 2
     assert loss.item() == pytest.approx(expected, abs=1e-6)
 
@@ -241,7 +247,7 @@ def test_zero_weight_region_gets_no_gradient():
     """With weight 0 on the pasted region (M = 0), its logits receive no gradient, the rest do."""
     logits = torch.randn(1, 4, 6, 6, requires_grad=True)
     mask = bcp.paste_mask(6, 6, beta=0.5, centered=True)
-    bcp.mixed_loss(logits, torch.randint(4, (1, 6, 6)), mask, weight_base=1.0, weight_patch=0.0).backward()
+    bcp.mixed_loss(logits, torch.randint(4, (1, 6, 6)), mask, weight_base=1.0, weight_pasted=0.0).backward()
     grad = logits.grad.abs().sum(1)[0]
     assert (grad[mask == 0] == 0).all() and (grad[mask == 1] > 0).all()
 
@@ -490,7 +496,7 @@ def test_synthetic_set_layout(synthetic_root, capsys):
     assert "nothing to do" in capsys.readouterr().out
     assert prepare_acdc.main(["--out", str(synthetic_root), "--patients", "12"]) == 1  # another set: refuses
     assert prepare_acdc.check(synthetic_root) == []
-    volumes = bcp.load_volumes(synthetic_root, "val")
+    volumes = bcp.load_volumes(synthetic_root, "val", 4)
     assert len(volumes) == 2 and all(set(np.unique(label)) == {0, 1, 2, 3} for _, _, label in volumes)
     labeled, unlabeled = bcp.training_slices(synthetic_root, 2)
     assert {bcp.patient_of(s) for s in labeled} == set(list(dict.fromkeys(
@@ -517,7 +523,7 @@ def test_dataset_errors_name_the_file(tmp_path):
     with h5py.File(path, "w") as f:
         f["image"], f["label"] = np.zeros((4, 4), np.float32), np.zeros((4, 5), np.uint8)
     with pytest.raises(bcp.DataError, match=r"bad\.h5.*\(4, 4\) and \(4, 5\)"):
-        bcp.read_h5(path, ndim=2)
+        bcp.read_h5(path, 2, 4)
     with pytest.raises(bcp.DataError, match="train.list: missing"):
         bcp.read_list(tmp_path, "train.list")
 
@@ -551,6 +557,16 @@ def test_resumed_training_ends_with_the_same_weights(synthetic_root, tmp_path):
     assert [r["iter"] for r in rows if "val_dice" in r] == [2, 4]
 
 
+def tiny_run(flags, labeled, unlabeled, device="cpu"):
+    """What train.main hands a step: flags, models, SGD and the two slice banks."""
+    args = train.parse_args(flags)
+    student, teacher = bcp.UNet().to(device), bcp.UNet().to(device).requires_grad_(False)
+    optimizer = torch.optim.SGD(student.parameters(), lr=args.lr, momentum=args.momentum)
+    return SimpleNamespace(args=args, device=torch.device(device), autocast=nullcontext(), optimizer=optimizer,
+                           student=student, teacher=teacher, student_forward=student, teacher_forward=teacher,
+                           labeled=labeled, unlabeled=unlabeled)
+
+
 class BlockingCopies(TorchDispatchMode):
     """Records each host -> device copy that makes the host wait for the device (non_blocking=False)."""
 
@@ -582,17 +598,9 @@ def test_a_step_never_waits_for_the_device(phase, monkeypatch):
     rng = np.random.default_rng(0)
     images = [rng.random(shape).astype(np.float32) for shape in [(37, 29), (20, 41), (32, 32), (30, 30)]]
     bank = bcp.SliceBank(images, [(image * 4).astype(np.uint8) for image in images], device)
-    args = train.parse_args(["--phase", phase, *TINY])
-    student, teacher = bcp.UNet().to(device), bcp.UNet().to(device)
-    optimizer = torch.optim.SGD(student.parameters(), lr=args.lr, momentum=args.momentum)
+    run = tiny_run(["--phase", phase, *TINY], bank, bank, device)
     with BlockingCopies() as copies:
-        labeled = train.draw_batch(bank, 7, args.labeled_batch_size, args, stream=0)
-        unlabeled = train.draw_batch(bank, 7, args.batch_size - args.labeled_batch_size, args, stream=1)
-        mask = bcp.paste_mask(args.patch_size, args.patch_size, generator=train.step_generator(args.seed, 2, 7), device=device)
-        loss, _ = train.STEPS[phase](student, teacher, labeled, unlabeled, mask, args)
-        loss.backward()
-        optimizer.step()
-        bcp.ema_update(teacher, student, args.ema_decay)
+        loss, _, _ = train.STEPS[phase](run, 7)
     assert loss.device == device and copies.seen == []
 
 
@@ -699,3 +707,400 @@ def test_score_volume_by_hand_and_missing_ground_truth():
     prediction[0, 0, 5] = 3
     with pytest.raises(ValueError, match="class 3 is predicted but absent"):
         evaluate.score_volume(prediction, label, 4)
+
+
+# ----------------------------------------------------------------------------- nothing lost (issue 13)
+
+def dataset_names(folder):
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_force_never_replaces_the_current_folder_or_a_foreign_one(tmp_path, monkeypatch, capsys):
+    """`--out . --force` once deleted a whole clone: now a folder that holds the current directory,
+    or that is not a data set this script wrote, survives --force with its files."""
+    project = tmp_path / "project"
+    (project / "data").mkdir(parents=True)
+    (project / "sentinel.txt").write_text("keep me")
+    monkeypatch.chdir(project)
+    for name in ("train", "val", "test", "train_slices"):  # even when it looks like a data set
+        (project / f"{name}.list").write_text("x\n")
+    assert prepare_acdc.main(["--out", ".", "--force", "--patients", "3"]) == 1
+    assert "current directory" in capsys.readouterr().err
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    (foreign / "holiday.jpg").write_text("keep me too")
+    assert prepare_acdc.main(["--out", str(foreign), "--force", "--patients", "3"]) == 1
+    assert "not a data set" in capsys.readouterr().err
+    assert (project / "sentinel.txt").read_text() == "keep me" and (foreign / "holiday.jpg").exists()
+    assert dataset_names(tmp_path) == ["photos", "project"]  # no staging folder left behind
+
+
+def test_forced_replace_is_atomic_and_leftovers_are_cleaned(tmp_path):
+    """A forced replace swaps the folders by renames: the new set is complete and nothing is left
+    beside it. A kill between the two renames leaves the old set renamed aside; the next run puts it
+    back before it starts. A staging folder of a killed run is deleted, and the set is not private."""
+    out = tmp_path / "ACDC"
+    assert prepare_acdc.main(["--out", str(out), "--patients", "3"]) == 0
+    assert (out.stat().st_mode & 0o777) != 0o700
+    assert prepare_acdc.main(["--out", str(out), "--patients", "4", "--force"]) == 0
+    assert "--patients 4" in (out / "SYNTHETIC").read_text() and dataset_names(tmp_path) == ["ACDC"]
+    out.rename(tmp_path / ".ACDC.old-999")  # killed between "old aside" and "new in"
+    (tmp_path / ".ACDC.staging-abc").mkdir()  # killed while building
+    prepare_acdc.clean_leftovers(out)
+    assert dataset_names(tmp_path) == ["ACDC"] and prepare_acdc.check(out) == []
+
+
+def test_check_requires_every_list(synthetic_root, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(synthetic_root, copy)
+    (copy / "test.list").unlink()
+    assert any("test.list: missing" in p for p in prepare_acdc.check(copy))
+
+
+def write_h5(path, image, label):
+    with h5py.File(path, "w") as f:
+        f["image"], f["label"] = image, label
+
+
+@pytest.mark.parametrize("image,label,message", [
+    (np.array([[0.5, np.nan], [0.1, 0.2]], np.float32), np.zeros((2, 2), np.uint8), "1 NaN or infinite"),
+    (np.ones((2, 2), np.float32), np.array([[0, 2.5], [1, 1]]), "whole numbers"),
+    (np.ones((2, 2), np.float32), np.array([[0, 3], [1, 1]], np.uint8), r"0\.\.2 \(--num-classes 3\), got 0\.\.3"),
+    (np.zeros((0, 0), np.float32), np.zeros((0, 0), np.uint8), "empty image"),
+    (np.array([[b"a", b"b"]]), np.zeros((1, 2), np.uint8), "must hold numbers"),
+])
+def test_read_h5_rejects_bad_arrays_naming_the_file(tmp_path, image, label, message):
+    write_h5(tmp_path / "slice.h5", image, label)
+    with pytest.raises(bcp.DataError, match=rf"slice\.h5: .*{message}"):
+        bcp.read_h5(tmp_path / "slice.h5", 2, num_classes=3)
+
+
+def test_read_h5_rejects_a_group_where_the_image_should_be(tmp_path):
+    with h5py.File(tmp_path / "slice.h5", "w") as f:
+        f.create_group("image")
+        f["label"] = np.zeros((2, 2), np.uint8)
+    with pytest.raises(bcp.DataError, match=r"slice\.h5: no 'image' array"):
+        bcp.read_h5(tmp_path / "slice.h5", 2, 4)
+
+
+def test_nan_in_a_test_volume_stops_evaluation_naming_it(synthetic_root, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(synthetic_root, copy)
+    volume = (copy / "test.list").read_text().split()[0]
+    with h5py.File(copy / "data" / f"{volume}.h5", "r+") as f:
+        f["image"][0, :4, :4] = np.nan
+    run = tmp_path / "run"
+    train.main(["--root", str(copy), *TINY, "--out", str(run), "--phase", "supervised", "--iterations", "1"])
+    with pytest.raises(bcp.DataError, match=f"{volume}.h5: the image holds 16 NaN"):
+        evaluate.main(["--root", str(copy), "--checkpoint", str(run / "supervised" / "best.pt")])
+
+
+def test_nan_weights_never_reach_a_checkpoint(synthetic_root, tmp_path):
+    """--lr 1e9 with a validation every step: the weights turn non-finite a step before the loss
+    does. The run stops, and whatever checkpoint exists holds only finite numbers."""
+    with pytest.raises(SystemExit):
+        train.main(["--root", str(synthetic_root), *TINY, "--val-every", "1", "--lr", "1e9", "--out", str(tmp_path),
+                    "--phase", "pretrain", "--iterations", "8"])
+    for path in (tmp_path / "pretrain").glob("*.pt"):
+        assert train.all_finite(bcp.load_checkpoint(path)), path
+    assert "stopping" in (tmp_path / "pretrain" / "train.log").read_text()
+
+
+def test_rerun_without_resume_leaves_the_run_untouched(synthetic_root, tmp_path):
+    """The same command again without --resume once overwrote best.pt and cut metrics.jsonl; now it
+    refuses, naming the folder, and every file is byte-identical. --overwrite starts again."""
+    command = ["--root", str(synthetic_root), *TINY, "--out", str(tmp_path), "--phase", "pretrain", "--iterations", "4"]
+    train.main(command)
+    run = tmp_path / "pretrain"
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    with pytest.raises(bcp.DataError, match="already holds a run.*--resume.*--overwrite"):
+        train.main([*command[:-1], "2"])
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+    train.main([*command[:-1], "2", "--overwrite"])
+    assert bcp.load_checkpoint(run / "last.pt")["iteration"] == 2
+
+
+def test_a_picture_that_cannot_be_written_costs_nothing_else(synthetic_root, tmp_path, monkeypatch, capsys):
+    def fail(path, *args):
+        raise OSError(f"[Errno 28] No space left on device: '{path}'")
+    monkeypatch.setattr(train, "save_step_picture", fail)
+    train.main(["--root", str(synthetic_root), *TINY, "--out", str(tmp_path), "--phase", "pretrain", "--iterations", "4"])
+    assert bcp.load_checkpoint(tmp_path / "pretrain" / "last.pt")["iteration"] == 4
+    assert "could not write the step picture" in capsys.readouterr().out
+
+
+def test_resume_survives_a_torn_metrics_line_and_refuses_other_flags(synthetic_root, tmp_path):
+    command = ["--root", str(synthetic_root), *TINY, "--out", str(tmp_path), "--phase", "pretrain", "--iterations", "2"]
+    train.main(command)
+    metrics = tmp_path / "pretrain" / "metrics.jsonl"
+    metrics.write_text(metrics.read_text() + '{"iter": 3, "lo')  # killed in the middle of a write
+    with pytest.raises(bcp.DataError, match=r"last\.pt: trained with --patch-size 32 \(now 64\)"):
+        train.main([*command[:-1], "4", "--resume", "--patch-size", "64"])
+    with pytest.raises(bcp.DataError, match=r"--labeled-patients 2 \(now 3\)"):
+        train.main([*command[:-1], "4", "--resume", "--labeled-patients", "3"])
+    train.main([*command[:-1], "4", "--resume"])
+    rows, torn = train.read_metrics(metrics)
+    assert torn == 0 and [r["iter"] for r in rows if "loss" in r] == [1, 2, 3, 4]
+    assert not list((tmp_path / "pretrain").glob("*.tmp"))
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--iterations", "0"], "--iterations: must be at least 1"),
+    (["--iterations", "-5"], "--iterations: must be at least 1"),
+    (["--val-every", "0"], "--val-every: must be at least 1"),
+    (["--log-every", "0"], "--log-every: must be at least 1"),
+    (["--time-limit", "0.5"], "--time-limit: must be at least 1.0"),
+    (["--phase", "supervised", "--batch-size", "0"], "--batch-size: must be at least 1"),
+    (["--patch-size", "40"], "--patch-size must be a multiple of 16"),
+    (["--device", "banana"], "--device banana: not a device"),
+    (["--beta", "1.5"], "--beta must lie between 0 and 1"),
+    (["--resume", "--overwrite"], "give one"),
+])
+def test_bad_flags_get_one_line_before_any_work(flags, message, capsys):
+    with pytest.raises(SystemExit) as stop:
+        train.parse_args(flags)
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert stop.value.code == 2 and message in error
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_device_without_cuda_is_one_line(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--device", "cuda"])
+    assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_checkpoints_that_do_not_fit_are_named(synthetic_root, tmp_path):
+    """A file without 'flags', weights of another shape, and an --init that is not a checkpoint: one
+    line each, naming the file."""
+    torch.save({"model": bcp.UNet().state_dict()}, tmp_path / "no_flags.pt")
+    with pytest.raises(bcp.DataError, match=r"no_flags\.pt: not a train\.py checkpoint \(no 'flags'\)"):
+        evaluate.main(["--root", str(synthetic_root), "--checkpoint", str(tmp_path / "no_flags.pt")])
+    torch.save({"model": bcp.UNet(num_classes=3).state_dict(), "flags": {"num_classes": 4, "patch_size": 32}},
+               tmp_path / "three.pt")
+    with pytest.raises(bcp.DataError, match=r"three\.pt: the weights do not fit this U-Net \(.*size mismatch"):
+        evaluate.main(["--root", str(synthetic_root), "--checkpoint", str(tmp_path / "three.pt")])
+    (tmp_path / "junk.pt").write_text("not a checkpoint")
+    with pytest.raises(bcp.DataError, match=r"junk\.pt: not a readable checkpoint"):
+        train.main(["--root", str(synthetic_root), *TINY, "--out", str(tmp_path / "run"), "--phase", "selftrain",
+                    "--iterations", "1", "--init", str(tmp_path / "junk.pt")])
+
+
+def test_unwritable_outputs_fail_before_the_evaluation(synthetic_root, tmp_path, capsys):
+    train.main(["--root", str(synthetic_root), *TINY, "--out", str(tmp_path), "--phase", "supervised", "--iterations", "1"])
+    (tmp_path / "a_file").write_text("")
+    capsys.readouterr()
+    with pytest.raises(OSError, match="a_file"):
+        evaluate.main(["--root", str(synthetic_root), "--checkpoint", str(tmp_path / "supervised" / "best.pt"),
+                       "--json", str(tmp_path / "a_file" / "scores.json")])
+    assert capsys.readouterr().out == ""  # nothing was evaluated
+
+
+def test_labeled_patients_without_slices_are_named(synthetic_root, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(synthetic_root, copy)
+    first = (copy / "train.list").read_text().split()[0].split("_")[0]
+    slices = (copy / "train_slices.list").read_text().split()
+    (copy / "train_slices.list").write_text("".join(s + "\n" for s in slices if not s.startswith(first)))
+    with pytest.raises(bcp.DataError, match=f"train_slices.list: no slices of the labeled patients \\['{first}'\\]"):
+        bcp.training_slices(copy, 1)
+
+
+def test_leftover_temporary_checkpoints_are_removed(synthetic_root, tmp_path):
+    (tmp_path / "pretrain").mkdir()
+    (tmp_path / "pretrain" / "last.pt.tmp").write_bytes(b"half a checkpoint")
+    train.main(["--root", str(synthetic_root), *TINY, "--out", str(tmp_path), "--phase", "pretrain", "--iterations", "1"])
+    assert not (tmp_path / "pretrain" / "last.pt.tmp").exists()
+
+
+# ----------------------------------------------------------------------------- time limits, streams, Dice variant (issue 11)
+
+def test_time_limit_stops_cleanly_and_resume_ends_identical(synthetic_root, tmp_path, monkeypatch, capsys):
+    """A clock that advances 4 s at every reading and a 1-minute limit cut an 8-step pre-train
+    mid-way: last.pt is written, one line says where, the run returns normally. --resume then
+    ends with weights identical to an uninterrupted run."""
+    common = ["--root", str(synthetic_root), *TINY, "--phase", "pretrain", "--iterations", "8"]
+    train.main([*common, "--out", str(tmp_path / "straight")])
+    clock = iter(range(0, 10**6, 4))
+    monkeypatch.setattr(train, "time", SimpleNamespace(time=lambda: float(next(clock))))
+    train.main([*common, "--out", str(tmp_path / "cut"), "--time-limit", "1"])
+    stopped = bcp.load_checkpoint(tmp_path / "cut" / "pretrain" / "last.pt")["iteration"]
+    assert 1 <= stopped < 8
+    assert f"time limit: stopped at iteration {stopped} of 8; continue with --resume" in capsys.readouterr().out
+    monkeypatch.undo()
+    train.main([*common, "--out", str(tmp_path / "cut"), "--resume"])
+    straight, resumed = (bcp.load_checkpoint(tmp_path / run / "pretrain" / "last.pt") for run in ("straight", "cut"))
+    assert resumed["iteration"] == 8
+    for key, value in straight["model"].items():
+        assert torch.equal(value, resumed["model"][key]), key
+
+
+def test_each_phase_draws_its_own_batches_and_masks(synthetic_root):
+    """Self-training's step t must not replay pre-training's step t (same labeled slices, same mask)."""
+    bank = bcp.SliceBank(*bcp.load_slices(synthetic_root, bcp.training_slices(synthetic_root, 2)[0], 4), "cpu")
+    args = {phase: train.parse_args(["--phase", phase, *TINY]) for phase in ("pretrain", "selftrain")}
+    for step in (1, 2, 3):
+        images = [train.draw_batch(bank, step, 2, args[phase], train.LABELED)[0] for phase in args]
+        masks = [train.draw_mask(step, args[phase], "cpu") for phase in args]
+        assert not torch.equal(*images)
+    assert any(not torch.equal(*[train.draw_mask(step, args[p], "cpu") for p in args]) for step in range(1, 6))
+
+
+def test_legacy_dice_mask_changes_only_the_background_term():
+    """The authors' Dice before their fix took the background class over the whole image in both
+    region terms. The difference to the default is then, for each region r with weight w_r,
+    w_r * (D0(whole image) - D0(region r)) / C / 2, with D0 the background's Dice loss."""
+    generator = torch.Generator().manual_seed(0)
+    logits, target = torch.randn(2, 4, 8, 8, generator=generator), torch.randint(4, (2, 8, 8), generator=generator)
+    mask = bcp.paste_mask(8, 8, beta=0.5, generator=generator)
+    probs, one_hot = logits.softmax(1), torch.nn.functional.one_hot(target, 4).permute(0, 3, 1, 2).float()
+
+    def background_dice_loss(region):
+        p, g = probs[:, 0] * region, one_hot[:, 0] * region
+        return 1 - (2 * (p * g).sum() + bcp.DICE_SMOOTH) / ((p * p).sum() + (g * g).sum() + bcp.DICE_SMOOTH)
+
+    default = bcp.mixed_loss(logits, target, mask, weight_base=0.5, weight_pasted=1.0)
+    legacy = bcp.mixed_loss(logits, target, mask, weight_base=0.5, weight_pasted=1.0, legacy_dice_mask=True)
+    whole = background_dice_loss(torch.ones(8, 8))
+    expected = sum(w * (whole - background_dice_loss(r)) for r, w in ((mask, 0.5), (1 - mask, 1.0))) / 4 / 2
+    assert (legacy - default).item() == pytest.approx(expected.item(), abs=1e-6) and abs(expected) > 1e-3
+
+
+# ----------------------------------------------------------------------------- the authors' self-train start (issue 16)
+
+def test_selftrain_carries_the_pretrain_momentum(synthetic_root, tmp_path, capsys):
+    """From pretrain/best.pt the SGD momentum buffers come along (the authors' load_net_opt); from the
+    same weights without SGD state they start fresh. After one identical step the buffers differ by
+    exactly momentum * the pre-train's buffers (SGD: buffer = momentum * buffer + gradient)."""
+    common = ["--root", str(synthetic_root), *TINY]
+    train.main([*common, "--out", str(tmp_path), "--phase", "pretrain", "--iterations", "2"])
+    pretrained = bcp.load_checkpoint(tmp_path / "pretrain" / "best.pt")
+    torch.save({"model": pretrained["model"], "flags": pretrained["flags"]}, tmp_path / "weights_only.pt")
+    for run, init in (("with", tmp_path / "pretrain" / "best.pt"), ("without", tmp_path / "weights_only.pt")):
+        train.main([*common, "--out", str(tmp_path / run), "--phase", "selftrain", "--iterations", "1",
+                    "--val-every", "1", "--init", str(init)])
+    assert "holds no SGD state" in capsys.readouterr().out
+    carried, fresh = (bcp.load_checkpoint(tmp_path / run / "selftrain" / "last.pt")["optimizer"]["state"]
+                      for run in ("with", "without"))
+    for index, state in pretrained["optimizer"]["state"].items():
+        torch.testing.assert_close(carried[index]["momentum_buffer"] - fresh[index]["momentum_buffer"],
+                                   0.9 * state["momentum_buffer"], atol=1e-5, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- --mix ablations (issue 12)
+
+def step_loss(flags, synthetic_root, mix, step=3):
+    """The loss of one self-train step with --mix, models in eval mode (no dropout) so that every
+    variant sees the same student and teacher outputs."""
+    labeled_names, unlabeled_names = bcp.training_slices(synthetic_root, 2)
+    banks = [bcp.SliceBank(*bcp.load_slices(synthetic_root, names, 4), "cpu") for names in (labeled_names, unlabeled_names)]
+    torch.manual_seed(0)
+    run = tiny_run([*flags, "--phase", "selftrain", "--mix", mix], *banks)
+    run.student.eval(), run.teacher.eval()
+    return run, train.selftrain_step(run, step)[0].item()
+
+
+def test_inward_and_outward_are_the_two_terms_of_bidirectional(synthetic_root):
+    both = step_loss(TINY, synthetic_root, "bidirectional")[1]
+    inward, outward = (step_loss(TINY, synthetic_root, mix)[1] for mix in ("inward", "outward"))
+    assert both == pytest.approx(inward + outward, rel=1e-6) and inward > 0 and outward > 0
+
+
+def test_bidirectional_loss_is_the_papers(synthetic_root):
+    """The default's loss equals Eq. 6 written out on the step's own draws: X_in with alpha on the
+    pseudo-labeled base region, X_out with alpha on the pseudo-labeled pasted region."""
+    run, loss = step_loss(TINY, synthetic_root, "bidirectional")
+    run, _ = step_loss(TINY, synthetic_root, "bidirectional")  # fresh models, the step not yet taken
+    args = run.args
+    (l_a, l_b), (g_a, g_b) = train.draw_halves(run.labeled, 3, args.labeled_batch_size, args, train.LABELED)
+    (u_a, u_b), _ = train.draw_halves(run.unlabeled, 3, args.batch_size - args.labeled_batch_size, args, train.UNLABELED)
+    torch.manual_seed(0)
+    run = tiny_run([*TINY, "--phase", "selftrain"], run.labeled, run.unlabeled)
+    run.student.eval(), run.teacher.eval()
+    with torch.no_grad():
+        p_a, p_b = bcp.pseudo_label(torch.cat([run.teacher(u_a), run.teacher(u_b)])).chunk(2)
+        mask = train.draw_mask(3, args, "cpu")
+        expected = (bcp.mixed_loss(run.student(u_a * mask + l_a * (1 - mask)), p_a * mask.long() + g_a * (1 - mask.long()), mask, 0.5, 1.0)
+                    + bcp.mixed_loss(run.student(l_b * mask + u_b * (1 - mask)), g_b * mask.long() + p_b * (1 - mask.long()), mask, 1.0, 0.5))
+    assert loss == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_no_mixing_loss_by_hand(synthetic_root):
+    """--mix none: the student sees U_a with its pseudo-label (weight alpha) and L_b with its ground
+    truth (weight 1), whole images: alpha * (Dice + CE)(U_a) / 2 + (Dice + CE)(L_b) / 2, with Dice over
+    the 4 classes of the whole batch and CE the mean over pixels."""
+    _, loss = step_loss(TINY, synthetic_root, "none")
+    run, _ = step_loss(TINY, synthetic_root, "none")
+    args = run.args
+    (_, l_b), (_, g_b) = train.draw_halves(run.labeled, 3, args.labeled_batch_size, args, train.LABELED)
+    (u_a, u_b), _ = train.draw_halves(run.unlabeled, 3, args.batch_size - args.labeled_batch_size, args, train.UNLABELED)
+    torch.manual_seed(0)
+    run = tiny_run([*TINY, "--phase", "selftrain"], run.labeled, run.unlabeled)
+    run.student.eval(), run.teacher.eval()
+
+    def dice_plus_ce(logits, target):
+        probs, one_hot = logits.softmax(1), torch.nn.functional.one_hot(target, 4).permute(0, 3, 1, 2).float()
+        dice = 1 - (2 * (probs * one_hot).sum((0, 2, 3)) + 1e-10) / ((probs ** 2).sum((0, 2, 3)) + one_hot.sum((0, 2, 3)) + 1e-10)
+        return dice.mean() + torch.nn.functional.cross_entropy(logits, target)
+
+    with torch.no_grad():
+        p_a = bcp.pseudo_label(torch.cat([run.teacher(u_a), run.teacher(u_b)])).chunk(2)[0]
+        expected = 0.5 * dice_plus_ce(run.student(u_a), p_a) / 2 + dice_plus_ce(run.student(l_b), g_b) / 2
+    assert loss == pytest.approx(expected.item(), rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- CUDA (run on a GPU: python -m pytest -q test_bcp.py -k cuda)
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@needs_cuda
+def test_cuda_selftrain_step_in_bf16_matches_the_cpu_in_fp32(synthetic_root):
+    """One self-train step from the same weights and draws, models in eval mode (dropout would draw
+    different masks on the two devices): the CUDA bf16 loss is within 0.05 of the CPU fp32 loss (bf16
+    keeps 8 bits of mantissa, and a few pseudo-label pixels may flip)."""
+    names = bcp.training_slices(synthetic_root, 2)
+    losses = {}
+    for device, precision in (("cpu", "fp32"), ("cuda", "bf16")):
+        banks = [bcp.SliceBank(*bcp.load_slices(synthetic_root, n, 4), device) for n in names]
+        torch.manual_seed(0)
+        run = tiny_run([*TINY, "--phase", "selftrain", "--device", device, "--precision", precision], *banks, device)
+        run.autocast = train.runtime(run.args)[1]
+        run.student.eval(), run.teacher.eval()
+        losses[device] = train.selftrain_step(run, 3)[0].item()
+    assert losses["cuda"] == pytest.approx(losses["cpu"], abs=0.05)
+
+
+@needs_cuda
+def test_cuda_pseudo_labels_equal_the_cpu():
+    masks = torch.from_numpy(np.stack([random_blobs((64, 80), seed, threshold=0.5) for seed in range(6)]))
+    assert torch.equal(bcp.largest_component(masks.cuda()).cpu(), bcp.largest_component(masks))
+    logits = torch.nn.functional.avg_pool2d(torch.randn(6, 4, 64, 80, generator=torch.Generator().manual_seed(0)), 5, 1, 2)
+    assert torch.equal(bcp.pseudo_label(logits.cuda()).cpu(), bcp.pseudo_label(logits))
+
+
+@needs_cuda
+def test_cuda_training_compiled_and_cut_by_the_time_limit(synthetic_root, tmp_path, monkeypatch):
+    common = ["--root", str(synthetic_root), *TINY, "--device", "cuda", "--phase", "pretrain", "--iterations", "20"]
+    train.main([*common, "--out", str(tmp_path / "compiled"), "--compile"])
+    compiled = bcp.load_checkpoint(tmp_path / "compiled" / "pretrain" / "last.pt")
+    assert compiled["iteration"] == 20 and train.all_finite(compiled["model"])
+    clock = iter(range(0, 10**6, 4))
+    monkeypatch.setattr(train, "time", SimpleNamespace(time=lambda: float(next(clock))))
+    train.main([*common, "--out", str(tmp_path / "cut"), "--time-limit", "1"])
+    assert bcp.load_checkpoint(tmp_path / "cut" / "pretrain" / "last.pt")["iteration"] < 20
+    monkeypatch.undo()
+    train.main([*common, "--out", str(tmp_path / "cut"), "--resume"])
+    assert bcp.load_checkpoint(tmp_path / "cut" / "pretrain" / "last.pt")["iteration"] == 20
+
+
+@needs_cuda
+def test_cuda_evaluation_matches_the_cpu(synthetic_root, tmp_path):
+    train.main(["--root", str(synthetic_root), *TINY, "--out", str(tmp_path), "--phase", "supervised", "--iterations", "4"])
+    scores = {}
+    for device in ("cpu", "cuda"):
+        evaluate.main(["--root", str(synthetic_root), "--checkpoint", str(tmp_path / "supervised" / "best.pt"),
+                       "--device", device, "--json", str(tmp_path / f"{device}.json")])
+        scores[device] = json.loads((tmp_path / f"{device}.json").read_text())["mean"]
+    for metric in ("dice", "jaccard"):  # percent; TF32 convolutions may flip a few boundary pixels
+        assert scores["cuda"][metric] == pytest.approx(scores["cpu"][metric], abs=0.5)

@@ -13,7 +13,7 @@ Read top to bottom, this file follows the method:
   4. the mixed Dice + CE loss: one term per region of M, weighted alpha where the target is a
      pseudo-label and 1 where it is ground truth (Eq. 5-6)
   5. pseudo-labels: the teacher's argmax, largest connected component per class
-  6. metrics: Dice, Jaccard, HD95, ASD on an exact Euclidean distance transform
+  6. metrics: Dice, Jaccard, HD95, ASD on an exact Euclidean distance transform in linear time
   7. the ACDC data in the SSL4MIS layout, the authors' augmentation, slice-wise volume inference
   8. pictures: a small PNG writer and label overlays
 
@@ -273,35 +273,125 @@ def surface(mask):
     return mask & ~interior
 
 
-def distance_transform(features, spacing):
-    """Exact Euclidean distance from every element to the nearest True element of `features`.
-    Separable squared distances: along each axis in turn, d(x) = min_j d(j) + (spacing * (x - j))^2."""
-    squared = np.where(features, 0.0, np.inf)
-    for axis, step in enumerate(spacing):
-        squared = np.moveaxis(squared, axis, -1)
-        n = squared.shape[-1]
-        offsets = (step * (np.arange(n)[:, None] - np.arange(n)[None, :])) ** 2  # (x, j)
-        result = np.empty_like(squared)
-        for x in range(n):
-            result[..., x] = (squared + offsets[x]).min(-1)
-        squared = np.moveaxis(result, -1, axis)
+def nearest_along_first_axis(features, first, outputs, step):
+    """Squared distance along axis 0 to the nearest True of `features`, whose axis 0 starts at index
+    `first`, at the indices `outputs` (a range): the nearest True before and after, by two scans."""
+    low, high = min(first, outputs[0]), max(first + len(features), outputs[-1] + 1)
+    marked = np.zeros((high - low, *features.shape[1:]), bool)
+    marked[first - low:first - low + len(features)] = features
+    index = np.arange(low, high, dtype=float).reshape(-1, *[1] * (features.ndim - 1))
+    before = np.maximum.accumulate(np.where(marked, index, -np.inf), axis=0)
+    after = np.minimum.accumulate(np.where(marked, index, np.inf)[::-1], axis=0)[::-1]
+    return (step * np.minimum(index - before, after - index)[outputs - low]) ** 2
+
+
+def parabola_envelope(heights, step):
+    """The lower envelope of the parabolas y = (step * (x - j))^2 + heights[l, j] of every line l of
+    heights (L, n) at once, parabolas of infinite height left out (Felzenszwalb and Huttenlocher,
+    "Distance Transforms of Sampled Functions", 2012): O(n) per line, a loop over the n positions.
+    -> vertex (L, n): the envelope's parabolas from left to right; start (L, n + 1): where each
+    becomes the lowest (inf past the last); count (L,): how many there are."""
+    lines, n = heights.shape
+    position = np.arange(n) * step
+    lifted = (heights + position ** 2).ravel()  # comparing parabolas needs only height + position^2
+    vertex, start = np.zeros(lines * n, np.intp), np.full(lines * (n + 1), np.inf)  # flat, line by line
+    count = np.zeros(lines, np.intp)
+    finite = np.ascontiguousarray((heights < np.inf).T)  # (n, L): one position's lines side by side
+    every_line, dense = np.arange(lines), finite.all(1)
+    for j in range(n):
+        active = every_line if dense[j] else np.flatnonzero(finite[j])
+        top = count[active] - 1
+        crossing = np.full(len(active), -np.inf)  # where parabola j undercuts the envelope
+        stacked = np.flatnonzero(top >= 0)
+        while len(stacked):  # drop the envelope's last parabola while j undercuts it from where it starts
+            line, last = active[stacked], top[stacked]
+            v = vertex[line * n + last]
+            crossing[stacked] = (lifted[line * n + j] - lifted[line * n + v]) / (2 * (position[j] - position[v]))
+            stacked = stacked[crossing[stacked] <= start[line * (n + 1) + last]]
+            top[stacked] -= 1
+            crossing[stacked] = -np.inf
+            stacked = stacked[top[stacked] >= 0]
+        top += 1
+        vertex[active * n + top] = j
+        start[active * (n + 1) + top] = crossing
+        start[active * (n + 1) + top + 1] = np.inf
+        count[active] = top + 1
+    start = start.reshape(lines, n + 1)
+    start[np.arange(n + 1) >= count[:, None]] = np.inf  # left over from envelopes that were longer
+    return vertex.reshape(lines, n), start, count
+
+
+def envelope_at(heights, step, envelope, lines, positions):
+    """The envelope of parabola_envelope at (line, position) pairs: each position takes the parabola
+    whose interval holds it, found by one search over all lines laid end to end."""
+    vertex, start, count = envelope
+    n = heights.shape[1]
+    x = positions * step
+    lowest, highest = min(x.min(), 0) - 1, max(x.max(), (n - 1) * step) + 1  # clip bounds to what is asked
+    offsets = np.arange(len(start))[:, None] * (highest - lowest + 1)
+    bounds = (np.clip(start, lowest, highest) + offsets).ravel()
+    k = np.searchsorted(bounds, x + offsets[lines, 0], side="right") - 1 - lines * (n + 1)
+    v = vertex[lines, np.clip(k, 0, n - 1)]
+    return np.where(count[lines] > 0, heights[lines, v] + (x - v * step) ** 2, np.inf)
+
+
+def squared_distances(features, points, spacing, radius):
+    """Squared Euclidean distance from each point (k, ndim) to the nearest True voxel of `features`
+    that lies within `radius` of the points' bounding box (along each axis), and whether that radius
+    left any True voxel out. Separable, exact: along axis 0 by two scans, along each other axis by the
+    lower envelope of parabolas; each pass runs from the positions that hold features (the features'
+    box) to the positions asked for (the points' box), and the last axis only at the points."""
+    box_low, box_high = np.argwhere(features).min(0), np.argwhere(features).max(0) + 1
+    point_low, point_high = points.min(0), points.max(0) + 1
+    reach = np.ceil(radius / np.asarray(spacing, dtype=float))  # inf: no limit
+    low = np.maximum(box_low, point_low - reach).astype(np.intp)
+    high = np.minimum(box_high, point_high + reach).astype(np.intp)
+    left_out = bool(np.any(low > box_low) or np.any(high < box_high))
+    if np.any(low >= high):
+        return np.full(len(points), np.inf), left_out
+    inside = features[tuple(slice(a, b) for a, b in zip(low, high))]
+    squared = nearest_along_first_axis(inside, low[0], np.arange(point_low[0], point_high[0]), spacing[0])
+    # squared: points' box along the axes done, features' box along the axes to do
+    for axis in range(1, features.ndim):
+        moved = np.moveaxis(squared, axis, -1)
+        heights = moved.reshape(-1, moved.shape[-1])  # (lines, positions from low[axis])
+        envelope = parabola_envelope(heights, spacing[axis])
+        if axis < features.ndim - 1:
+            outputs = np.arange(point_low[axis], point_high[axis]) - low[axis]
+            values = envelope_at(heights, spacing[axis], envelope, np.repeat(np.arange(len(heights)), len(outputs)),
+                                 np.tile(outputs, len(heights)))
+            squared = np.moveaxis(values.reshape(*moved.shape[:-1], len(outputs)), -1, axis)
+        else:
+            lines = np.ravel_multi_index(tuple((points[:, :-1] - point_low[:-1]).T), moved.shape[:-1])
+            return envelope_at(heights, spacing[axis], envelope, lines, points[:, -1] - low[axis]), left_out
+    return squared[points[:, 0] - point_low[0]], left_out  # 1D
+
+
+FIRST_SEARCH_RADIUS = 3  # voxels of the finest spacing: most surface voxels have a near neighbour surface
+
+
+def nearest_distances(queries, features, spacing):
+    """Euclidean distance from each True voxel of `queries` (np.argwhere order) to the nearest True
+    voxel of `features`, exactly; both boolean arrays of one shape.
+    First only features within a small radius of the queries' box are searched: every distance found
+    that is no larger than the radius is exact, since the true nearest feature is then inside the
+    searched box. Otherwise the search is repeated with the largest distance found as the radius,
+    which is then exact for all. This keeps it cheap when a weak model scatters false positives."""
+    points = np.argwhere(queries)
+    radius = FIRST_SEARCH_RADIUS * min(spacing)
+    squared, left_out = squared_distances(features, points, spacing, radius)
+    if left_out and not squared.max() <= radius ** 2:
+        squared, _ = squared_distances(features, points, spacing, np.sqrt(squared.max()))
     return np.sqrt(squared)
 
 
 def surface_distances(pred, gt, spacing):
-    """Distances pred surface -> gt surface and gt surface -> pred surface (1D arrays).
-    The distance transforms run only inside the bounding box of both surfaces, which holds every
-    voxel that can be nearest to a surface voxel; that is what makes them cheap."""
+    """Distances pred surface -> gt surface and gt surface -> pred surface (1D arrays)."""
     for name, mask in (("prediction", pred), ("ground truth", gt)):
         if not mask.any():
             raise ValueError(f"the {name} mask is empty: surface distances are undefined")
     pred_surface, gt_surface = surface(pred), surface(gt)
-    corners = np.argwhere(pred_surface | gt_surface)
-    box = tuple(slice(lo, hi + 1) for lo, hi in zip(corners.min(0), corners.max(0)))
-    pred_surface, gt_surface = pred_surface[box], gt_surface[box]
-    pred_to_gt = distance_transform(gt_surface, spacing)[pred_surface]
-    gt_to_pred = distance_transform(pred_surface, spacing)[gt_surface]
-    return pred_to_gt, gt_to_pred
+    return nearest_distances(pred_surface, gt_surface, spacing), nearest_distances(gt_surface, pred_surface, spacing)
 
 
 def hd95(pred, gt, spacing=None):

@@ -14,12 +14,14 @@ Read top to bottom, this file follows the method:
      pseudo-label and 1 where it is ground truth (Eq. 5-6)
   5. pseudo-labels: the teacher's argmax, largest connected component per class
   6. metrics: Dice, Jaccard, HD95, ASD on an exact Euclidean distance transform in linear time
-  7. the ACDC data in the SSL4MIS layout, the authors' augmentation, slice-wise volume inference
+  7. the ACDC data in the SSL4MIS layout, the authors' augmentation, checkpoints and atomic
+     file writes, slice-wise volume inference
   8. pictures: a small PNG writer and label overlays
 
 train.py runs it (python train.py --phase pretrain; python train.py --phase selftrain),
 evaluate.py scores it, test_bcp.py checks every piece on small hand-built examples.
 """
+import json
 import os
 import struct
 import zlib
@@ -341,7 +343,8 @@ def squared_distances(features, points, spacing, radius):
     left any True voxel out. Separable, exact: along axis 0 by two scans, along each other axis by the
     lower envelope of parabolas; each pass runs from the positions that hold features (the features'
     box) to the positions asked for (the points' box), and the last axis only at the points."""
-    box_low, box_high = np.argwhere(features).min(0), np.argwhere(features).max(0) + 1
+    corners = np.argwhere(features)
+    box_low, box_high = corners.min(0), corners.max(0) + 1
     point_low, point_high = points.min(0), points.max(0) + 1
     reach = np.ceil(radius / np.asarray(spacing, dtype=float))  # inf: no limit
     low = np.maximum(box_low, point_low - reach).astype(np.intp)
@@ -580,18 +583,58 @@ def load_volumes(root, split, num_classes):
     return [(name, *read_h5(root / "data" / f"{name}.h5", 3, num_classes)) for name in read_list(root, f"{split}.list")]
 
 
-def training_slices(root, labeled_patients):
+def dataset_info(root):
+    """ROOT/dataset.json, which prepare_acdc.py writes for your own data: 'num_classes', 'class_names',
+    and 'unlabeled', the training volumes that have no labels. {} for ACDC and the synthetic set."""
+    path = Path(root) / "dataset.json"
+    if not path.exists():
+        return {}
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise DataError(f"{path}: not readable JSON ({error})") from None
+    if not isinstance(info, dict) or not isinstance(info.get("num_classes"), int):
+        raise DataError(f"{path}: needs an integer 'num_classes'")
+    return info
+
+
+def labeled_patients(root):
+    """The patients of train.list that have labels, in train.list order (the labeling order)."""
+    unlabeled = set(dataset_info(root).get("unlabeled", []))
+    return list(dict.fromkeys(patient_of(v) for v in read_list(root, "train.list") if v not in unlabeled))
+
+
+def training_slices(root, labeled_patients_count):
     """Slice names of train_slices.list split into (labeled, unlabeled): the labeled set is every
-    slice of the first `labeled_patients` patients in train.list order (3 -> 68, 7 -> 136 on ACDC)."""
-    patients = list(dict.fromkeys(patient_of(v) for v in read_list(root, "train.list")))
-    if not 1 <= labeled_patients <= len(patients):
-        raise DataError(f"{Path(root) / 'train.list'}: asked for {labeled_patients} labeled patients, it holds {len(patients)}")
-    chosen = set(patients[:labeled_patients])
+    slice of the first `labeled_patients_count` labeled patients in train.list order (3 -> 68, 7 -> 136
+    on ACDC); every other slice, those of volumes without labels included, is unlabeled."""
+    patients = labeled_patients(root)
+    if not 1 <= labeled_patients_count <= len(patients):
+        raise DataError(f"{Path(root) / 'train.list'}: asked for {labeled_patients_count} labeled patients, "
+                        f"it holds {len(patients)}")
+    chosen = set(patients[:labeled_patients_count])
     slices = read_list(root, "train_slices.list")
     labeled = [s for s in slices if patient_of(s) in chosen]
     if not labeled:
         raise DataError(f"{Path(root) / 'train_slices.list'}: no slices of the labeled patients {sorted(chosen)}")
     return labeled, [s for s in slices if patient_of(s) not in chosen]
+
+
+def write_atomic(path, data):
+    """Write bytes (or a callable that writes to a binary file) to `path` through a temporary file in
+    the same folder, flushed to disk, then renamed over `path`: readers see the old or the new file,
+    never a half-written one. The temporary file is removed if anything fails."""
+    path = Path(path)
+    temporary = path.with_name(path.name + ".tmp")
+    try:
+        with open(temporary, "wb") as f:
+            data(f) if callable(data) else f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 def load_checkpoint(path, required=("model", "flags")):
@@ -641,23 +684,6 @@ def predict_volume(model, image, patch_size):
 # 8. Pictures: a tiny PNG writer (zlib + numpy) and label overlays
 
 CLASS_COLORS = np.array([[0, 0, 0], [230, 60, 60], [60, 200, 90], [70, 130, 240]], dtype=np.uint8)  # bg, RV, Myo, LV
-
-
-def write_atomic(path, data):
-    """Write bytes (or a callable that writes to a binary file) to `path` through a temporary file in
-    the same folder, flushed to disk, then renamed over `path`: readers see the old or the new file,
-    never a half-written one. The temporary file is removed if anything fails."""
-    path = Path(path)
-    temporary = path.with_name(path.name + ".tmp")
-    try:
-        with open(temporary, "wb") as f:
-            data(f) if callable(data) else f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
 
 
 def write_png(path, rgb):

@@ -3,6 +3,7 @@ Score a checkpoint on a split of ACDC with the paper's protocol, beside the pape
 
     python evaluate.py --checkpoint runs/acdc_7/selftrain/best.pt          # the test split of data/ACDC
     python evaluate.py --root data/ACDC --split val --checkpoint P --json scores.json --save-png pictures/
+    python evaluate.py --checkpoint P --predict scans/ --out labels/   # segment NIfTI scans (your own)
 
 Protocol (as the authors compute the table): every slice resized to the training patch size
 (nearest), argmax, resized back (nearest); per class on the 3D volume, in voxels: Dice and Jaccard
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 
 import bcp
+import prepare_acdc
 
 METRICS = ("dice", "jaccard", "hd95", "asd")
 ACDC_CLASSES = ("RV", "Myo", "LV")
@@ -55,16 +57,50 @@ def check_writable(folder):
     tempfile.TemporaryFile(dir=folder).close()
 
 
-def save_montage(path, image, label, prediction, size=160):
-    """One row per slice: the image, ground truth outlines, prediction outlines."""
+def save_montage(path, image, label_maps, size=160):
+    """One row per slice: the image, then the outlines of each label map (ground truth, prediction)."""
     tiles = []
-    for image_slice, label_slice, prediction_slice in zip(image, label, prediction):
+    for image_slice, *map_slices in zip(image, *label_maps):
         resized = [bcp.resize_nearest(torch.from_numpy(np.ascontiguousarray(a)), size, size).numpy()
-                   for a in (image_slice, label_slice, prediction_slice)]
+                   for a in (image_slice, *map_slices)]
         picture = bcp.gray(resized[0])
-        tiles += [picture, bcp.paint_labels(picture, resized[1], outline=True),
-                  bcp.paint_labels(picture, resized[2], outline=True)]
-    bcp.write_png(path, bcp.montage(tiles, columns=3))
+        tiles += [picture] + [bcp.paint_labels(picture, labels, outline=True) for labels in resized[1:]]
+    bcp.write_png(path, bcp.montage(tiles, columns=1 + len(label_maps)))
+
+
+def nifti_scans(path):
+    """The scans a --predict argument names: one .nii/.nii.gz file, or those in a folder."""
+    path = Path(path)
+    if path.is_dir():
+        scans = sorted(p for p in path.iterdir() if p.name.endswith((".nii", ".nii.gz")))
+        if not scans:
+            raise bcp.DataError(f"{path}: no .nii or .nii.gz files in this folder")
+        return scans
+    if not path.is_file():
+        raise bcp.DataError(f"{path}: no such file or folder")
+    return [path]
+
+
+def predict_scans(model, patch_size, scans, out_dir, device, png_dir=None):
+    """Segment each NIfTI scan as training saw its slices (per-volume min-max to [0, 1], slices resized
+    to the patch, nearest back) and write <out_dir>/<name>.nii.gz, a uint8 label map with the scan's
+    geometry. png_dir: a montage of each scan with the outlines read back from the written file."""
+    targets = {scan: out_dir / (scan.name.removesuffix(".gz").removesuffix(".nii") + ".nii.gz") for scan in scans}
+    inputs = {scan.resolve() for scan in scans}
+    for target in targets.values():
+        if target.resolve() in inputs:
+            raise bcp.DataError(f"{target}: is one of the scans to segment; give another --out")
+    for scan, target in targets.items():
+        image, header = prepare_acdc.read_nifti(scan, with_header=True)
+        if image.ndim not in (2, 3):
+            raise bcp.DataError(f"{scan}: a {image.ndim}D image of shape {image.shape}; --predict takes one 2D or 3D scan per file")
+        volume = prepare_acdc.normalize(image.astype(np.float64), scan).reshape(-1, *image.shape[-2:])  # (S, H, W)
+        labels = bcp.predict_volume(model, torch.from_numpy(volume).to(device), patch_size).cpu().numpy()
+        prepare_acdc.write_nifti_labels(target, labels.astype(np.uint8), header)
+        if png_dir:
+            written = prepare_acdc.read_nifti(target).reshape(volume.shape)
+            save_montage(png_dir / f"{target.name.removesuffix('.nii.gz')}.png", volume, [written])
+        print(f"{scan} -> {target} ({np.bincount(labels.ravel(), minlength=2)[1:].sum()} foreground voxels)")
 
 
 def embed_slices(model, bank, patch_size, batch_size=32):
@@ -140,6 +176,9 @@ def main(argv=None):
     p.add_argument("--save-png", metavar="DIR", help="write a montage per volume: image, ground truth, prediction")
     p.add_argument("--kde", metavar="DIR", help="write the labeled/unlabeled feature distributions (CSV, SVG)")
     p.add_argument("--export", metavar="FILE", help="also write the weights as a small fp16 checkpoint (model + flags)")
+    p.add_argument("--predict", metavar="IN", help="segment NIfTI scans instead of scoring a split: a .nii/.nii.gz "
+                                                   "file or a folder of them; label maps go to --out")
+    p.add_argument("--out", metavar="DIR", help="--predict: where to write <name>.nii.gz label maps")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     try:
@@ -148,7 +187,9 @@ def main(argv=None):
         p.error(f"--device {args.device}: not a device torch knows (cpu, cuda, cuda:1, ...)")
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error(f"--device {args.device}: CUDA is not available on this machine")
-    for folder in [Path(f).parent for f in (args.json, args.export) if f] + [Path(d) for d in (args.save_png, args.kde) if d]:
+    if bool(args.predict) != bool(args.out):
+        p.error("--predict IN and --out DIR go together")
+    for folder in [Path(f).parent for f in (args.json, args.export) if f] + [Path(d) for d in (args.save_png, args.kde, args.out) if d]:
         check_writable(folder)  # before the evaluation, not after it
 
     model, checkpoint = bcp.load_unet(args.checkpoint, device)
@@ -161,7 +202,12 @@ def main(argv=None):
             {"model": {k: v.half() if v.is_floating_point() else v for k, v in checkpoint["model"].items()},
              "flags": flags, "iteration": checkpoint.get("iteration"), "best_dice": checkpoint.get("best_dice")}, f))
     num_classes, patch_size = flags["num_classes"], flags["patch_size"]
-    class_names = ACDC_CLASSES if num_classes == 4 else tuple(f"class {c}" for c in range(1, num_classes))
+    if args.predict:
+        return predict_scans(model, patch_size, nifti_scans(args.predict), Path(args.out), device,
+                             Path(args.save_png) if args.save_png else None)
+    own_data = bcp.dataset_info(args.root)
+    class_names = tuple(own_data.get("class_names") or (ACDC_CLASSES if num_classes == 4 else
+                                                        [f"class {c}" for c in range(1, num_classes)]))
 
     per_volume = []
     for name, image, label in bcp.load_volumes(args.root, args.split, num_classes):
@@ -171,7 +217,7 @@ def main(argv=None):
         except ValueError as error:  # a class missing from the ground truth: HD95 and ASD are undefined
             raise bcp.DataError(f"{Path(args.root) / 'data' / name}.h5: {error}") from None
         if args.save_png:
-            save_montage(Path(args.save_png) / f"{name}.png", image, label, prediction)
+            save_montage(Path(args.save_png) / f"{name}.png", image, [label, prediction])
 
     per_class = {class_names[c]: {m: float(np.mean([v[c][m] for v in per_volume])) for m in METRICS}
                  for c in range(num_classes - 1)}
@@ -185,7 +231,7 @@ def main(argv=None):
         print(f"{row_name:42s} {scores['dice']:8.2f} {scores['jaccard']:10.2f} {scores['hd95']:8.2f} {scores['asd']:8.2f}")
     if (Path(args.root) / "SYNTHETIC").exists():
         print("SYNTHETIC phantoms: the paper's ACDC rows do not apply")
-    else:
+    elif not own_data:
         if args.split != "test":
             print(f"the paper's rows below were measured on the test split, these on {args.split}")
         for row_name, *row in PAPER_ROWS.get(flags.get("labeled_patients"), []):

@@ -4,12 +4,17 @@ Build the ACDC data set in the SSL4MIS h5 layout that train.py and evaluate.py r
     python prepare_acdc.py                                   # synthetic phantoms at data/ACDC (no download)
     python prepare_acdc.py --raw ~/ACDC/database --out data/ACDC   # from the official NIfTI download
     python prepare_acdc.py --check data/ACDC                 # verify a folder, e.g. the SSL4MIS h5 download
+    python prepare_acdc.py --raw ~/Task01 --out data/mine     # your own scans, nnU-Net / Decathlon layout:
+        imagesTr/<case>_0000.nii.gz + labelsTr/<case>.nii.gz   labeled, split into train and val (--val-fraction)
+        imagesTr/ without a label, imagesUnlabeled/            unlabeled (train, self-training only)
+        imagesTs/ + labelsTs/                                  test; dataset.json 'labels' names the classes
 
 Layout written (and checked):
     ROOT/train.list, val.list, test.list   volume names, one a line (train.list order = labeling order)
     ROOT/train_slices.list                 slice names of the training volumes
     ROOT/data/<volume>.h5                  'image' float32 (S, H, W) in [0, 1], 'label' uint8 (S, H, W)
     ROOT/data/slices/<volume>_slice_<i>.h5 'image' float32 (H, W), 'label' uint8 (H, W), i from 1
+    ROOT/dataset.json                      your own data only: num_classes, class_names, unlabeled volumes
 Everything is written into a temporary folder beside --out that is renamed to --out only when
 complete. --force replaces only a folder this script wrote (its lists and data/), never one that
 holds the current directory; the old folder is renamed aside first and deleted last, so a kill at any
@@ -17,6 +22,7 @@ moment leaves the old data set or the new one, whole.
 """
 import argparse
 import gzip
+import json
 import math
 import os
 import shutil
@@ -85,10 +91,10 @@ def clean_leftovers(out):
             old.rename(out)
 
 
-def write_layout(out, volumes, force, marker=None):
+def write_layout(out, volumes, force, marker=None, info=None):
     """Write (split, volume name, image (S, H, W), label (S, H, W)) tuples into a temporary folder
     beside --out, slices for the training volumes, the lists, then swap it in for --out. `volumes` may
-    be a generator: one volume is in memory at a time."""
+    be a generator: one volume is in memory at a time. info: written as dataset.json (your own data)."""
     out = Path(out).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     clean_leftovers(out)
@@ -111,6 +117,8 @@ def write_layout(out, volumes, force, marker=None):
             (staging / f"{split}.list").write_text("".join(n + "\n" for n in names))
         if marker:
             (staging / "SYNTHETIC").write_text(marker)
+        if info:
+            (staging / "dataset.json").write_text(json.dumps(info, indent=2) + "\n")
         old = out.parent / f".{out.name}.old-{os.getpid()}"
         if out.exists():
             out.rename(old)
@@ -133,12 +141,15 @@ def normalize(image, path):
 # ----------------------------------------------------------------------------- the official NIfTI download
 
 NIFTI_DTYPES = {2: "u1", 4: "i2", 8: "i4", 16: "f4", 64: "f8", 256: "i1", 512: "u2", 768: "u4"}
+NIFTI_COMPLEX = {32, 1792, 2048}
+NIFTI_HEADER = 348  # bytes; a single-file NIfTI-1 (.nii) then has 4 extension bytes, data from byte 352
 
 
-def read_nifti(path):
+def read_nifti(path, with_header=False):
     """A NIfTI-1 file (.nii or .nii.gz) -> numpy array in (slice, row, col) order, as SimpleITK's
     GetArrayFromImage gives it: the reverse of the NIfTI index order (i, j, k). scl_slope/scl_inter
-    are applied when set (the result is then float)."""
+    are applied when set (the result is then float). with_header: also (header bytes, byte order),
+    for write_nifti_labels."""
     try:
         with (gzip.open if str(path).endswith(".gz") else open)(path, "rb") as f:
             raw = f.read()
@@ -153,6 +164,8 @@ def read_nifti(path):
     datatype = struct.unpack(endian + "h", raw[70:72])[0]
     offset = int(struct.unpack(endian + "f", raw[108:112])[0])
     slope, inter = struct.unpack(endian + "2f", raw[112:120])
+    if datatype in NIFTI_COMPLEX:
+        raise bcp.DataError(f"{path}: complex-valued images are not supported (NIfTI datatype {datatype})")
     if datatype not in NIFTI_DTYPES:
         raise bcp.DataError(f"{path}: unsupported NIfTI datatype code {datatype}")
     if not 1 <= dims[0] <= 7:
@@ -165,9 +178,26 @@ def read_nifti(path):
     data = np.frombuffer(raw, dtype, count, offset).reshape(shape[::-1])  # Fortran order -> (k, j, i)
     while data.ndim > 3 and data.shape[0] == 1:  # a trailing singleton time axis
         data = data[0]
-    if slope not in (0.0, 1.0) or inter != 0.0:
-        data = data * (slope or 1.0) + inter
-    return data.copy()
+    slope = slope if math.isfinite(slope) and slope != 0 else 1.0  # 0 or NaN: no scaling (nibabel writes NaN)
+    inter = inter if math.isfinite(inter) else 0.0
+    if (slope, inter) != (1.0, 0.0):
+        data = data * slope + inter
+    return (data.copy(), (raw[:NIFTI_HEADER], endian)) if with_header else data.copy()
+
+
+def write_nifti_labels(path, labels, header):
+    """Write a (slice, row, col) uint8 label map as a gzipped NIfTI-1 with the geometry of the scan
+    whose (header bytes, byte order) read_nifti returned: its dims, pixdim, qform and sform are kept,
+    so the labels overlay the scan in ITK-SNAP, 3D Slicer or nibabel. The scan's data type, scaling and
+    extensions are replaced (uint8, none, none). Written to a temporary name, then renamed."""
+    raw, endian = header
+    fields = bytearray(raw)
+    struct.pack_into(endian + "2h", fields, 70, 2, 8)  # datatype uint8, 8 bits per voxel
+    struct.pack_into(endian + "3f", fields, 108, NIFTI_HEADER + 4, 1.0, 0.0)  # vox_offset, scl_slope, scl_inter
+    struct.pack_into(endian + "2f", fields, 124, float(labels.max(initial=0)), 0.0)  # cal_max, cal_min
+    fields[344:348] = b"n+1\0"  # one file
+    payload = bytes(fields) + bytes(4) + np.ascontiguousarray(labels, np.uint8).tobytes()  # C (k, j, i) = NIfTI (i, j, k)
+    bcp.write_atomic(path, gzip.compress(payload, compresslevel=6))
 
 
 def read_info(path):
@@ -218,6 +248,98 @@ def official_volumes(raw):
                 yield (split, f"patient{patient:03d}_{name}", *read_frame(folders[patient], patient, frame))
     if not found:
         raise bcp.DataError(f"{raw}: none of patients 001-100 found")
+
+
+# ----------------------------------------------------------------------------- your own scans (nnU-Net layout)
+
+def case_name(path, suffix=""):
+    """'imagesTr/heart_007_0000.nii.gz' -> 'heart-007': no '_', which separates patient and slice here."""
+    stem = path.name.removesuffix(".gz").removesuffix(".nii").removesuffix(suffix)
+    return stem.replace("_", "-")
+
+
+def read_scan(path):
+    image = read_nifti(path)
+    if image.ndim == 2:
+        image = image[None]
+    if image.ndim != 3:
+        raise bcp.DataError(f"{path}: a {image.ndim}D image of shape {image.shape}; one 2D or 3D channel per file")
+    return image
+
+
+def class_names_of(raw):
+    """Foreground class names from DIR/dataset.json (nnU-Net v2 {"name": value} or Decathlon
+    {"value": "name"}), or None without one."""
+    path = raw / "dataset.json"
+    if not path.exists():
+        return None
+    try:
+        labels = json.loads(path.read_text())["labels"]
+        by_value = {int(v): k for k, v in labels.items()} if all(str(v).isdigit() for v in labels.values()) \
+            else {int(k): v for k, v in labels.items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise bcp.DataError(f"{path}: needs 'labels' as in nnU-Net or the Decathlon ({error!r})") from None
+    if sorted(by_value) != list(range(len(by_value))) or len(by_value) < 2:
+        raise bcp.DataError(f"{path}: labels must be 0 .. C-1 with C >= 2, got {sorted(by_value)}")
+    return [str(by_value[c]) for c in range(1, len(by_value))]
+
+
+def own_volumes(raw, val_fraction, seed):
+    """Your own scans in the nnU-Net / Medical Segmentation Decathlon layout -> (info for dataset.json,
+    a generator of (split, name, image, label)). Labeled cases are split into train and val
+    (val_fraction of them, shuffled by seed), unlabeled ones join train with an all-0 label map that is
+    never read, imagesTs with labelsTs is the test split."""
+    raw = Path(raw)
+    images, labels = {}, {}
+    for folder, split in (("imagesTr", "train"), ("imagesUnlabeled", "unlabeled"), ("imagesTs", "test")):
+        for path in sorted((raw / folder).glob("*.nii*")):
+            if not path.name.removesuffix(".gz").removesuffix(".nii").endswith("_0000"):
+                raise bcp.DataError(f"{path}: only one channel per case is supported (<case>_0000.nii.gz)")
+            name = case_name(path, "_0000")
+            if name in images:
+                raise bcp.DataError(f"{path}: case {name} appears twice (names are compared with '_' read as '-')")
+            images[name] = (split, path)
+    for folder in ("labelsTr", "labelsTs"):
+        for path in sorted((raw / folder).glob("*.nii*")):
+            if case_name(path) not in images:
+                raise bcp.DataError(f"{path}: a label without an image ({raw / folder.replace('labels', 'images')}/"
+                                    f"{path.name.split('.')[0]}_0000.nii.gz)")
+            labels[case_name(path)] = path
+    if not any(split == "train" and name in labels for name, (split, _) in images.items()):
+        raise bcp.DataError(f"{raw}: no labeled training cases (imagesTr/<case>_0000.nii.gz with labelsTr/<case>.nii.gz)")
+    values = {name: np.unique(read_nifti(path)) for name, path in labels.items()}
+    for name, found in values.items():
+        if found.min() < 0 or not np.array_equal(found, np.round(found)):
+            raise bcp.DataError(f"{labels[name]}: label values must be whole numbers from 0, got {found[:10]}")
+    class_names = class_names_of(raw)
+    num_classes = len(class_names) + 1 if class_names else int(max(v.max() for v in values.values())) + 1
+    for name, found in values.items():
+        others = [v.max() for n, v in values.items() if n != name]
+        if found.max() >= num_classes or (not class_names and others and found.max() > max(others)):
+            raise bcp.DataError(f"{labels[name]}: holds class {found.max():g}, which "
+                                + (f"dataset.json does not list (classes 0..{num_classes - 1})" if class_names else
+                                   "no other label has; list the classes in dataset.json 'labels' if that is right"))
+    labeled = [name for name, (split, _) in images.items() if split == "train" and name in labels]
+    labeled = [labeled[i] for i in np.random.default_rng(seed).permutation(len(labeled))]
+    n_val = min(len(labeled) - 1, round(len(labeled) * val_fraction)) if len(labeled) > 1 else 0
+    splits = {name: "val" for name in labeled[:n_val]} | {name: "train" for name in labeled[n_val:]}
+    unlabeled = [name for name, (split, _) in images.items() if split != "test" and name not in labels]
+    splits |= {name: "unlabeled" for name in unlabeled}
+    splits |= {name: "test" for name, (split, _) in images.items() if split == "test" and name in labels}
+    skipped = [name for name, (split, _) in images.items() if split == "test" and name not in labels]
+    if skipped:
+        print(f"{len(skipped)} imagesTs cases without labelsTs are not a test split; segment them with evaluate.py --predict")
+    info = {"num_classes": num_classes, "class_names": class_names or [f"class {c}" for c in range(1, num_classes)],
+            "unlabeled": unlabeled, "source": str(raw)}
+
+    def volumes():
+        for name, split in sorted(splits.items(), key=lambda item: ["train", "unlabeled", "val", "test"].index(item[1])):
+            image = read_scan(images[name][1])
+            label = read_scan(labels[name]) if name in labels else np.zeros(image.shape, np.uint8)
+            if label.shape != image.shape:
+                raise bcp.DataError(f"{labels[name]}: shape {label.shape} does not match the image's {image.shape}")
+            yield ("train" if split == "unlabeled" else split), name, normalize(image.astype(np.float64), images[name][1]), label.astype(np.uint8)
+    return info, volumes()
 
 
 # ----------------------------------------------------------------------------- synthetic phantoms
@@ -319,8 +441,12 @@ def check(root):
     for split in LISTS:
         path = root / f"{split}.list"
         lists[split] = path.read_text().split() if path.exists() else []
-        if not lists[split]:
+        if not path.exists() or (not lists[split] and split != "test"):  # your own data may have no test split
             problems.append(f"{path}: missing or empty")
+    try:
+        num_classes = bcp.dataset_info(root).get("num_classes", NUM_CLASSES)
+    except bcp.DataError as error:
+        return problems + [str(error)]
     train_patients = {bcp.patient_of(v) for v in lists["train"]}
     for name in lists["train_slices"]:
         if bcp.patient_of(name) not in train_patients:
@@ -344,8 +470,8 @@ def check(root):
             problems.append(f"{path}: expected {ndim}D image and label of one shape, got {image.shape} and {label.shape}")
         elif not (np.isfinite(image).all() and image.min() >= 0 and image.max() <= 1):
             problems.append(f"{path}: image values must lie in [0, 1], got {image.min()}..{image.max()}")
-        elif label.max(initial=0) >= NUM_CLASSES:
-            problems.append(f"{path}: label values must lie in 0..{NUM_CLASSES - 1}, got max {label.max()}")
+        elif label.max(initial=0) >= num_classes:
+            problems.append(f"{path}: label values must lie in 0..{num_classes - 1}, got max {label.max()}")
     for split in ("train", "val", "test"):
         patients = {bcp.patient_of(v) for v in lists[split]}
         slices = len(lists["train_slices"]) if split == "train" else 0
@@ -357,11 +483,13 @@ def check(root):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--raw", help="the official ACDC download (folders patientXXX with Info.cfg and NIfTI files)")
+    p.add_argument("--raw", help="the official ACDC download (folders patientXXX with Info.cfg and NIfTI files), "
+                                 "or your own scans in the nnU-Net layout (imagesTr/, labelsTr/, ...)")
+    p.add_argument("--val-fraction", type=float, default=0.2, help="your own scans: labeled cases kept for validation")
     p.add_argument("--out", default="data/ACDC", help="where to write the layout")
     p.add_argument("--check", metavar="ROOT", help="verify an existing folder instead of writing one")
     p.add_argument("--patients", type=int, default=100, help="synthetic set: number of patients (split 70/10/20)")
-    p.add_argument("--seed", type=int, default=1337, help="synthetic set: random seed")
+    p.add_argument("--seed", type=int, default=1337, help="random seed of the synthetic set and of your own val split")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     args = p.parse_args(argv)
     try:
@@ -372,7 +500,12 @@ def main(argv=None):
             print(f"{len(problems)} problem(s) in {args.check}" if problems else f"{args.check}: OK")
             return 1 if problems else 0
         start = time.time()
-        if args.raw:
+        if args.raw and (Path(args.raw) / "imagesTr").is_dir():
+            info, volumes = own_volumes(args.raw, args.val_fraction, args.seed)
+            lists = write_layout(args.out, volumes, args.force, info=info)
+            print(f"{info['num_classes']} classes ({', '.join(info['class_names'])}), "
+                  f"{len(info['unlabeled'])} unlabeled training volumes")
+        elif args.raw:
             lists = write_layout(args.out, official_volumes(args.raw), args.force)
         else:
             print(SYNTHETIC_BANNER)

@@ -1,11 +1,13 @@
 """
 Tests for BCP: each checks one idea against a value worked out by hand or a trusted reference.
     python -m pytest -q test_bcp.py
-scipy serves only as a reference here (medpy's metric definitions rebuilt on scipy.ndimage).
+scipy and nibabel serve only as references here (medpy's metric definitions rebuilt on
+scipy.ndimage; NIfTI headers as nibabel reads them); the product imports neither.
 """
 import gzip
 import json
 import math
+import re
 import shutil
 import struct
 import zlib
@@ -14,6 +16,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import h5py
+import nibabel
 import numpy as np
 import pytest
 import torch
@@ -1144,3 +1147,113 @@ def test_cuda_evaluation_matches_the_cpu(synthetic_root, tmp_path):
         scores[device] = json.loads((tmp_path / f"{device}.json").read_text())["mean"]
     for metric in ("dice", "jaccard"):  # percent; TF32 convolutions may flip a few boundary pixels
         assert scores["cuda"][metric] == pytest.approx(scores["cpu"][metric], abs=0.5)
+
+
+# ----------------------------------------------------------------------------- your own scans (issue 14)
+
+def own_data_folder(root, labeled=5, unlabeled=2, extra_unlabeled=1, test=2, dataset_json=True):
+    """A tiny nnU-Net-layout folder of phantom scans: imagesTr with and without labelsTr,
+    imagesUnlabeled, imagesTs with labelsTs, and dataset.json (nnU-Net v2 labels)."""
+    rng = np.random.default_rng(0)
+    for folder in ("imagesTr", "labelsTr", "imagesUnlabeled", "imagesTs", "labelsTs"):
+        (root / folder).mkdir(parents=True)
+    cases = ([("imagesTr", "labelsTr", f"heart_{i:03d}") for i in range(labeled)]
+             + [("imagesTr", None, f"heart_{i:03d}") for i in range(labeled, labeled + unlabeled)]
+             + [("imagesUnlabeled", None, f"extra_{i:03d}") for i in range(extra_unlabeled)]
+             + [("imagesTs", "labelsTs", f"test_{i:03d}") for i in range(test)])
+    for images, labels, case in cases:
+        anatomy = prepare_acdc.random_anatomy(rng, (56, 48))
+        image, label = prepare_acdc.phantom_frame(rng, (56, 48), 4, anatomy, systole=False)  # (k, j, i)
+        write_nifti(root / images / f"{case}_0000.nii.gz", (image * 1000).astype(np.int16).transpose(2, 1, 0))
+        if labels:
+            write_nifti(root / labels / f"{case}.nii.gz", label.transpose(2, 1, 0))
+    if dataset_json:
+        (root / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "RV": 1, "Myo": 2, "LV": 3},
+                                                       "channel_names": {"0": "MRI"}}))
+
+
+def test_own_scans_end_to_end(tmp_path):
+    """prepare (nnU-Net layout) -> pretrain -> selftrain -> evaluate -> predict on the CPU. The labeled
+    set defaults to every labeled case, the unlabeled ones only feed self-training, and --predict on a
+    test scan gives exactly what evaluate.py predicts on its h5 copy (same model, same preprocessing)."""
+    own_data_folder(tmp_path / "raw")
+    root, run = tmp_path / "mine", tmp_path / "run"
+    assert prepare_acdc.main(["--raw", str(tmp_path / "raw"), "--out", str(root)]) == 0
+    info = bcp.dataset_info(root)
+    assert info["num_classes"] == 4 and info["class_names"] == ["RV", "Myo", "LV"]
+    assert sorted(info["unlabeled"]) == ["extra-000", "heart-005", "heart-006"]
+    assert len((root / "val.list").read_text().split()) == 1 and len((root / "test.list").read_text().split()) == 2
+    assert prepare_acdc.check(root) == []
+    labeled, unlabeled = bcp.training_slices(root, len(bcp.labeled_patients(root)))
+    assert len(labeled) == 4 * 4 and len(unlabeled) == 3 * 4  # 4 labeled training cases, 3 unlabeled, 4 slices each
+    at = TINY.index("--labeled-patients")
+    tiny = TINY[:at] + TINY[at + 2:]  # the default: every labeled case
+    for phase in ("pretrain", "selftrain"):
+        train.main(["--root", str(root), *tiny, "--out", str(run), "--phase", phase, "--iterations", "4"])
+    flags = bcp.load_checkpoint(run / "selftrain" / "best.pt")["flags"]
+    assert flags["labeled_patients"] == 4 and flags["num_classes"] == 4
+    evaluate.main(["--root", str(root), "--checkpoint", str(run / "selftrain" / "best.pt"), "--json", str(tmp_path / "s.json")])
+    assert set(json.loads((tmp_path / "s.json").read_text())["per_class"]) == {"RV", "Myo", "LV"}
+    evaluate.main(["--checkpoint", str(run / "selftrain" / "best.pt"), "--predict", str(tmp_path / "raw" / "imagesTs"),
+                   "--out", str(tmp_path / "labels"), "--save-png", str(tmp_path / "pictures")])
+    model, _ = bcp.load_unet(run / "selftrain" / "best.pt")
+    for name, image, _ in bcp.load_volumes(root, "test", 4):
+        expected = bcp.predict_volume(model.eval(), torch.from_numpy(image), 32).numpy()
+        written = prepare_acdc.read_nifti(tmp_path / "labels" / f"{name.replace('-', '_')}_0000.nii.gz")
+        np.testing.assert_array_equal(written, expected)
+    assert len(list((tmp_path / "pictures").glob("*.png"))) == 2
+
+
+def test_predicted_nifti_keeps_the_scans_geometry(synthetic_root, tmp_path):
+    """A scan with a rotated, anisotropic affine (qform and sform) written by nibabel: the label map
+    read back by nibabel has the scan's shape, affine, pixdim, qform/sform codes, and our labels."""
+    train.main(["--root", str(synthetic_root), *TINY, "--out", str(tmp_path), "--phase", "supervised", "--iterations", "1"])
+    angle = 0.3
+    affine = np.array([[1.4 * math.cos(angle), -1.4 * math.sin(angle), 0, -80.5],
+                       [1.4 * math.sin(angle), 1.4 * math.cos(angle), 0, 20.0],
+                       [0, 0, 8.0, -33.0], [0, 0, 0, 1]])
+    data = np.random.default_rng(0).random((40, 36, 5)).astype(np.float32) * 300
+    scan = nibabel.Nifti1Image(data, affine)
+    scan.set_qform(affine, code=1)
+    scan.set_sform(affine, code=2)
+    nibabel.save(scan, tmp_path / "scan.nii.gz")
+    scan = nibabel.load(tmp_path / "scan.nii.gz")
+    evaluate.main(["--checkpoint", str(tmp_path / "supervised" / "best.pt"), "--predict", str(tmp_path / "scan.nii.gz"),
+                   "--out", str(tmp_path / "labels")])
+    labels = nibabel.load(tmp_path / "labels" / "scan.nii.gz")
+    assert labels.shape == scan.shape and labels.get_data_dtype() == np.uint8
+    np.testing.assert_allclose(labels.affine, scan.affine, atol=1e-5)
+    for field in ("pixdim", "qform_code", "sform_code", "quatern_b", "quatern_c", "quatern_d", "srow_x", "srow_z"):
+        np.testing.assert_array_equal(labels.header[field], scan.header[field], err_msg=field)
+    ours = prepare_acdc.read_nifti(tmp_path / "labels" / "scan.nii.gz")
+    np.testing.assert_array_equal(np.asarray(labels.dataobj), ours.transpose(2, 1, 0))
+
+
+@pytest.mark.parametrize("kind,message", [("4d", "a 4D image"), ("complex", "complex-valued"), ("text", "not a NIfTI-1 file")])
+def test_predict_refuses_what_it_cannot_segment(synthetic_root, tmp_path, kind, message):
+    train.main(["--root", str(synthetic_root), *TINY, "--out", str(tmp_path), "--phase", "supervised", "--iterations", "1"])
+    scan = tmp_path / "scans" / "bad.nii.gz"
+    scan.parent.mkdir()
+    if kind == "text":
+        scan.write_bytes(gzip.compress(b"hello" * 100))
+    else:
+        data = np.ones((8, 8, 3, 2), np.float32) if kind == "4d" else np.ones((8, 8, 3), np.complex64)
+        nibabel.save(nibabel.Nifti1Image(data, np.eye(4)), scan)
+    with pytest.raises(bcp.DataError, match=f"bad.nii.gz: .*{message}"):
+        evaluate.main(["--checkpoint", str(tmp_path / "supervised" / "best.pt"), "--predict", str(scan.parent),
+                       "--out", str(tmp_path / "labels")])
+    assert list((tmp_path / "labels").iterdir()) == []  # nothing written, not even half a file
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda raw: (raw / "imagesTr" / "heart_001_0000.nii.gz").unlink(), "heart_001.nii.gz: a label without an image"),
+    (lambda raw: write_nifti(raw / "labelsTr" / "heart_002.nii.gz", np.zeros((56, 48, 3), np.uint8)), r"heart_002.nii.gz: shape \(3, 48, 56\) does not match"),
+    (lambda raw: write_nifti(raw / "labelsTr" / "heart_003.nii.gz", np.full((48, 56, 4), 5, np.uint8)), "heart_003.nii.gz: holds class 5, which no other label has"),
+])
+def test_own_layout_problems_name_the_file(tmp_path, capsys, damage, message):
+    own_data_folder(tmp_path / "raw", dataset_json=False)
+    damage(tmp_path / "raw")
+    assert prepare_acdc.main(["--raw", str(tmp_path / "raw"), "--out", str(tmp_path / "mine")]) == 1
+    error = capsys.readouterr().err
+    assert re.search(message, error) and error.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"]

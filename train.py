@@ -50,12 +50,13 @@ def parse_args(argv=None):
     p.add_argument("--root", default="data/ACDC", help="dataset folder in the SSL4MIS layout")
     p.add_argument("--out", default="runs/acdc_7", help="run folder; each phase writes <out>/<phase>/")
     p.add_argument("--phase", choices=list(PHASE_ITERATIONS), default="pretrain")
-    p.add_argument("--labeled-patients", type=at_least(1), default=7, help="first N patients of train.list are labeled")
+    p.add_argument("--labeled-patients", type=at_least(1),
+                   help="the first N patients of train.list are labeled (7 on ACDC; every labeled one on your own data)")
     p.add_argument("--iterations", type=at_least(1), help="steps (10000; 30000 for selftrain)")
     p.add_argument("--batch-size", type=at_least(1), default=24, help="slices per step (selftrain: labeled + unlabeled)")
     p.add_argument("--labeled-batch-size", type=at_least(1), default=12, help="labeled slices per step (pretrain, selftrain)")
     p.add_argument("--patch-size", type=at_least(16), default=256, help="slices are resized to patch x patch (a multiple of 16)")
-    p.add_argument("--num-classes", type=at_least(2), default=4, help="background + RV, Myo, LV")
+    p.add_argument("--num-classes", type=at_least(2), help="background + RV, Myo, LV on ACDC; your own data says")
     p.add_argument("--lr", type=at_least(0.0, float), default=0.01, help="SGD learning rate (constant)")
     p.add_argument("--momentum", type=at_least(0.0, float), default=0.9)
     p.add_argument("--weight-decay", type=at_least(0.0, float), default=1e-4)
@@ -86,6 +87,9 @@ def parse_args(argv=None):
                                   "(default <out>/pretrain/best.pt)")
     args = p.parse_args(argv)
     args.iterations = args.iterations or PHASE_ITERATIONS[args.phase]
+    own_data = bcp.dataset_info(args.root)  # written by prepare_acdc.py --raw for your own scans
+    args.num_classes = args.num_classes or own_data.get("num_classes", 4)
+    args.labeled_patients = args.labeled_patients or (len(bcp.labeled_patients(args.root)) if own_data else 7)
     if args.patch_size % 16:
         p.error(f"--patch-size must be a multiple of 16 (the U-Net halves it four times), got {args.patch_size}")
     if not 0 < args.beta < 1:

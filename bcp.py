@@ -496,6 +496,17 @@ def resize_nearest(x, height, width):
     return x[..., rows[:, None], cols[None, :]]
 
 
+def checked_device(name):
+    """torch.device(name); ValueError naming the problem for an unknown device or CUDA without a GPU."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name}: not a device torch knows (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
 def to_device(tensor, device):
     """A small host tensor (a step's slice indices, augmentation choices) copied to the training device
     without making the host wait: on CUDA through pinned memory, so the host can queue the next step

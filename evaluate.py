@@ -182,11 +182,9 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        p.error(f"--device {args.device}: not a device torch knows (cpu, cuda, cuda:1, ...)")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        p.error(f"--device {args.device}: CUDA is not available on this machine")
+        device = bcp.checked_device(args.device)
+    except ValueError as error:
+        p.error(str(error))
     if bool(args.predict) != bool(args.out):
         p.error("--predict IN and --out DIR go together")
     for folder in [Path(f).parent for f in (args.json, args.export) if f] + [Path(d) for d in (args.save_png, args.kde, args.out) if d]:

@@ -10,6 +10,8 @@ import math
 import re
 import shutil
 import struct
+import subprocess
+import sys
 import zlib
 from contextlib import nullcontext
 from pathlib import Path
@@ -949,6 +951,17 @@ def test_labeled_patients_without_slices_are_named(synthetic_root, tmp_path):
         bcp.training_slices(copy, 1)
 
 
+def test_command_line_errors_are_one_line(synthetic_root, tmp_path):
+    """As a user runs them: an --out that cannot be written (under a file), a --root without lists, a
+    checkpoint that does not exist: exit status 1 and one line, no traceback."""
+    (tmp_path / "a_file").write_text("")
+    for command in (["train.py", "--root", str(synthetic_root), *TINY, "--out", str(tmp_path / "a_file" / "run")],
+                    ["train.py", "--root", str(tmp_path), *TINY, "--out", str(tmp_path / "run")],
+                    ["evaluate.py", "--root", str(synthetic_root), "--checkpoint", str(tmp_path / "missing.pt")]):
+        done = subprocess.run([sys.executable, *command], capture_output=True, text=True, cwd=Path(__file__).parent)
+        assert done.returncode == 1 and done.stderr.startswith("error: ") and done.stderr.count("\n") == 1, done.stderr
+
+
 def test_leftover_temporary_checkpoints_are_removed(synthetic_root, tmp_path):
     (tmp_path / "pretrain").mkdir()
     (tmp_path / "pretrain" / "last.pt.tmp").write_bytes(b"half a checkpoint")
@@ -1032,54 +1045,50 @@ def test_selftrain_carries_the_pretrain_momentum(synthetic_root, tmp_path, capsy
 
 # ----------------------------------------------------------------------------- --mix ablations (issue 12)
 
-def step_loss(flags, synthetic_root, mix, step=3):
-    """The loss of one self-train step with --mix, models in eval mode (no dropout) so that every
-    variant sees the same student and teacher outputs."""
-    labeled_names, unlabeled_names = bcp.training_slices(synthetic_root, 2)
-    banks = [bcp.SliceBank(*bcp.load_slices(synthetic_root, names, 4), "cpu") for names in (labeled_names, unlabeled_names)]
+def selftrain_run(synthetic_root, mix="bidirectional"):
+    """What a self-train step gets, student and teacher fresh (seed 0) and in eval mode (no dropout), so
+    that every --mix sees the same outputs."""
+    banks = [bcp.SliceBank(*bcp.load_slices(synthetic_root, names, 4), "cpu") for names in bcp.training_slices(synthetic_root, 2)]
     torch.manual_seed(0)
-    run = tiny_run([*flags, "--phase", "selftrain", "--mix", mix], *banks)
+    run = tiny_run([*TINY, "--phase", "selftrain", "--mix", mix], *banks)
     run.student.eval(), run.teacher.eval()
-    return run, train.selftrain_step(run, step)[0].item()
+    return run
+
+
+def step_draws(run, step):
+    """A step's L_a, L_b, their ground truth G_a, G_b, U_a, U_b, the teacher's P_a, P_b, and M."""
+    args = run.args
+    (l_a, l_b), (g_a, g_b) = train.draw_halves(run.labeled, step, args.labeled_batch_size, args, train.LABELED)
+    (u_a, u_b), _ = train.draw_halves(run.unlabeled, step, args.batch_size - args.labeled_batch_size, args, train.UNLABELED)
+    with torch.no_grad():
+        p_a, p_b = bcp.pseudo_label(torch.cat([run.teacher(u_a), run.teacher(u_b)])).chunk(2)
+    return l_a, l_b, g_a, g_b, u_a, u_b, p_a, p_b, train.draw_mask(step, args, "cpu")
 
 
 def test_inward_and_outward_are_the_two_terms_of_bidirectional(synthetic_root):
-    both = step_loss(TINY, synthetic_root, "bidirectional")[1]
-    inward, outward = (step_loss(TINY, synthetic_root, mix)[1] for mix in ("inward", "outward"))
-    assert both == pytest.approx(inward + outward, rel=1e-6) and inward > 0 and outward > 0
+    loss = {mix: train.selftrain_step(selftrain_run(synthetic_root, mix), 3)[0].item()
+            for mix in ("bidirectional", "inward", "outward")}
+    assert loss["bidirectional"] == pytest.approx(loss["inward"] + loss["outward"], rel=1e-6)
+    assert loss["inward"] > 0 and loss["outward"] > 0
 
 
 def test_bidirectional_loss_is_the_papers(synthetic_root):
-    """The default's loss equals Eq. 6 written out on the step's own draws: X_in with alpha on the
-    pseudo-labeled base region, X_out with alpha on the pseudo-labeled pasted region."""
-    run, loss = step_loss(TINY, synthetic_root, "bidirectional")
-    run, _ = step_loss(TINY, synthetic_root, "bidirectional")  # fresh models, the step not yet taken
-    args = run.args
-    (l_a, l_b), (g_a, g_b) = train.draw_halves(run.labeled, 3, args.labeled_batch_size, args, train.LABELED)
-    (u_a, u_b), _ = train.draw_halves(run.unlabeled, 3, args.batch_size - args.labeled_batch_size, args, train.UNLABELED)
-    torch.manual_seed(0)
-    run = tiny_run([*TINY, "--phase", "selftrain"], run.labeled, run.unlabeled)
-    run.student.eval(), run.teacher.eval()
+    """The default's loss equals Eq. 1-4 and 6 written out on the step's own draws: X_in with alpha on
+    its pseudo-labeled base region, X_out with alpha on its pseudo-labeled pasted region."""
+    run = selftrain_run(synthetic_root)
+    l_a, l_b, g_a, g_b, u_a, u_b, p_a, p_b, m = step_draws(run, 3)
     with torch.no_grad():
-        p_a, p_b = bcp.pseudo_label(torch.cat([run.teacher(u_a), run.teacher(u_b)])).chunk(2)
-        mask = train.draw_mask(3, args, "cpu")
-        expected = (bcp.mixed_loss(run.student(u_a * mask + l_a * (1 - mask)), p_a * mask.long() + g_a * (1 - mask.long()), mask, 0.5, 1.0)
-                    + bcp.mixed_loss(run.student(l_b * mask + u_b * (1 - mask)), g_b * mask.long() + p_b * (1 - mask.long()), mask, 1.0, 0.5))
-    assert loss == pytest.approx(expected.item(), rel=1e-6)
+        inward = bcp.mixed_loss(run.student(u_a * m + l_a * (1 - m)), p_a * m.long() + g_a * (1 - m.long()), m, 0.5, 1.0)
+        outward = bcp.mixed_loss(run.student(l_b * m + u_b * (1 - m)), g_b * m.long() + p_b * (1 - m.long()), m, 1.0, 0.5)
+    assert train.selftrain_step(run, 3)[0].item() == pytest.approx((inward + outward).item(), rel=1e-6)
 
 
 def test_no_mixing_loss_by_hand(synthetic_root):
     """--mix none: the student sees U_a with its pseudo-label (weight alpha) and L_b with its ground
     truth (weight 1), whole images: alpha * (Dice + CE)(U_a) / 2 + (Dice + CE)(L_b) / 2, with Dice over
     the 4 classes of the whole batch and CE the mean over pixels."""
-    _, loss = step_loss(TINY, synthetic_root, "none")
-    run, _ = step_loss(TINY, synthetic_root, "none")
-    args = run.args
-    (_, l_b), (_, g_b) = train.draw_halves(run.labeled, 3, args.labeled_batch_size, args, train.LABELED)
-    (u_a, u_b), _ = train.draw_halves(run.unlabeled, 3, args.batch_size - args.labeled_batch_size, args, train.UNLABELED)
-    torch.manual_seed(0)
-    run = tiny_run([*TINY, "--phase", "selftrain"], run.labeled, run.unlabeled)
-    run.student.eval(), run.teacher.eval()
+    run = selftrain_run(synthetic_root, "none")
+    _, l_b, _, g_b, u_a, _, p_a, _, _ = step_draws(run, 3)
 
     def dice_plus_ce(logits, target):
         probs, one_hot = logits.softmax(1), torch.nn.functional.one_hot(target, 4).permute(0, 3, 1, 2).float()
@@ -1087,9 +1096,8 @@ def test_no_mixing_loss_by_hand(synthetic_root):
         return dice.mean() + torch.nn.functional.cross_entropy(logits, target)
 
     with torch.no_grad():
-        p_a = bcp.pseudo_label(torch.cat([run.teacher(u_a), run.teacher(u_b)])).chunk(2)[0]
         expected = 0.5 * dice_plus_ce(run.student(u_a), p_a) / 2 + dice_plus_ce(run.student(l_b), g_b) / 2
-    assert loss == pytest.approx(expected.item(), rel=1e-5)
+    assert train.selftrain_step(run, 3)[0].item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 # ----------------------------------------------------------------------------- CUDA (run on a GPU: python -m pytest -q test_bcp.py -k cuda)

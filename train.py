@@ -99,11 +99,9 @@ def parse_args(argv=None):
     if args.resume and args.overwrite:
         p.error("--resume continues a run and --overwrite replaces it: give one")
     try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        p.error(f"--device {args.device}: not a device torch knows (cpu, cuda, cuda:1, ...)")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        p.error(f"--device {args.device}: CUDA is not available on this machine")
+        bcp.checked_device(args.device)
+    except ValueError as error:
+        p.error(str(error))
     half_batches = [args.labeled_batch_size] + ([args.batch_size - args.labeled_batch_size] if args.phase == "selftrain" else [])
     if args.phase != "supervised" and any(n < 2 or n % 2 for n in half_batches):
         p.error(f"--phase {args.phase} splits each half of the batch in two: got {half_batches} slices")

@@ -85,7 +85,7 @@ def predict_scans(model, patch_size, scans, out_dir, device, png_dir=None):
     """Segment each NIfTI scan as training saw its slices (per-volume min-max to [0, 1], slices resized
     to the patch, nearest back) and write <out_dir>/<name>.nii.gz, a uint8 label map with the scan's
     geometry. png_dir: a montage of each scan with the outlines read back from the written file."""
-    targets = {scan: out_dir / (scan.name.removesuffix(".gz").removesuffix(".nii") + ".nii.gz") for scan in scans}
+    targets = {scan: out_dir / f"{prepare_acdc.scan_stem(scan)}.nii.gz" for scan in scans}
     inputs = {scan.resolve() for scan in scans}
     for target in targets.values():
         if target.resolve() in inputs:
@@ -140,12 +140,12 @@ def write_svg(path, grid, curves, title, width=640, height=360, margin=50):
     bcp.write_atomic(path, ("\n".join(parts + ["</svg>"]) + "\n").encode())
 
 
-def feature_distributions(model, root, labeled_patients, patch_size, device, out_dir):
+def feature_distributions(model, root, labeled_patients, num_classes, patch_size, device, out_dir):
     """Figure 4.9 of the MT-BCP student report (Huynh T. P. and Le Q. T., Mean Teacher + BCP on ACDC
     10 %): are labeled and unlabeled slices embedded alike? Features of all training slices, projected
     on their first principal component, one Gaussian KDE per set."""
     labeled_names, unlabeled_names = bcp.training_slices(root, labeled_patients)
-    features = {name: embed_slices(model, bcp.SliceBank(*bcp.load_slices(root, names, model.head.out_channels), device), patch_size)
+    features = {name: embed_slices(model, bcp.SliceBank(*bcp.load_slices(root, names, num_classes), device), patch_size)
                 for name, names in (("labeled", labeled_names), ("unlabeled", unlabeled_names)) if names}
     everything = np.concatenate(list(features.values()))
     center = everything.mean(0)
@@ -237,7 +237,7 @@ def main(argv=None):
     print(f"class-volumes with an empty prediction (scored 0): {empty} of {len(per_volume) * (num_classes - 1)}")
 
     if args.kde:
-        feature_distributions(model, args.root, flags["labeled_patients"], patch_size, device, args.kde)
+        feature_distributions(model, args.root, flags["labeled_patients"], num_classes, patch_size, device, args.kde)
     if args.json:
         bcp.write_atomic(args.json, json.dumps(
             {"mean": mean, "per_class": per_class, "volumes": len(per_volume), "empty_predictions": empty,

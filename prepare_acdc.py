@@ -252,10 +252,14 @@ def official_volumes(raw):
 
 # ----------------------------------------------------------------------------- your own scans (nnU-Net layout)
 
+def scan_stem(path):
+    """'heart_007_0000.nii.gz' or '.nii' -> 'heart_007_0000'."""
+    return path.name.removesuffix(".gz").removesuffix(".nii")
+
+
 def case_name(path, suffix=""):
     """'imagesTr/heart_007_0000.nii.gz' -> 'heart-007': no '_', which separates patient and slice here."""
-    stem = path.name.removesuffix(".gz").removesuffix(".nii").removesuffix(suffix)
-    return stem.replace("_", "-")
+    return scan_stem(path).removesuffix(suffix).replace("_", "-")
 
 
 def read_scan(path):
@@ -293,7 +297,7 @@ def own_volumes(raw, val_fraction, seed):
     images, labels = {}, {}
     for folder, split in (("imagesTr", "train"), ("imagesUnlabeled", "unlabeled"), ("imagesTs", "test")):
         for path in sorted((raw / folder).glob("*.nii*")):
-            if not path.name.removesuffix(".gz").removesuffix(".nii").endswith("_0000"):
+            if not scan_stem(path).endswith("_0000"):
                 raise bcp.DataError(f"{path}: only one channel per case is supported (<case>_0000.nii.gz)")
             name = case_name(path, "_0000")
             if name in images:
@@ -307,7 +311,8 @@ def own_volumes(raw, val_fraction, seed):
             labels[case_name(path)] = path
     if not any(split == "train" and name in labels for name, (split, _) in images.items()):
         raise bcp.DataError(f"{raw}: no labeled training cases (imagesTr/<case>_0000.nii.gz with labelsTr/<case>.nii.gz)")
-    values = {name: np.unique(read_nifti(path)) for name, path in labels.items()}
+    values = {name: np.unique(read_nifti(path)) for name, path in labels.items()}  # read again when written:
+    # the classes must be known before the first volume is, and only one volume is held at a time
     for name, found in values.items():
         if found.min() < 0 or not np.array_equal(found, np.round(found)):
             raise bcp.DataError(f"{labels[name]}: label values must be whole numbers from 0, got {found[:10]}")

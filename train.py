@@ -408,15 +408,19 @@ def main(argv=None):
         metrics_file.write(json.dumps(row) + "\n")
         metrics_file.flush()
 
+    def stop(problem):
+        """A NaN or infinite loss or weight ends the run; the checkpoints on disk hold the last good state."""
+        kept = [str(p) for p in (last_path, best_path) if p.exists()]
+        log(f"stopping: {problem}; " + (f"{' and '.join(kept)} keep the last good weights" if kept else
+                                        "no checkpoint was written yet"))
+        sys.exit(1)
+
     def save_checkpoint(path, iteration):
         """Only finite weights are ever written (a NaN step stops the run before its next checkpoint)."""
         state = {"model": student.state_dict(), "teacher": teacher.state_dict() if teacher is not None else None,
                  "optimizer": optimizer.state_dict()}
         if not all_finite(state):
-            kept = [f"{p} (iteration {bcp.load_checkpoint(p)['iteration']})" for p in (last_path, best_path) if p.exists()]
-            log(f"stopping: the weights became NaN or infinite by iteration {iteration}; "
-                + (f"kept the last good ones: {', '.join(kept)}" if kept else "no checkpoint was written yet"))
-            sys.exit(1)
+            stop(f"the weights became NaN or infinite by iteration {iteration}")
         bcp.write_atomic(path, lambda f: torch.save({
             **state, "iteration": iteration, "best_dice": best_dice,
             "best_iteration": best_iteration, "elapsed": time.time() - phase_start, "flags": vars(args),
@@ -445,10 +449,7 @@ def main(argv=None):
         if iteration % args.log_every == 0 or validating or out_of_time:  # the loss is checked before every checkpoint
             mean_loss = loss_sum.item() / window_steps  # the one host sync every --log-every steps
             if not math.isfinite(mean_loss):
-                kept = [str(p) for p in (last_path, best_path) if p.exists()]
-                log(f"stopping: the loss became {mean_loss} between iterations {iteration - window_steps + 1} and "
-                    f"{iteration}; " + (f"{' and '.join(kept)} keep the last good weights" if kept else "no checkpoint was written"))
-                sys.exit(1)
+                stop(f"the loss became {mean_loss} between iterations {iteration - window_steps + 1} and {iteration}")
             speed = window_steps / (now - window_start)
             write_metrics({"iter": iteration, "loss": mean_loss, "lr": args.lr, "time": round(now - phase_start, 3)})
             last_text = "-" if math.isnan(last_dice) else f"{last_dice:.4f}"

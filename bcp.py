@@ -6,22 +6,30 @@ A Mean-Teacher in which the student never sees a plain image: a crop of a labele
 into an unlabeled one and a crop of an unlabeled image into a labeled one, so that labeled and
 unlabeled data learn from each other in both directions (inward and outward).
 
-Read top to bottom, this file follows the method:
-  1. the U-Net (as in SSL4MIS, which the authors build on)
+The same code runs on 2D slices (ACDC, U-Net) and 3D volumes (left atrium, V-Net): only the networks
+and the data banks are per dimension. Read top to bottom, this file follows one training step:
+  1. the networks: U-Net (2D, as in SSL4MIS) and V-Net (3D, as in UA-MT)
   2. the EMA teacher
-  3. the copy-paste mask M and the bidirectional mixing (Eq. 1-4)
+  3. the copy-paste mask M and the mixing (Eq. 1-4)
   4. the mixed Dice + CE loss: one term per region of M, weighted alpha where the target is a
      pseudo-label and 1 where it is ground truth (Eq. 5-6)
   5. pseudo-labels: the teacher's argmax, largest connected component per class
-  6. metrics: Dice, Jaccard, HD95, ASD on an exact Euclidean distance transform in linear time
-  7. the ACDC data in the SSL4MIS layout, the authors' augmentation, checkpoints and atomic
-     file writes, slice-wise volume inference
-  8. pictures: a small PNG writer and label overlays
+  6. the BCP step: all of the above in the order it runs (bcp_loss)
+then what serves it: 7. metrics (Dice, Jaccard, HD95, ASD on an exact Euclidean distance transform),
+8. the data (ACDC slices, LA volumes), their augmentation, checkpoints and whole-volume inference,
+9. pictures.
 
-train.py runs it (python train.py --phase pretrain; python train.py --phase selftrain),
-evaluate.py scores it, test_bcp.py checks every piece on small hand-built examples.
+Symbols, the same in the README and the code: L_a, L_b labeled images (labeled_a, labeled_b) with
+ground truth G_a, G_b (truth_a, truth_b); U_a, U_b unlabeled images (unlabeled_a, unlabeled_b) with
+the teacher's pseudo-labels P_a, P_b (pseudo_a, pseudo_b); M the mask (1 keeps the base image, 0 is
+where the crop is pasted); alpha the weight of pseudo-labeled regions (unlabeled_weight, --u-weight).
+Each of L_a, L_b, U_a, U_b is a half-batch (6 slices at the ACDC defaults, 2 crops on LA).
+
+train.py runs it, evaluate.py scores it, test_bcp.py checks every piece on small hand-built examples.
 """
+import itertools
 import json
+import math
 import os
 import struct
 import zlib
@@ -34,7 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # -----------------------------------------------------------------------------
-# 1. U-Net: encoder 16-32-64-128-256 with dropout, bilinear decoder (SSL4MIS `UNet`, 1.81 M params)
+# 1a. U-Net (2D): encoder 16-32-64-128-256 with dropout, bilinear decoder (SSL4MIS `UNet`, 1.81 M params)
 
 ENCODER_CHANNELS = (16, 32, 64, 128, 256)
 ENCODER_DROPOUT = (0.05, 0.1, 0.2, 0.3, 0.5)
@@ -85,12 +93,64 @@ class UNet(nn.Module):
 
 
 # -----------------------------------------------------------------------------
+# 1b. V-Net (3D): UA-MT's `VNet` with 16 base filters and batch norm (9.45 M params)
+
+VNET_CHANNELS = (16, 32, 64, 128, 256)
+VNET_ENCODER_CONVS, VNET_DECODER_CONVS = (1, 2, 3, 3, 3), (3, 3, 2, 1)  # conv3x3x3 layers per stage
+VNET_DROPOUT = 0.5  # Dropout3d on the bottleneck and the last decoder feature, in training mode only
+
+
+def conv_stage(convs, in_channels, out_channels):
+    """`convs` times conv3x3x3-BN-ReLU."""
+    layers = []
+    for i in range(convs):
+        layers += [nn.Conv3d(in_channels if i == 0 else out_channels, out_channels, 3, padding=1),
+                   nn.BatchNorm3d(out_channels), nn.ReLU(inplace=True)]
+    return nn.Sequential(*layers)
+
+
+def resample_stage(conv, in_channels, out_channels):
+    """A stride-2 2x2x2 convolution (down) or transposed convolution (up), BN, ReLU."""
+    return nn.Sequential(conv(in_channels, out_channels, 2, stride=2), nn.BatchNorm3d(out_channels), nn.ReLU(inplace=True))
+
+
+class VNet(nn.Module):
+    """Encoder stages of 1, 2, 3, 3, 3 convs, each but the last followed by a stride-2 conv that doubles
+    the channels; decoder: a stride-2 transposed conv that halves them, *added* to the encoder feature of
+    the same size, then 3, 3, 2, 1 convs; a 1x1x1 output conv."""
+
+    def __init__(self, in_channels=1, num_classes=2):
+        super().__init__()
+        c = VNET_CHANNELS
+        self.encoder = nn.ModuleList(conv_stage(n, in_channels if i == 0 else c[i], c[i])
+                                     for i, n in enumerate(VNET_ENCODER_CONVS))
+        self.down = nn.ModuleList(resample_stage(nn.Conv3d, c[i], c[i + 1]) for i in range(len(c) - 1))
+        self.up = nn.ModuleList(resample_stage(nn.ConvTranspose3d, c[i], c[i - 1]) for i in reversed(range(1, len(c))))
+        self.decoder = nn.ModuleList(conv_stage(n, c[i], c[i]) for n, i in zip(VNET_DECODER_CONVS, reversed(range(len(c) - 1))))
+        self.dropout = nn.Dropout3d(VNET_DROPOUT)
+        self.head = nn.Conv3d(c[0], num_classes, 1)
+
+    def forward(self, x):  # (B, in_channels, D1, D2, D3) -> logits (B, num_classes, D1, D2, D3); sizes divisible by 16
+        skips = [self.encoder[0](x)]
+        for down, stage in zip(self.down, self.encoder[1:]):
+            skips.append(stage(down(skips[-1])))
+        x = self.dropout(skips.pop())
+        for up, stage in zip(self.up, self.decoder):
+            x = stage(up(x) + skips.pop())
+        return self.head(self.dropout(x))
+
+
+NETWORKS = {2: UNet, 3: VNet}  # by the number of spatial dimensions
+
+
+# -----------------------------------------------------------------------------
 # 2. Mean-Teacher: the teacher is an exponential moving average of the student
 
 @torch.no_grad()
 def ema_update(teacher, student, decay):
-    """teacher <- decay * teacher + (1 - decay) * student, for parameters and BN running statistics
-    (the authors average the whole state dict). decay 0 copies the student, decay 1 keeps the teacher."""
+    """teacher <- decay * teacher + (1 - decay) * student over the whole state dict, as the authors
+    average it (the BN running statistics too, though a teacher run in train mode never reads them).
+    decay 0 copies the student, decay 1 keeps the teacher."""
     pairs = [(t, s) for t, s in zip(teacher.state_dict().values(), student.state_dict().values())
              if t.is_floating_point()]  # skips BN's num_batches_tracked, unused with a set momentum
     teacher_tensors, student_tensors = zip(*pairs)
@@ -98,118 +158,133 @@ def ema_update(teacher, student, decay):
 
 
 # -----------------------------------------------------------------------------
-# 3. Copy-paste: a mask M with one zero rectangle, and the bidirectional mixing (Eq. 1-4).
+# 3. Copy-paste: a mask M with one zero box, and the mixing (Eq. 1-4).
 #    M = 1 keeps the base image, M = 0 is where the crop of the other image is pasted.
 
-def paste_mask(height, width, beta=2 / 3, centered=False, generator=None, device="cpu"):
-    """M (H, W) float: ones, with a zero rectangle of int(beta*H) x int(beta*W) where the crop is pasted.
-    One mask serves the whole batch of a step. The rectangle's top-left corner is drawn as the authors
-    draw it, np.random.randint(0, H - h): rows 0 .. H - h - 1 (the last position is never drawn), the
-    same for columns; or the rectangle sits in the middle with centered=True."""
-    crop_h, crop_w = int(height * beta), int(width * beta)
+def paste_mask(size, beta=2 / 3, centered=False, generator=None, device="cpu"):
+    """M of shape `size` ((H, W) or (D1, D2, D3)), float: ones, with a zero box of int(beta * s) along
+    each axis of size s where the crop is pasted. One mask serves the whole batch of a step. The box's
+    corner is drawn as the authors draw it, np.random.randint(0, s - box): 0 .. s - box - 1 along each
+    axis in turn (the last position is never drawn); or the box sits in the middle with centered=True."""
+    box = [int(s * beta) for s in size]
     if centered:
-        top, left = (height - crop_h) // 2, (width - crop_w) // 2
+        corner = [(s - b) // 2 for s, b in zip(size, box)]
     else:
-        top = int(torch.randint(max(height - crop_h, 1), (), generator=generator))
-        left = int(torch.randint(max(width - crop_w, 1), (), generator=generator))
-    mask = torch.ones(height, width, device=device)
-    mask[top:top + crop_h, left:left + crop_w] = 0
+        corner = [int(torch.randint(max(s - b, 1), (), generator=generator)) for s, b in zip(size, box)]
+    mask = torch.ones(size, device=device)
+    mask[tuple(slice(c, c + b) for c, b in zip(corner, box))] = 0
     return mask
 
 
 def copy_paste(base, pasted, mask):
     """base * M + pasted * (1 - M): the crop of `pasted` where M = 0, pasted into `base`.
-    Works alike for images (B, 1, H, W), label maps (B, H, W) and probability maps; mask is (H, W).
-      inward  (Eq. 1, 3): X_in  = copy_paste(unlabeled_a, labeled_a, M)   a labeled crop in an unlabeled image
-      outward (Eq. 2, 4): X_out = copy_paste(labeled_b, unlabeled_b, M)   an unlabeled crop in a labeled image"""
+    Works alike for images (B, 1, *S), label maps (B, *S) and probability maps; mask is (*S)."""
     mask = mask.to(base.dtype)
     return base * mask + pasted * (1 - mask)
 
 
 # -----------------------------------------------------------------------------
-# 4. The mixed loss: (Dice + CE) / 2, each summed over the two regions of M (Eq. 5-6)
+# 4. The mixed loss: (Dice + CE) / 2, each summed over the two regions of M (Eq. 5-6).
+#    The authors' ACDC and LA scripts use two forms of soft Dice; both are here, picked by --dice-loss.
 
-DICE_SMOOTH = 1e-10  # the authors' smoothing term; keeps 0/0 at 1 for a class absent from a region
+ACDC_DICE_SMOOTH = 1e-10  # makes 0/0 = 1 for an empty region (softmax probabilities are never 0)
+LA_DICE_SMOOTH = 1e-5
 
 
-def region_dice_loss(probs, one_hot, region, legacy_background=False):
-    """1 - soft Dice inside a region, over all classes (background included), averaged over classes.
-    probs, one_hot: (B, C, H, W); region: (B, H, W) of 0/1. Sums run over the whole batch.
-    legacy_background: the background class over the whole image instead of the region, as the
-    authors' Dice loss did before their fix of 2023-10-29 (their issue #25), when the paper's table was made."""
-    region = region.unsqueeze(1).expand_as(probs)
-    if legacy_background:
-        region = torch.cat([torch.ones_like(region[:, :1]), region[:, 1:]], dim=1)
-    intersection = (probs * one_hot * region).sum((0, 2, 3))
-    denominator = (probs * probs * region).sum((0, 2, 3)) + (one_hot * region).sum((0, 2, 3))
-    return (1 - (2 * intersection + DICE_SMOOTH) / (denominator + DICE_SMOOTH)).mean()
+def acdc_dice_loss(probs, one_hot, region):
+    """ACDC's (the authors' DiceLoss): per class, sums over the whole batch and the region,
+    1 - (2 sum p g + eps) / (sum p^2 + sum g^2 + eps), averaged over classes (background included).
+    probs, one_hot (B, C, *S); region (B, *S) of 0/1."""
+    dims = (0, *range(2, probs.ndim))
+    region = region.unsqueeze(1)
+    intersection = (probs * one_hot * region).sum(dims)
+    denominator = (probs * probs * region).sum(dims) + (one_hot * region).sum(dims)
+    return (1 - (2 * intersection + ACDC_DICE_SMOOTH) / (denominator + ACDC_DICE_SMOOTH)).mean()
+
+
+def la_dice_loss(probs, one_hot, region):
+    """LA's (the authors' mask_DiceLoss): per crop and class, p not squared,
+    1 - mean over crops and classes of (2 sum p g + eps) / (sum p + sum g + eps)."""
+    dims = tuple(range(2, probs.ndim))
+    region = region.unsqueeze(1)
+    intersection = (probs * one_hot * region).sum(dims)  # (B, C)
+    denominator = (probs * region).sum(dims) + (one_hot * region).sum(dims)
+    return 1 - ((2 * intersection + LA_DICE_SMOOTH) / (denominator + LA_DICE_SMOOTH)).mean()
+
+
+DICE_LOSSES = {"acdc": acdc_dice_loss, "la": la_dice_loss}
 
 
 def region_ce_loss(logits, target, region):
-    """Cross-entropy averaged over the pixels of a region. logits (B, C, H, W); target, region (B, H, W)."""
+    """Cross-entropy averaged over the voxels of a region. logits (B, C, *S); target, region (B, *S)."""
     return (F.cross_entropy(logits, target, reduction="none") * region).sum() / region.sum().clamp_min(1e-16)
 
 
-def mixed_loss(logits, target, mask, weight_base, weight_pasted, legacy_dice_mask=False):
+def mixed_loss(logits, target, mask, weight_base, weight_pasted, dice_loss=acdc_dice_loss):
     """Loss of one copy-pasted image (Eq. 6): (Dice + CE) / 2, each the sum of a term for the base
     region (M = 1) and a term for the pasted region (M = 0). A region's terms are weighted alpha
-    (--u-weight) when its target is a pseudo-label and 1 when it is ground truth: a weight on the
-    region's term, not on each pixel (CE is a mean over the region's pixels, Dice is per region).
-    logits (B, C, H, W); target (B, H, W) long, mixed with copy_paste like the input; mask (H, W)."""
+    when its target is a pseudo-label and 1 when it is ground truth: a weight on the region's term,
+    not on each voxel (CE is a mean over the region's voxels, Dice is per region).
+    logits (B, C, *S); target (B, *S) long, mixed with copy_paste like the input; mask (*S).
+    With mask all ones and weight_pasted 0 it is the plain (Dice + CE) / 2 of the whole image."""
     logits = logits.float()
     probs = logits.softmax(1)
-    one_hot = F.one_hot(target, logits.shape[1]).permute(0, 3, 1, 2).float()
+    one_hot = F.one_hot(target, logits.shape[1]).movedim(-1, 1).float()
     loss = logits.new_zeros((), dtype=torch.float32)
     for region, weight in ((mask, weight_base), (1 - mask, weight_pasted)):
         region = region.expand_as(target)
-        loss = loss + weight * (region_dice_loss(probs, one_hot, region, legacy_dice_mask)
-                                + region_ce_loss(logits, target, region))
+        loss = loss + weight * (dice_loss(probs, one_hot, region) + region_ce_loss(logits, target, region))
     return loss / 2
 
 
 # -----------------------------------------------------------------------------
 # 5. Pseudo-labels: the teacher's argmax, keeping only the largest connected component of each class
 
-def min_3x3(labels, fill):
-    """Smallest value in each 3x3 neighbourhood of an (N, H, W) tensor, `fill` outside the border."""
-    padded = F.pad(labels, (1, 1, 1, 1), value=fill)
-    rows = torch.minimum(torch.minimum(padded[:, :-2], padded[:, 1:-1]), padded[:, 2:])
-    return torch.minimum(torch.minimum(rows[..., :-2], rows[..., 1:-1]), rows[..., 2:])
+def neighbourhood_min(labels, fill):
+    """Smallest value in each 3x3 (3x3x3) neighbourhood of an (N, *S) tensor, `fill` outside the border."""
+    for dim in range(1, labels.ndim):
+        edge = torch.full_like(labels.narrow(dim, 0, 1), fill)
+        padded, n = torch.cat([edge, labels, edge], dim), labels.shape[dim]
+        labels = torch.minimum(torch.minimum(padded.narrow(dim, 0, n), padded.narrow(dim, 1, n)), padded.narrow(dim, 2, n))
+    return labels
 
 
 POINTER_JUMPS = 3  # per round of largest_component; fewest rounds and least time on ACDC teacher predictions
 
 
 def largest_component(mask):
-    """Keep the largest 8-connected component of each (H, W) slice of a boolean (N, H, W) tensor:
-    the same as skimage.measure.label (or scipy.ndimage.label with a 3x3 structure) followed by the
-    component with the largest count, ties to the first in raster order, as the authors' code does
-    (test_largest_component_matches_scipy_label and the tests after it pin this). Empty slices stay empty.
+    """Keep the largest component of each item of a boolean (N, *S) tensor, 2D or 3D, connected through
+    faces, edges and corners (8-connected in 2D, 26 in 3D): the same as skimage.measure.label (or
+    scipy.ndimage.label with a full 3x3(x3) structure) followed by the component with the largest
+    count, ties to the first in raster order, as the authors' code does (the tests pin this against
+    scipy). Empty items stay empty.
 
     How: connected components by hooking and pointer jumping (as in Shiloach-Vishkin): every foreground
-    pixel starts labelled by its own flat index, and a label is also a pointer to the pixel it names.
-    Each round, every pixel sees the smallest label in its 3x3 neighbourhood; the pixel its label points
-    at (its root) takes the smallest label any pixel pointing at it saw, so a whole tree is hooked at
-    once; then every pixel follows its pointer a few times. Labels only decrease and always name a pixel
-    of the same component, so when a round changes nothing each component is labelled by the index of
-    its first pixel in raster order, and a tie in size goes to the component met first, as with
-    skimage.measure.label followed by argmax of the counts (the authors' code). Few rounds are needed:
-    a one-pixel-wide spiral or serpentine filling 256 x 256 takes 6 or 7 (spreading the smallest label
-    from neighbour to neighbour takes over 250), a teacher's prediction on ACDC 4 or 5. The work runs
-    inside the bounding box of all foreground pixels, which is what makes it cheap on a heart.
-    On a GPU the host waits once for the box and once per round: the only waits in a training step."""
-    rows, cols = mask.any(0).any(1), mask.any(0).any(0)  # (H,), (W,): which rows / columns hold foreground
-    top, bottom, left, right = torch.stack([rows.int().argmax(), len(rows) - rows.flip(0).int().argmax(),
-                                            cols.int().argmax(), len(cols) - cols.flip(0).int().argmax()]).tolist()
-    box = (slice(None), slice(top, bottom), slice(left, right))  # the whole slice when there is no foreground
-    n, h, w = mask[box].shape
-    inside = mask[box].reshape(n, h * w)  # (n, h*w) foreground inside the box
-    outside = h * w  # the label of background pixels, and the index of one extra entry they point at
-    labels = F.pad(torch.where(inside, torch.arange(h * w, device=mask.device), outside), (0, 1), value=outside)
+    voxel starts labelled by its own flat index, and a label is also a pointer to the voxel it names.
+    Each round, every voxel sees the smallest label in its neighbourhood; the voxel its label points at
+    (its root) takes the smallest label any voxel pointing at it saw, so a whole tree is hooked at once;
+    then every voxel follows its pointer a few times. Labels only decrease and always name a voxel of
+    the same component, so when a round changes nothing each component is labelled by the index of its
+    first voxel in raster order, and a tie in size goes to the component met first. Few rounds are
+    needed: a one-pixel-wide spiral or serpentine filling 256 x 256 takes 6 or 7 (spreading the
+    smallest label from neighbour to neighbour takes over 250), a teacher's prediction on ACDC 4 or 5.
+    The work runs inside the bounding box of all foreground voxels, which is what makes it cheap on a
+    heart. On a GPU the host waits once for the box and once per round: the only waits in a step."""
+    occupied = mask.any(0)  # (*S)
+    bounds = []
+    for axis in range(occupied.ndim):
+        present = occupied.amax(dim=[a for a in range(occupied.ndim) if a != axis]) if occupied.ndim > 1 else occupied
+        bounds += [present.int().argmax(), len(present) - present.flip(0).int().argmax()]
+    bounds = torch.stack(bounds).tolist()  # first and last + 1 along each axis; the whole item when empty
+    box = (slice(None), *(slice(low, high) for low, high in zip(bounds[::2], bounds[1::2])))
+    n, *size = mask[box].shape
+    inside = mask[box].reshape(n, -1)  # (n, voxels) foreground inside the box
+    outside = inside.shape[1]  # the label of background voxels, and the index of one extra entry they point at
+    labels = F.pad(torch.where(inside, torch.arange(outside, device=mask.device), outside), (0, 1), value=outside)
     while True:
-        seen = min_3x3(labels[:, :-1].view(n, h, w), outside).view(n, -1)  # (n, h*w + 1) like labels
+        seen = neighbourhood_min(labels[:, :-1].view(n, *size), outside).view(n, -1)  # (n, voxels + 1) like labels
         seen = F.pad(torch.where(inside, seen, outside), (0, 1), value=outside)
-        new = torch.minimum(labels.scatter_reduce(1, labels, seen, "amin"), seen)  # hook roots, then pixels
+        new = torch.minimum(labels.scatter_reduce(1, labels, seen, "amin"), seen)  # hook roots, then voxels
         for _ in range(POINTER_JUMPS):
             new = new.gather(1, new)
         if torch.equal(new, labels):
@@ -218,25 +293,77 @@ def largest_component(mask):
     counts = torch.zeros_like(labels).scatter_add_(1, labels, torch.ones_like(labels))
     largest = counts[:, :-1].argmax(1, keepdim=True)  # first (smallest) label among equal sizes
     kept = torch.zeros_like(mask)
-    kept[box] = ((labels[:, :-1] == largest) & inside).view(n, h, w)
+    kept[box] = ((labels[:, :-1] == largest) & inside).view(n, *size)
     return kept
 
 
-def pseudo_label(logits):
-    """(B, C, H, W) teacher logits -> (B, H, W) long labels: argmax, then per slice and per foreground
-    class only the largest connected component (other pixels become background). The teacher that
-    gives the logits runs in train mode (dropout on, batch statistics), as in the authors' code."""
-    prediction = logits.argmax(1)
-    num_classes = logits.shape[1]
-    b, h, w = prediction.shape
-    classes = torch.arange(1, num_classes, device=logits.device).view(1, -1, 1, 1)
-    per_class = (prediction.unsqueeze(1) == classes).view(-1, h, w)  # (B * (C-1), H, W)
-    kept = largest_component(per_class).view(b, num_classes - 1, h, w)
+def largest_components(labels, num_classes):
+    """(B, *S) label map -> the same with only the largest connected component of each foreground class
+    in each item (other voxels of the class become background)."""
+    classes = torch.arange(1, num_classes, device=labels.device).view(1, -1, *[1] * (labels.ndim - 1))
+    per_class = (labels.unsqueeze(1) == classes).flatten(0, 1)  # (B * (C-1), *S)
+    kept = largest_component(per_class).view(len(labels), num_classes - 1, *labels.shape[1:])
     return (kept * classes).sum(1)
 
 
+def pseudo_label(logits):
+    """(B, C, *S) teacher logits -> (B, *S) long labels: argmax, then the largest connected component
+    of each foreground class. The teacher runs in train mode (dropout on, batch statistics), as in the
+    authors' code. (On LA the authors take foreground where softmax p1 >= 0.5: argmax differs only
+    where p1 is exactly 0.5.)"""
+    return largest_components(logits.argmax(1), logits.shape[1])
+
+
 # -----------------------------------------------------------------------------
-# 6. Metrics on boolean numpy arrays (2D or 3D), as medpy.metric.binary defines them
+# 6. The BCP step: pseudo-labels, both copy-pasted images with their targets, the weighted losses
+
+def inward(labeled, truth, unlabeled, pseudo, mask, unlabeled_weight):
+    """Eq. 1, 3: a labeled crop pasted into an unlabeled image. The base's target is a pseudo-label
+    (weight alpha), the pasted crop's is ground truth (weight 1).
+    -> (image, target, weight of the base region, weight of the pasted region)."""
+    return (copy_paste(base=unlabeled, pasted=labeled, mask=mask), copy_paste(base=pseudo, pasted=truth, mask=mask),
+            unlabeled_weight, 1.0)
+
+
+def outward(labeled, truth, unlabeled, pseudo, mask, unlabeled_weight):
+    """Eq. 2, 4: an unlabeled crop pasted into a labeled image. The base's target is ground truth
+    (weight 1), the pasted crop's a pseudo-label (weight alpha)."""
+    return (copy_paste(base=labeled, pasted=unlabeled, mask=mask), copy_paste(base=truth, pasted=pseudo, mask=mask),
+            1.0, unlabeled_weight)
+
+
+# --mix: how each half-batch (a, b) is mixed. BCP pastes inward with a and outward with b; the one-way
+# ablations mix both halves in their one direction, so every variant shows the student as many images.
+# ("none" is BCP's pair with M = 1: U_a with its pseudo-label and L_b with its ground truth, unpasted.)
+MIXES = {"bidirectional": (inward, outward), "inward": (inward, inward), "outward": (outward, outward),
+         "none": (inward, outward)}
+
+
+def bcp_loss(student, teacher, labeled_a, truth_a, labeled_b, truth_b, unlabeled_a, unlabeled_b, mask,
+             unlabeled_weight, mix=MIXES["bidirectional"], dice_loss=acdc_dice_loss):
+    """The loss of one BCP self-training step (Fig. 2 of the paper), in the order it runs:
+    1. the teacher's pseudo-labels P_a, P_b of U_a, U_b (one forward per half, as the authors);
+    2. X_in = U_a * M + L_a * (1 - M) with target P_a * M + G_a * (1 - M)   (inward, Eq. 1, 3)
+       X_out = L_b * M + U_b * (1 - M) with target G_b * M + P_b * (1 - M)  (outward, Eq. 2, 4);
+    3. each through the student; (Dice + CE) / 2 per region of M, pseudo-labeled regions weighted
+       alpha = unlabeled_weight, ground-truth regions 1 (Eq. 6); the step's loss is their sum.
+    student, teacher: callables (B, 1, *S) -> logits; images (B, 1, *S), labels (B, *S) long; mask (*S).
+    -> (loss, [(image, target, logits)] of each mixed image, for pictures)."""
+    with torch.no_grad():
+        pseudo_a, pseudo_b = pseudo_label(teacher(unlabeled_a)), pseudo_label(teacher(unlabeled_b))
+    loss, views = 0.0, []
+    for mixing, labeled, truth, unlabeled, pseudo in zip(mix, (labeled_a, labeled_b), (truth_a, truth_b),
+                                                         (unlabeled_a, unlabeled_b), (pseudo_a, pseudo_b)):
+        image, target, weight_base, weight_pasted = mixing(labeled, truth, unlabeled, pseudo, mask, unlabeled_weight)
+        logits = student(image)
+        loss = loss + mixed_loss(logits, target, mask, weight_base, weight_pasted, dice_loss)
+        views.append((image, target, logits))
+    return loss, views
+
+
+
+# -----------------------------------------------------------------------------
+# 7. Metrics on boolean numpy arrays (2D or 3D), as medpy.metric.binary defines them
 
 def _as_masks(pred, gt, spacing):
     pred, gt = np.asarray(pred, dtype=bool), np.asarray(gt, dtype=bool)  # never written to
@@ -431,7 +558,7 @@ def dice_per_class(prediction, label, num_classes):
 
 
 # -----------------------------------------------------------------------------
-# 7. ACDC in the SSL4MIS layout, held in memory on the training device
+# 8. Data: ACDC slices (SSL4MIS layout) and LA volumes (UA-MT layout), held in memory on the training device
 
 class DataError(Exception):
     """Bad input data; the message names the file and the problem."""
@@ -536,7 +663,7 @@ class SliceBank:
 
     @staticmethod
     def random_augmentation(batch_size, generator):
-        """The random choices of the authors' augmentation, per slice, drawn on the CPU."""
+        """The random choices of the authors' ACDC augmentation, per slice, drawn on the CPU."""
         rot_flip = torch.rand(batch_size, generator=generator) < 0.5
         rotate = ~rot_flip & (torch.rand(batch_size, generator=generator) < 0.5)
         return {"rot_flip": rot_flip, "k": torch.randint(4, (batch_size,), generator=generator),
@@ -631,6 +758,64 @@ def training_slices(root, labeled_patients_count):
     return labeled, [s for s in slices if patient_of(s) not in chosen]
 
 
+
+LA_FOLDER = "2018LA_Seg_Training Set"  # UA-MT's layout: ROOT/<LA_FOLDER>/<case>/mri_norm2.h5, ROOT/train.list, test.list
+
+
+def is_la_layout(root):
+    return (Path(root) / LA_FOLDER).is_dir()
+
+
+def load_la_volumes(root, names, num_classes=2):
+    """[(case, image (D1, D2, D3) float32, label uint8)] from UA-MT's layout."""
+    return [(name, *read_h5(Path(root) / LA_FOLDER / name / "mri_norm2.h5", 3, num_classes)) for name in names]
+
+
+def la_cases(root, labeled_count, validation_count):
+    """The cases of train.list as (labeled, unlabeled, validation): labeled = the first N, as the authors
+    take them; validation = the last K, held aside from training (the authors pick their checkpoint on
+    the test split; we never look at it); unlabeled = every case between."""
+    cases = read_list(root, "train.list")
+    if labeled_count + validation_count >= len(cases):
+        raise DataError(f"{Path(root) / 'train.list'}: {labeled_count} labeled and {validation_count} validation cases "
+                        f"leave no unlabeled ones among its {len(cases)}")
+    return cases[:labeled_count], cases[labeled_count:len(cases) - validation_count], cases[len(cases) - validation_count:]
+
+
+class VolumeBank:
+    """Training volumes of different sizes on one device; batches of random crops with the authors' LA
+    augmentation (UA-MT's RandomRotFlip, RandomCrop), per volume: rot90 by k in 0..3 over the first two
+    axes, a flip along axis 0 or 1 (always), then a random crop of the patch, its corner drawn as
+    np.random.randint(0, size - patch). A volume no larger than the patch along an axis is first
+    zero-padded by (patch - size) // 2 + 3 on each side of that axis."""
+
+    def __init__(self, images, labels, device):
+        self.images = [torch.from_numpy(image).to(device) for image in images]
+        self.labels = [torch.from_numpy(label).to(device) for label in labels]
+
+    def __len__(self):
+        return len(self.images)
+
+    @staticmethod
+    def random_augmentation(batch_size, generator):
+        """The random choices per volume, drawn on the CPU; the crop's corner as a fraction of the room."""
+        return {"k": torch.randint(4, (batch_size,), generator=generator),
+                "flip_axis": torch.randint(2, (batch_size,), generator=generator),
+                "corner": torch.rand(batch_size, 3, generator=generator)}
+
+    def batch(self, index, patch_size, augmentation):
+        """-> images (B, 1, *patch) float, labels (B, *patch) long for volume indices (B,)."""
+        images, labels = [], []
+        for i, k, axis, corner in zip(index.tolist(), *(augmentation[key].tolist() for key in ("k", "flip_axis", "corner"))):
+            image, label = (torch.rot90(t, k, (0, 1)).flip(axis) for t in (self.images[i], self.labels[i]))
+            shortfall = [(p - s) // 2 + 3 if s <= p else 0 for s, p in zip(image.shape, patch_size)]
+            padding = [side for short in reversed(shortfall) for side in (short, short)]
+            image, label = F.pad(image, padding), F.pad(label, padding)
+            box = tuple(slice(int(f * (s - p)), int(f * (s - p)) + p) for f, s, p in zip(corner, image.shape, patch_size))
+            images.append(image[box])
+            labels.append(label[box])
+        return torch.stack(images).unsqueeze(1), torch.stack(labels).long()
+
 def write_atomic(path, data):
     """Write bytes (or a callable that writes to a binary file) to `path` through a temporary file in
     the same folder, flushed to disk, then renamed over `path`: readers see the old or the new file,
@@ -655,8 +840,9 @@ def load_checkpoint(path, required=("model", "flags")):
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise DataError(f"{path}: no such checkpoint") from None
-    except Exception as error:
-        raise DataError(f"{path}: not a readable checkpoint ({type(error).__name__}: {error})") from None
+    except Exception as error:  # torch's message for what weights_only refuses runs over several lines
+        first_line = (str(error).strip().splitlines() or [""])[0]
+        raise DataError(f"{path}: not a readable checkpoint ({type(error).__name__}: {first_line[:200]})") from None
     missing = [key for key in required if not isinstance(checkpoint, dict) or key not in checkpoint]
     if missing:
         raise DataError(f"{path}: not a train.py checkpoint (no {', '.join(repr(k) for k in missing)})")
@@ -668,31 +854,85 @@ def load_weights(model, weights, path):
     try:
         model.load_state_dict(weights)  # copies fp16 weights into the float32 parameters
     except (RuntimeError, TypeError, AttributeError) as error:
-        raise DataError(f"{path}: the weights do not fit this U-Net ({' '.join(str(error).split())[:300]})") from None
+        raise DataError(f"{path}: the weights do not fit this {'U-Net' if isinstance(model, UNet) else 'V-Net'} "
+                        f"({' '.join(str(error).split())[:300]})") from None
 
 
-def load_unet(path, device="cpu"):
-    """(U-Net with the weights of a train.py checkpoint or its fp16 export, on `device`; the checkpoint)."""
+def patch_shape(patch_size):
+    """The patch of a run's flags: an int (ACDC: square slices) or a list of 3 ints (LA crops) -> tuple."""
+    return (patch_size, patch_size) if isinstance(patch_size, int) else tuple(patch_size)
+
+
+def load_model(path, device="cpu"):
+    """(U-Net or V-Net, by the run's patch, with the weights of a train.py checkpoint or its fp16
+    export, on `device`; the checkpoint)."""
     checkpoint = load_checkpoint(path)
-    num_classes = checkpoint["flags"].get("num_classes") if isinstance(checkpoint["flags"], dict) else None
+    flags = checkpoint["flags"] if isinstance(checkpoint["flags"], dict) else {}
+    num_classes, patch_size = flags.get("num_classes"), flags.get("patch_size")
     if not isinstance(num_classes, int):
         raise DataError(f"{path}: its flags do not say num_classes")
-    model = UNet(num_classes=num_classes).to(device)
+    if not (isinstance(patch_size, int) or isinstance(patch_size, list) and len(patch_size) == 3):
+        raise DataError(f"{path}: its flags do not say patch_size")
+    model = NETWORKS[len(patch_shape(patch_size))](num_classes=num_classes).to(device)
     load_weights(model, checkpoint["model"], path)
     return model, checkpoint
 
 
 @torch.no_grad()
 def predict_volume(model, image, patch_size):
-    """Slice-wise inference on a volume: (S, H, W) float tensor -> (S, H, W) long labels.
+    """ACDC: slice-wise inference on a volume: (S, H, W) float tensor -> (S, H, W) long labels.
     Each slice is resized to patch x patch (nearest), segmented, and the argmax resized back."""
     slices = resize_nearest(image, patch_size, patch_size).unsqueeze(1)  # (S, 1, P, P)
     prediction = model(slices).argmax(1)
     return resize_nearest(prediction, *image.shape[-2:])
 
 
+def window_starts(size, window, stride):
+    """Corners of sliding windows along one axis, as UA-MT's test_single_case: every `stride`, the last
+    flush with the end (ceil((size - window) / stride) + 1 windows)."""
+    return [min(stride * i, size - window) for i in range(math.ceil((size - window) / stride) + 1)]
+
+
+@torch.no_grad()
+def sliding_window_probabilities(model, image, window, strides, batch_size=4):
+    """LA: (D1, D2, D3) float tensor -> (C, D1, D2, D3) softmax probabilities averaged over the windows
+    covering each voxel. A volume smaller than the window along an axis is zero-padded evenly and the
+    result cropped back."""
+    shortfall = [max(w - s, 0) for s, w in zip(image.shape, window)]
+    padded = F.pad(image, [p for short in reversed(shortfall) for p in (short // 2, short - short // 2)])
+    corners = list(itertools.product(*(window_starts(s, w, stride) for s, w, stride in zip(padded.shape, window, strides))))
+    boxes = [tuple(slice(c, c + w) for c, w in zip(corner, window)) for corner in corners]
+    scores, counts = None, torch.zeros(padded.shape, device=image.device)
+    for start in range(0, len(boxes), batch_size):
+        group = boxes[start:start + batch_size]
+        probs = model(torch.stack([padded[box] for box in group]).unsqueeze(1)).float().softmax(1)
+        if scores is None:
+            scores = torch.zeros(probs.shape[1], *padded.shape, device=image.device)
+        for box, p in zip(group, probs):
+            scores[(slice(None), *box)] += p
+            counts[box] += 1
+    scores /= counts
+    return scores[(slice(None), *(slice(short // 2, short // 2 + s) for short, s in zip(shortfall, image.shape)))]
+
+
+def predict_sliding_window(model, image, window, strides):
+    """LA, as the authors' test script: (D1, D2, D3) float tensor -> (D1, D2, D3) long labels: the
+    argmax of the window-averaged probabilities (foreground where p1 > 0.5 with two classes), then only
+    the largest connected component of each class."""
+    probabilities = sliding_window_probabilities(model, image, window, strides)
+    return largest_components(probabilities.argmax(0)[None], len(probabilities))[0]
+
+
+def segment(model, image, patch_size, strides):
+    """A whole volume's labels as each data set's authors infer them: ACDC (an int patch) slice by
+    slice, LA (a 3D patch) by sliding windows with these strides. The model must be in eval mode."""
+    if isinstance(patch_size, int):
+        return predict_volume(model, image, patch_size)
+    return predict_sliding_window(model, image, tuple(patch_size), strides)
+
+
 # -----------------------------------------------------------------------------
-# 8. Pictures: a tiny PNG writer (zlib + numpy) and label overlays
+# 9. Pictures: a tiny PNG writer (zlib + numpy) and label overlays
 
 CLASS_COLORS = np.array([[0, 0, 0], [230, 60, 60], [60, 200, 90], [70, 130, 240]], dtype=np.uint8)  # bg, RV, Myo, LV
 

@@ -8,6 +8,13 @@ Rerunnable speed benchmarks (they print numbers; nothing here is a test).
                                                     # the teacher's pseudo-labels (largest components) alone
     python benchmark.py steps --root data/ACDC --patch-size 256 --batch-size 24 --labeled-batch-size 12 --labeled-patients 7
                                                     # the paper's shapes (on a GPU; add --compile to try it)
+    python benchmark.py steps --root data/LA --patch-size 64 64 48 --batch-size 8 --labeled-batch-size 4 --labeled-patients 4
+                                                    # LA's 3D step (V-Net) at the CPU schedule's crop
+    python benchmark.py pseudo-labels --root data/LA --patch-size 64 64 48 --batch-size 8 --labeled-batch-size 4 --checkpoint P
+                                                    # 3D largest components on a trained teacher's predictions
+    python benchmark.py sliding-window --root data/LA --checkpoint P --stride 18 4 --volumes 2
+                                                    # LA evaluation: seconds per volume, network and components
+    python benchmark.py memory --root data/LA       # peak memory of a 3D self-train step at the paper's crop and batch
 
 `steps` runs train.py for a few steps per phase and reads the seconds per step from its
 metrics.jsonl, beside the floor measured in the same process: the convolutions the phase cannot
@@ -17,6 +24,10 @@ import argparse
 import contextlib
 import io
 import json
+import math
+import resource
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -33,11 +44,13 @@ def floor_seconds(args, steps):
     """Seconds per step of the bare compute of a phase on random tensors, with train.py's settings
     (device, precision, memory format, compile) for the same flags."""
     device, autocast, memory_format, compiled = train.runtime(args)
-    student = bcp.UNet(num_classes=args.num_classes).to(device, memory_format=memory_format)
-    teacher = bcp.UNet(num_classes=args.num_classes).to(device, memory_format=memory_format).requires_grad_(False)
+    patch = bcp.patch_shape(args.patch_size)
+    network = bcp.NETWORKS[len(patch)]
+    student = network(num_classes=args.num_classes).to(device, memory_format=memory_format)
+    teacher = network(num_classes=args.num_classes).to(device, memory_format=memory_format).requires_grad_(False)
     student_forward, teacher_forward = compiled(student), compiled(teacher)
     optimizer = torch.optim.SGD(student.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    p, labeled = args.patch_size, args.labeled_batch_size
+    labeled = args.labeled_batch_size
     if args.phase == "supervised":
         student_batches = [args.batch_size]
     elif args.phase == "pretrain":
@@ -45,9 +58,9 @@ def floor_seconds(args, steps):
     else:  # selftrain: X_in and X_out, each as many slices as one labeled half (a or b)
         student_batches = [labeled // 2] * 2
     teacher_batches = [(args.batch_size - labeled) // 2] * 2 if args.phase == "selftrain" else []
-    inputs = [torch.randn(n, 1, p, p, device=device) for n in student_batches]
-    targets = [torch.randint(args.num_classes, (n, p, p), device=device) for n in student_batches]
-    teacher_inputs = [torch.randn(n, 1, p, p, device=device) for n in teacher_batches]
+    inputs = [torch.randn(n, 1, *patch, device=device) for n in student_batches]
+    targets = [torch.randint(args.num_classes, (n, *patch), device=device) for n in student_batches]
+    teacher_inputs = [torch.randn(n, 1, *patch, device=device) for n in teacher_batches]
 
     def step():
         with autocast:
@@ -91,9 +104,10 @@ def bench_steps(args):
     with tempfile.TemporaryDirectory() as out:
         for phase in ("supervised", "pretrain", "selftrain"):
             flags = ["--root", args.root, "--out", out, "--phase", phase, "--iterations", str(args.steps),
-                     "--patch-size", str(args.patch_size), "--batch-size", str(args.batch_size),
+                     "--patch-size", *map(str, args.patch_size), "--batch-size", str(args.batch_size),
                      "--labeled-batch-size", str(args.labeled_batch_size), "--labeled-patients", str(args.labeled_patients),
                      "--log-every", str(max(1, args.steps // 8)), "--val-every", str(10 * args.steps),
+                     "--val-cases", "1", "--stride", "1000", "1000",  # LA: the one validation at the end, cheap
                      "--device", args.device, "--precision", args.precision,
                      *(["--compile"] if args.compile else [])]
             train_args = train.parse_args(flags)
@@ -111,12 +125,12 @@ def bench_pseudo_labels(args):
     """Milliseconds per bcp.pseudo_label on a trained teacher's logits for real unlabeled batches."""
     if not args.checkpoint:
         raise SystemExit("benchmark.py pseudo-labels: --checkpoint is required (the teacher)")
-    flags = train.parse_args(["--device", args.device, "--patch-size", str(args.patch_size), "--precision", args.precision])
+    flags = train.parse_args(["--root", args.root, "--phase", "selftrain", "--device", args.device, "--precision", args.precision,
+                              "--patch-size", *map(str, args.patch_size), "--labeled-patients", str(args.labeled_patients)])
     device, autocast, memory_format, _ = train.runtime(flags)
-    teacher, _ = bcp.load_unet(args.checkpoint, device)  # in train mode, as train.py's teacher
+    teacher, _ = bcp.load_model(args.checkpoint, device)  # in train mode, as train.py's teacher
     teacher.to(memory_format=memory_format)
-    _, unlabeled_names = bcp.training_slices(args.root, args.labeled_patients)
-    bank = bcp.SliceBank(*bcp.load_slices(args.root, unlabeled_names, args.num_classes), device)
+    _, bank, _, _ = train.load_data(flags, device)
     count = args.batch_size - args.labeled_batch_size
     with torch.no_grad(), autocast:
         logits = [teacher(train.draw_batch(bank, step, count, flags, train.UNLABELED)[0]) for step in range(1, args.steps + 1)]
@@ -126,8 +140,52 @@ def bench_pseudo_labels(args):
     for batch in logits:
         bcp.pseudo_label(batch)
     synchronize(device)
-    print(f"device {device}: {1000 * (time.time() - start) / len(logits):.1f} ms per pseudo-label of {count} slices "
-          f"at {args.patch_size} x {args.patch_size} ({args.checkpoint}, {args.steps} batches)")
+    size = " x ".join(map(str, bcp.patch_shape(flags.patch_size)))
+    print(f"device {device}: {1000 * (time.time() - start) / len(logits):.1f} ms per pseudo-label of {count} images "
+          f"at {size} ({args.checkpoint}, {args.steps} batches)")
+
+
+def bench_sliding_window(args):
+    """LA evaluation of a checkpoint: seconds per validation volume for the windows (network and
+    averaging) and for the largest component, at the given strides."""
+    if not args.checkpoint:
+        raise SystemExit("benchmark.py sliding-window: --checkpoint is required")
+    model, checkpoint = bcp.load_model(args.checkpoint, args.device)
+    model.eval()
+    flags = checkpoint["flags"]
+    names = bcp.la_cases(args.root, flags["labeled_patients"], flags["val_cases"])[2][:args.volumes]
+    strides = (args.stride[0], args.stride[0], args.stride[1])
+    window_seconds, component_seconds = 0.0, 0.0
+    for _, image, _ in bcp.load_la_volumes(args.root, names):
+        image = torch.from_numpy(image).to(args.device)
+        start = time.perf_counter()
+        probabilities = bcp.sliding_window_probabilities(model, image, tuple(flags["patch_size"]), strides)
+        labels = probabilities.argmax(0)[None]
+        synchronize(image.device)
+        middle = time.perf_counter()
+        bcp.largest_components(labels, len(probabilities))
+        synchronize(image.device)
+        window_seconds, component_seconds = window_seconds + middle - start, component_seconds + time.perf_counter() - middle
+    windows = math.prod(len(bcp.window_starts(s, w, t)) for s, w, t in zip(image.shape, flags["patch_size"], strides))
+    print(f"device {args.device}, {torch.get_num_threads()} threads, window {flags['patch_size']}, strides {strides}: "
+          f"{window_seconds / len(names):.2f} s windows ({windows} on the last volume) + "
+          f"{component_seconds / len(names):.2f} s largest component per volume, {len(names)} volumes")
+
+
+def bench_memory(args):
+    """Peak resident memory of a train.py self-train process on LA at the paper's crop and batch
+    (112 x 112 x 80, 4 labeled + 4 unlabeled), 2 steps from a 1-step pre-training, CPU."""
+    with tempfile.TemporaryDirectory() as out:
+        common = [sys.executable, "train.py", "--root", args.root, "--out", out, "--device", "cpu",
+                  "--val-cases", "1", "--stride", "1000", "1000", "--labeled-patients", str(args.labeled_patients)]
+        peaks = {}
+        for phase, steps in (("pretrain", 1), ("selftrain", 2)):
+            subprocess.run([*common, "--phase", phase, "--iterations", str(steps)], check=True, capture_output=True)
+            peaks[phase] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # KiB -> GiB; max over children
+    names = bcp.read_list(args.root, "train.list")[:-1]
+    data = sum(image.nbytes + label.nbytes for _, image, label in bcp.load_la_volumes(args.root, names))
+    print(f"peak resident memory of train.py at 112 x 112 x 80, batch 8 (CPU): pretrain {peaks['pretrain']:.2f} GiB, "
+          f"selftrain {peaks['selftrain']:.2f} GiB, of which {data / 2**30:.2f} GiB are the {len(names)} training volumes")
 
 
 # Predictions a metric meets: a neat one, a wrong-sided one, and a weak model's scattered false positives.
@@ -171,9 +229,9 @@ def bench_metrics(args):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["steps", "pseudo-labels", "metrics"])
+    p.add_argument("what", choices=list(BENCHMARKS))
     p.add_argument("--root", default="data/ACDC")
-    p.add_argument("--patch-size", type=int, default=128)
+    p.add_argument("--patch-size", type=int, nargs="+", default=[128], help="as train.py (LA: three numbers)")
     p.add_argument("--batch-size", type=int, default=12)
     p.add_argument("--labeled-batch-size", type=int, default=6)
     p.add_argument("--labeled-patients", type=int, default=3)
@@ -182,9 +240,15 @@ def main():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="as train.py")
     p.add_argument("--compile", action="store_true", help="as train.py")
-    p.add_argument("--checkpoint", help="pseudo-labels: the teacher (a train.py checkpoint)")
+    p.add_argument("--checkpoint", help="pseudo-labels: the teacher; sliding-window: the model (train.py checkpoints)")
+    p.add_argument("--stride", type=int, nargs=2, default=[18, 4], metavar=("XY", "Z"), help="sliding-window strides")
+    p.add_argument("--volumes", type=int, default=2, help="sliding-window: how many validation volumes")
     args = p.parse_args()
-    {"steps": bench_steps, "pseudo-labels": bench_pseudo_labels, "metrics": bench_metrics}[args.what](args)
+    BENCHMARKS[args.what](args)
+
+
+BENCHMARKS = {"steps": bench_steps, "pseudo-labels": bench_pseudo_labels, "metrics": bench_metrics,
+              "sliding-window": bench_sliding_window, "memory": bench_memory}
 
 
 if __name__ == "__main__":

@@ -1,16 +1,18 @@
 """
-Score a checkpoint on a split of ACDC with the paper's protocol, beside the paper's numbers.
+Score a checkpoint on a split of ACDC or LA with the paper's protocol, beside the paper's numbers.
 
     python evaluate.py --checkpoint runs/acdc_7/selftrain/best.pt          # the test split of data/ACDC
     python evaluate.py --root data/ACDC --split val --checkpoint P --json scores.json --save-png pictures/
+    python evaluate.py --root data/LA --checkpoint runs/la_8/selftrain/best.pt     # LA's test.list
     python evaluate.py --checkpoint P --predict scans/ --out labels/   # segment NIfTI scans (your own)
 
-Protocol (as the authors compute the table): every slice resized to the training patch size
-(nearest), argmax, resized back (nearest); per class on the 3D volume, in voxels: Dice and Jaccard
-(percent), HD95 and ASD. A class missing from the prediction scores 0 on all four (counted and
-reported). That convention gives a missed class an HD95 and ASD of 0, the best possible: it
-flatters those two numbers, so read them with the count of empty predictions. Mean over volumes,
-then over the classes.
+Protocol (as the authors compute the tables). ACDC: every slice resized to the training patch size
+(nearest), argmax, resized back (nearest). LA: sliding windows of the training crop (strides 18, 18,
+4), the probabilities averaged, foreground where p1 > 0.5, the largest connected component. Then per
+class on the 3D volume, in voxels: Dice and Jaccard (percent), HD95 and ASD. A class missing from the
+prediction scores 0 on all four (counted and reported). That convention gives a missed class an HD95
+and ASD of 0, the best possible: it flatters those two numbers, so read them with the count of empty
+predictions. Mean over volumes, then over the classes.
 """
 import argparse
 import json
@@ -26,12 +28,16 @@ import prepare_acdc
 
 METRICS = ("dice", "jaccard", "hd95", "asd")
 ACDC_CLASSES = ("RV", "Myo", "LV")
-# The paper's ACDC table (test split, 20 patients / 40 volumes, mean of RV, Myo, LV), by labeled patients.
+# The paper's tables by data set and labeled patients (cases). ACDC: test split, 20 patients / 40
+# volumes, mean of RV, Myo, LV. LA: test split, 20 volumes (Table 1).
 PAPER_ROWS = {
-    3: [("U-Net (5%)", 47.83, 37.01, 31.16, 12.62), ("BCP paper (5%)", 87.59, 78.67, 1.90, 0.67)],
-    7: [("U-Net (10%)", 79.41, 68.11, 9.35, 2.70), ("BCP paper (10%)", 88.84, 80.62, 3.98, 1.17),
-        ("MT-BCP student report (10%, beta 0.5, centred)", 88.29, 79.41, 2.47, 0.79)],
-    70: [("U-Net (100%)", 91.44, 84.59, 4.30, 0.99)],
+    "acdc": {3: [("U-Net (5%)", 47.83, 37.01, 31.16, 12.62), ("BCP paper (5%)", 87.59, 78.67, 1.90, 0.67)],
+             7: [("U-Net (10%)", 79.41, 68.11, 9.35, 2.70), ("BCP paper (10%)", 88.84, 80.62, 3.98, 1.17),
+                 ("MT-BCP student report (10%, beta 0.5, centred)", 88.29, 79.41, 2.47, 0.79)],
+             70: [("U-Net (100%)", 91.44, 84.59, 4.30, 0.99)]},
+    "la": {4: [("V-Net (5%)", 52.55, 39.60, 47.05, 9.87), ("BCP paper (5%)", 88.02, 78.72, 7.90, 2.15)],
+           8: [("V-Net (10%)", 82.74, 71.72, 13.35, 3.26), ("BCP paper (10%)", 89.62, 81.31, 6.81, 1.76)],
+           80: [("V-Net (100%)", 91.47, 84.36, 5.48, 1.51)]},
 }
 
 
@@ -57,8 +63,14 @@ def check_writable(folder):
     tempfile.TemporaryFile(dir=folder).close()
 
 
-def save_montage(path, image, label_maps, size=160):
-    """One row per slice: the image, then the outlines of each label map (ground truth, prediction)."""
+def save_montage(path, image, label_maps, size=160, rows=8):
+    """One row per slice: the image, then the outlines of each label map (ground truth, prediction).
+    An LA volume (slices along its last axis) shows `rows` slices spread over its foreground."""
+    if image.shape[-1] > image.shape[0]:  # LA: (D1, D2, D3) with the slices last
+        image, label_maps = np.moveaxis(image, -1, 0), [np.moveaxis(m, -1, 0) for m in label_maps]
+        occupied = np.flatnonzero(label_maps[0].any((1, 2))) if label_maps[0].any() else np.arange(len(image))
+        pick = np.linspace(occupied[0], occupied[-1], rows).round().astype(int)
+        image, label_maps = image[pick], [m[pick] for m in label_maps]
     tiles = []
     for image_slice, *map_slices in zip(image, *label_maps):
         resized = [bcp.resize_nearest(torch.from_numpy(np.ascontiguousarray(a)), size, size).numpy()
@@ -81,10 +93,12 @@ def nifti_scans(path):
     return [path]
 
 
-def predict_scans(model, patch_size, scans, out_dir, device, png_dir=None):
-    """Segment each NIfTI scan as training saw its slices (per-volume min-max to [0, 1], slices resized
-    to the patch, nearest back) and write <out_dir>/<name>.nii.gz, a uint8 label map with the scan's
-    geometry. png_dir: a montage of each scan with the outlines read back from the written file."""
+def predict_scans(model, patch_size, strides, scans, out_dir, device, png_dir=None):
+    """Segment each NIfTI scan as training saw its images and write <out_dir>/<name>.nii.gz, a uint8
+    label map with the scan's geometry. ACDC (2D model): per-volume min-max to [0, 1], slices resized to
+    the patch, nearest back. LA (3D model): the scan z-scored as a whole (as UA-MT preprocessed LA, which
+    also cropped around the atrium), in NIfTI index order (i, j, k), sliding windows.
+    png_dir: a montage of each scan with the outlines read back from the written file."""
     targets = {scan: out_dir / f"{prepare_acdc.scan_stem(scan)}.nii.gz" for scan in scans}
     inputs = {scan.resolve() for scan in scans}
     for target in targets.values():
@@ -92,13 +106,22 @@ def predict_scans(model, patch_size, scans, out_dir, device, png_dir=None):
             raise bcp.DataError(f"{target}: is one of the scans to segment; give another --out")
     for scan, target in targets.items():
         image, header = prepare_acdc.read_nifti(scan, with_header=True)
-        if image.ndim not in (2, 3):
-            raise bcp.DataError(f"{scan}: a {image.ndim}D image of shape {image.shape}; --predict takes one 2D or 3D scan per file")
-        volume = prepare_acdc.normalize(image.astype(np.float64), scan).reshape(-1, *image.shape[-2:])  # (S, H, W)
-        labels = bcp.predict_volume(model, torch.from_numpy(volume).to(device), patch_size).cpu().numpy()
-        prepare_acdc.write_nifti_labels(target, labels.astype(np.uint8), header)
+        volumetric = not isinstance(patch_size, int)
+        if image.ndim not in ((3,) if volumetric else (2, 3)):
+            raise bcp.DataError(f"{scan}: a {image.ndim}D image of shape {image.shape}; --predict takes one "
+                                f"{'3D' if volumetric else '2D or 3D'} scan per file")
+        if not np.isfinite(image).all():
+            raise bcp.DataError(f"{scan}: {np.size(image) - np.isfinite(image).sum()} NaN or infinite voxels; "
+                                f"fill or mask them before segmenting")
+        if volumetric:  # (k, j, i) as read -> (i, j, k), the axis order of UA-MT's LA arrays
+            volume = ((image - image.mean()) / max(float(image.std()), 1e-8)).astype(np.float32).transpose(2, 1, 0)
+        else:
+            volume = prepare_acdc.normalize(image.astype(np.float64), scan).reshape(-1, *image.shape[-2:])  # (S, H, W)
+        labels = bcp.segment(model, torch.from_numpy(np.ascontiguousarray(volume)).to(device), patch_size, strides).cpu().numpy()
+        prepare_acdc.write_nifti_labels(target, (labels.transpose(2, 1, 0) if volumetric else labels).astype(np.uint8), header)
         if png_dir:
-            written = prepare_acdc.read_nifti(target).reshape(volume.shape)
+            written = prepare_acdc.read_nifti(target)
+            written = written.transpose(2, 1, 0) if volumetric else written.reshape(volume.shape)
             save_montage(png_dir / f"{target.name.removesuffix('.nii.gz')}.png", volume, [written])
         print(f"{scan} -> {target} ({np.bincount(labels.ravel(), minlength=2)[1:].sum()} foreground voxels)")
 
@@ -179,8 +202,12 @@ def main(argv=None):
     p.add_argument("--predict", metavar="IN", help="segment NIfTI scans instead of scoring a split: a .nii/.nii.gz "
                                                    "file or a folder of them; label maps go to --out")
     p.add_argument("--out", metavar="DIR", help="--predict: where to write <name>.nii.gz label maps")
+    p.add_argument("--stride", type=int, nargs=2, default=[18, 4], metavar=("XY", "Z"),
+                   help="LA: sliding-window strides along the first two axes and the third (the authors' 18, 4)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
+    if min(args.stride) < 1:
+        p.error(f"--stride must be positive, got {args.stride}")
     try:
         device = bcp.checked_device(args.device)
     except ValueError as error:
@@ -190,30 +217,43 @@ def main(argv=None):
     for folder in [Path(f).parent for f in (args.json, args.export) if f] + [Path(d) for d in (args.save_png, args.kde, args.out) if d]:
         check_writable(folder)  # before the evaluation, not after it
 
-    model, checkpoint = bcp.load_unet(args.checkpoint, device)
+    model, checkpoint = bcp.load_model(args.checkpoint, device)
     model.eval()
     flags = checkpoint["flags"]
-    if not isinstance(flags.get("patch_size"), int):
-        raise bcp.DataError(f"{args.checkpoint}: its flags do not say patch_size")
     if args.export:  # float16 halves the size; evaluation casts back to float32 on load
         bcp.write_atomic(args.export, lambda f: torch.save(
             {"model": {k: v.half() if v.is_floating_point() else v for k, v in checkpoint["model"].items()},
              "flags": flags, "iteration": checkpoint.get("iteration"), "best_dice": checkpoint.get("best_dice")}, f))
     num_classes, patch_size = flags["num_classes"], flags["patch_size"]
+    strides = (args.stride[0], args.stride[0], args.stride[1])
     if args.predict:
-        return predict_scans(model, patch_size, nifti_scans(args.predict), Path(args.out), device,
+        return predict_scans(model, patch_size, strides, nifti_scans(args.predict), Path(args.out), device,
                              Path(args.save_png) if args.save_png else None)
+    la = bcp.is_la_layout(args.root)
+    if la == isinstance(patch_size, int):
+        raise bcp.DataError(f"{args.checkpoint}: a {'2D' if la else '3D'} model cannot segment the "
+                            f"{'LA' if la else 'ACDC'} volumes of {args.root}")
+    if args.kde and la:
+        raise bcp.DataError("--kde embeds 2D slices; it does not apply to LA")
     own_data = bcp.dataset_info(args.root)
-    class_names = tuple(own_data.get("class_names") or (ACDC_CLASSES if num_classes == 4 else
+    class_names = tuple(own_data.get("class_names") or (("LA",) if la else ACDC_CLASSES if num_classes == 4 else
                                                         [f"class {c}" for c in range(1, num_classes)]))
+    if la:  # test.list, or the validation cases training held aside
+        names = (bcp.read_list(args.root, f"{args.split}.list") if args.split != "val" else
+                 bcp.la_cases(args.root, flags["labeled_patients"], flags["val_cases"])[2])
+        volumes = bcp.load_la_volumes(args.root, names, num_classes)
+        path_of = lambda name: Path(args.root) / bcp.LA_FOLDER / name / "mri_norm2.h5"
+    else:
+        volumes = bcp.load_volumes(args.root, args.split, num_classes)
+        path_of = lambda name: Path(args.root) / "data" / f"{name}.h5"
 
     per_volume = []
-    for name, image, label in bcp.load_volumes(args.root, args.split, num_classes):
-        prediction = bcp.predict_volume(model, torch.from_numpy(image).to(device), patch_size).cpu().numpy()
+    for name, image, label in volumes:
+        prediction = bcp.segment(model, torch.from_numpy(image).to(device), patch_size, strides).cpu().numpy()
         try:
             per_volume.append(score_volume(prediction, label, num_classes))
         except ValueError as error:  # a class missing from the ground truth: HD95 and ASD are undefined
-            raise bcp.DataError(f"{Path(args.root) / 'data' / name}.h5: {error}") from None
+            raise bcp.DataError(f"{path_of(name)}: {error}") from None
         if args.save_png:
             save_montage(Path(args.save_png) / f"{name}.png", image, [label, prediction])
 
@@ -228,11 +268,11 @@ def main(argv=None):
     for row_name, scores in [*per_class.items(), ("mean (ours)", mean)]:
         print(f"{row_name:42s} {scores['dice']:8.2f} {scores['jaccard']:10.2f} {scores['hd95']:8.2f} {scores['asd']:8.2f}")
     if (Path(args.root) / "SYNTHETIC").exists():
-        print("SYNTHETIC phantoms: the paper's ACDC rows do not apply")
+        print("SYNTHETIC phantoms: the paper's rows do not apply")
     elif not own_data:
         if args.split != "test":
             print(f"the paper's rows below were measured on the test split, these on {args.split}")
-        for row_name, *row in PAPER_ROWS.get(flags.get("labeled_patients"), []):
+        for row_name, *row in PAPER_ROWS["la" if la else "acdc"].get(flags.get("labeled_patients"), []):
             print(f"{row_name:42s} {row[0]:8.2f} {row[1]:10.2f} {row[2]:8.2f} {row[3]:8.2f}")
     print(f"class-volumes with an empty prediction (scored 0): {empty} of {len(per_volume) * (num_classes - 1)}")
 

@@ -1,7 +1,9 @@
 """
-Build the ACDC data set in the SSL4MIS h5 layout that train.py and evaluate.py read.
+Build the ACDC data set in the SSL4MIS h5 layout that train.py and evaluate.py read (or a synthetic
+left-atrium set in UA-MT's layout, for the 3D quick start).
 
     python prepare_acdc.py                                   # synthetic phantoms at data/ACDC (no download)
+    python prepare_acdc.py --la --out data/LA_synthetic      # synthetic 3D left-atrium phantoms, UA-MT layout
     python prepare_acdc.py --raw ~/ACDC/database --out data/ACDC   # from the official NIfTI download
     python prepare_acdc.py --check data/ACDC                 # verify a folder, e.g. the SSL4MIS h5 download
     python prepare_acdc.py --raw ~/Task01 --out data/mine     # your own scans, nnU-Net / Decathlon layout:
@@ -91,10 +93,11 @@ def clean_leftovers(out):
             old.rename(out)
 
 
-def write_layout(out, volumes, force, marker=None, info=None):
+def write_layout(out, volumes, force, marker=None, info=None, la=False):
     """Write (split, volume name, image (S, H, W), label (S, H, W)) tuples into a temporary folder
     beside --out, slices for the training volumes, the lists, then swap it in for --out. `volumes` may
-    be a generator: one volume is in memory at a time. info: written as dataset.json (your own data)."""
+    be a generator: one volume is in memory at a time. info: written as dataset.json (your own data).
+    la: UA-MT's layout instead (<case>/mri_norm2.h5 under bcp.LA_FOLDER, train.list and test.list)."""
     out = Path(out).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     clean_leftovers(out)
@@ -104,17 +107,22 @@ def write_layout(out, volumes, force, marker=None, info=None):
     os.umask(umask)
     staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the data set is an ordinary folder
     try:
-        (staging / "data" / "slices").mkdir(parents=True)
+        (staging / ("." if la else "data/slices")).mkdir(parents=True, exist_ok=True)
         lists = {"train": [], "val": [], "test": [], "train_slices": []}
         for split, name, image, label in volumes:
-            write_h5(staging / "data" / f"{name}.h5", image, label)
             lists[split].append(name)
+            if la:
+                (staging / bcp.LA_FOLDER / name).mkdir(parents=True)
+                write_h5(staging / bcp.LA_FOLDER / name / "mri_norm2.h5", image, label)
+                continue
+            write_h5(staging / "data" / f"{name}.h5", image, label)
             if split == "train":
                 for i, (image_slice, label_slice) in enumerate(zip(image, label), start=1):
                     write_h5(staging / "data" / "slices" / f"{name}_slice_{i}.h5", image_slice, label_slice)
                     lists["train_slices"].append(f"{name}_slice_{i}")
         for split, names in lists.items():
-            (staging / f"{split}.list").write_text("".join(n + "\n" for n in names))
+            if names or not la:
+                (staging / f"{split}.list").write_text("".join(n + "\n" for n in names))
         if marker:
             (staging / "SYNTHETIC").write_text(marker)
         if info:
@@ -427,6 +435,48 @@ def synthetic_volumes(patients, seed):
             yield split, f"patient{patient:03d}_{name}", normalize(image, f"synthetic patient{patient:03d}"), label
 
 
+def tube(grid, start, direction, length, radius):
+    """Voxels of `grid` (3, *S) within `radius` of the segment from `start` along the unit `direction`."""
+    offset = grid - start[:, None, None, None]
+    along = np.clip((offset * direction[:, None, None, None]).sum(0), 0, length)
+    return ((offset - along * direction[:, None, None, None]) ** 2).sum(0) < radius ** 2
+
+
+def la_phantom(rng, shape):
+    """One synthetic left-atrium volume (D1, D2, D3), z-scored as UA-MT's LA volumes are, and its 0/1
+    label: a contrast-filled atrium (an ellipsoid) with 2-4 pulmonary veins and an appendage; a bright
+    aorta-like tube that is not labeled, tissue texture, a bias field and noise."""
+    grid = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float32) for n in shape], indexing="ij"))  # (3, *S)
+    center = np.array(shape) * rng.uniform(0.4, 0.6, 3)
+    radii = np.array([rng.uniform(9, 14), rng.uniform(8, 12), rng.uniform(6, 9)])
+    atrium = (((grid - center[:, None, None, None]) / radii[:, None, None, None]) ** 2).sum(0) < 1
+    for _ in range(rng.integers(2, 5)):  # pulmonary veins leave the atrium backwards and sideways
+        direction = rng.normal(size=3) * (1.0, 1.0, 0.5)
+        direction /= np.linalg.norm(direction)
+        atrium |= tube(grid, center + 0.7 * radii * direction, direction, rng.uniform(6, 12), rng.uniform(1.8, 3.0))
+    appendage = center + radii * rng.choice([-1, 1], 3) * (0.8, 0.5, 0.3)
+    atrium |= ((grid - appendage[:, None, None, None]) ** 2).sum(0) < rng.uniform(3, 5) ** 2
+    side = center + np.array([0, rng.choice([-1, 1]) * (radii[1] + rng.uniform(5, 9)), -shape[2]])
+    aorta = tube(grid, side, np.array([0.0, 0.0, 1.0]), 3 * shape[2], rng.uniform(3, 5)) & ~atrium
+    texture = sum(rng.uniform(0.03, 0.08) * np.sin((rng.uniform(-0.4, 0.4, 3)[:, None, None, None] * grid).sum(0) + rng.uniform(0, 6.3))
+                  for _ in range(3))
+    image = rng.uniform(0.25, 0.4) + texture
+    image = np.where(atrium, rng.uniform(0.8, 1.0), np.where(aorta, rng.uniform(0.7, 0.95), image))
+    image = image * (1 + rng.uniform(0, 0.4) * (grid[0] / shape[0] - 0.5)) + rng.normal(0, rng.uniform(0.04, 0.1), shape)
+    return ((image - image.mean()) / image.std()).astype(np.float32), atrium.astype(np.uint8)
+
+
+def synthetic_la_volumes(cases, seed):
+    """Yield (split, case, image, label) for a synthetic LA set: the last fifth for test.list."""
+    rng = np.random.default_rng(seed)
+    n_test = max(1, cases // 5)
+    if cases - n_test < 3:
+        raise bcp.DataError(f"--patients {cases}: need at least 4 cases (labeled, unlabeled, validation, test)")
+    for i in range(cases):
+        shape = (int(rng.integers(56, 73)), int(rng.integers(52, 65)), int(rng.integers(36, 45)))
+        yield ("train" if i < cases - n_test else "test"), f"LA{i + 1:03d}", *la_phantom(rng, shape)
+
+
 SYNTHETIC_BANNER = """\
 SYNTHETIC data: short-axis cine-MRI phantoms, not ACDC. Numbers on it say the pipeline works, not how
 BCP does on real hearts. For ACDC: register at https://www.creatis.insa-lyon.fr/Challenge/acdc/ and run
@@ -493,7 +543,9 @@ def main(argv=None):
     p.add_argument("--val-fraction", type=float, default=0.2, help="your own scans: labeled cases kept for validation")
     p.add_argument("--out", default="data/ACDC", help="where to write the layout")
     p.add_argument("--check", metavar="ROOT", help="verify an existing folder instead of writing one")
-    p.add_argument("--patients", type=int, default=100, help="synthetic set: number of patients (split 70/10/20)")
+    p.add_argument("--patients", type=int, help="synthetic set: number of patients (ACDC 100, split 70/10/20; "
+                                                  "--la 30 cases, the last fifth for testing)")
+    p.add_argument("--la", action="store_true", help="synthetic 3D left-atrium phantoms in UA-MT's layout instead")
     p.add_argument("--seed", type=int, default=1337, help="random seed of the synthetic set and of your own val split")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     args = p.parse_args(argv)
@@ -512,7 +564,15 @@ def main(argv=None):
                   f"{len(info['unlabeled'])} unlabeled training volumes")
         elif args.raw:
             lists = write_layout(args.out, official_volumes(args.raw), args.force)
+        elif args.la:
+            cases = args.patients or 30
+            marker = f"SYNTHETIC left-atrium phantoms, not LA\n--la --patients {cases} --seed {args.seed}\n"
+            lists = write_layout(args.out, synthetic_la_volumes(cases, args.seed), args.force, marker=marker, la=True)
+            print(f"wrote {args.out}: {len(lists['train'])} train.list and {len(lists['test'])} test.list cases "
+                  f"(UA-MT's layout, SYNTHETIC) in {time.time() - start:.0f} s")
+            return 0
         else:
+            args.patients = args.patients or 100
             print(SYNTHETIC_BANNER)
             marker = f"{SYNTHETIC_BANNER}\n--patients {args.patients} --seed {args.seed}\n"
             marker_path = Path(args.out) / "SYNTHETIC"

@@ -225,7 +225,7 @@ def test_ema_averages_parameters():
 @pytest.mark.parametrize("centered", [False, True])
 def test_mask_area(centered):
     """beta = 2/3 on 12 x 15: a zero rectangle of 8 x 10, ones elsewhere."""
-    mask = bcp.paste_mask(12, 15, beta=2 / 3, centered=centered, generator=torch.Generator().manual_seed(3))
+    mask = bcp.paste_mask((12, 15), beta=2 / 3, centered=centered, generator=torch.Generator().manual_seed(3))
     zeros = torch.nonzero(mask == 0)
     assert set(mask.unique().tolist()) == {0.0, 1.0} and len(zeros) == 8 * 10
     assert (zeros.max(0).values - zeros.min(0).values + 1).tolist() == [8, 10]
@@ -233,7 +233,7 @@ def test_mask_area(centered):
 
 def test_centered_mask_position():
     """beta = 0.5 on 12 x 12: the 6 x 6 hole spans rows and columns 3..8."""
-    mask = bcp.paste_mask(12, 12, beta=0.5, centered=True)
+    mask = bcp.paste_mask((12, 12), beta=0.5, centered=True)
     assert (mask[3:9, 3:9] == 0).all() and mask.sum() == 144 - 36
 
 
@@ -242,10 +242,10 @@ def test_random_mask_position_as_the_authors_draw_it():
     beta = 2/3 the crop is 170 px, so rows and columns 0..85 (never 86); a 2 x 2 hole in 4 x 4 sits at
     rows and columns 0..1 (never 2)."""
     generator = torch.Generator().manual_seed(0)
-    corners = torch.tensor([torch.nonzero(bcp.paste_mask(256, 256, 2 / 3, generator=generator) == 0)[0].tolist()
+    corners = torch.tensor([torch.nonzero(bcp.paste_mask((256, 256), 2 / 3, generator=generator) == 0)[0].tolist()
                             for _ in range(3000)])
     assert corners.min().item() == 0 and corners.max(0).values.tolist() == [85, 85]
-    small = {tuple(torch.nonzero(bcp.paste_mask(4, 4, 0.5, generator=generator) == 0)[0].tolist()) for _ in range(300)}
+    small = {tuple(torch.nonzero(bcp.paste_mask((4, 4), 0.5, generator=generator) == 0)[0].tolist()) for _ in range(300)}
     assert small == {(r, c) for r in range(2) for c in range(2)}
 
 
@@ -284,14 +284,14 @@ def test_mixed_loss_by_hand():
 def test_perfect_prediction_has_near_zero_loss():
     target = torch.randint(4, (2, 8, 8), generator=torch.Generator().manual_seed(0))
     logits = 50.0 * torch.nn.functional.one_hot(target, 4).permute(0, 3, 1, 2).float()
-    mask = bcp.paste_mask(8, 8, centered=True)
+    mask = bcp.paste_mask((8, 8), centered=True)
     assert bcp.mixed_loss(logits, target, mask, 1.0, 0.5).item() < 1e-6
 
 
 def test_zero_weight_region_gets_no_gradient():
     """With weight 0 on the pasted region (M = 0), its logits receive no gradient, the rest do."""
     logits = torch.randn(1, 4, 6, 6, requires_grad=True)
-    mask = bcp.paste_mask(6, 6, beta=0.5, centered=True)
+    mask = bcp.paste_mask((6, 6), beta=0.5, centered=True)
     bcp.mixed_loss(logits, torch.randint(4, (1, 6, 6)), mask, weight_base=1.0, weight_pasted=0.0).backward()
     grad = logits.grad.abs().sum(1)[0]
     assert (grad[mask == 0] == 0).all() and (grad[mask == 1] > 0).all()
@@ -609,7 +609,7 @@ def tiny_run(flags, labeled, unlabeled, device="cpu"):
     optimizer = torch.optim.SGD(student.parameters(), lr=args.lr, momentum=args.momentum)
     return SimpleNamespace(args=args, device=torch.device(device), autocast=nullcontext(), optimizer=optimizer,
                            student=student, teacher=teacher, student_forward=student, teacher_forward=teacher,
-                           labeled=labeled, unlabeled=unlabeled)
+                           labeled=labeled, unlabeled=unlabeled, dice_loss=bcp.DICE_LOSSES[args.dice_loss])
 
 
 class BlockingCopies(TorchDispatchMode):
@@ -664,7 +664,7 @@ def test_pseudo_label_benchmark_runs(synthetic_root, tmp_path, monkeypatch, caps
     monkeypatch.setattr("sys.argv", ["benchmark.py", "pseudo-labels", "--root", str(synthetic_root), "--patch-size", "32",
                                      "--checkpoint", str(tmp_path / "pretrain" / "best.pt"), "--steps", "3"])
     benchmark.main()
-    assert "ms per pseudo-label of 6 slices at 32 x 32" in capsys.readouterr().out
+    assert "ms per pseudo-label of 6 images at 32 x 32" in capsys.readouterr().out
 
 
 def test_supervised_phase_and_evaluation_json(synthetic_root, tmp_path, capsys):
@@ -735,7 +735,7 @@ def test_committed_checkpoints_load_on_the_cpu():
     assert len(paths) >= 3
     for path in paths:
         assert (path.parent / "flags.json").exists() and (path.parent / "metrics.jsonl").exists()
-        model, _ = bcp.load_unet(path)
+        model, _ = bcp.load_model(path)
         assert torch.isfinite(model.eval()(torch.rand(1, 1, 64, 64))).all(), path
 
 
@@ -1000,26 +1000,6 @@ def test_each_phase_draws_its_own_batches_and_masks(synthetic_root):
     assert any(not torch.equal(*[train.draw_mask(step, args[phase], "cpu") for phase in args]) for step in range(1, 6))
 
 
-def test_legacy_dice_mask_changes_only_the_background_term():
-    """The authors' Dice before their fix took the background class over the whole image in both
-    region terms. The difference to the default is then, for each region r with weight w_r,
-    w_r * (D0(whole image) - D0(region r)) / C / 2, with D0 the background's Dice loss."""
-    generator = torch.Generator().manual_seed(0)
-    logits, target = torch.randn(2, 4, 8, 8, generator=generator), torch.randint(4, (2, 8, 8), generator=generator)
-    mask = bcp.paste_mask(8, 8, beta=0.5, generator=generator)
-    probs, one_hot = logits.softmax(1), torch.nn.functional.one_hot(target, 4).permute(0, 3, 1, 2).float()
-
-    def background_dice_loss(region):
-        p, g = probs[:, 0] * region, one_hot[:, 0] * region
-        return 1 - (2 * (p * g).sum() + bcp.DICE_SMOOTH) / ((p * p).sum() + (g * g).sum() + bcp.DICE_SMOOTH)
-
-    default = bcp.mixed_loss(logits, target, mask, weight_base=0.5, weight_pasted=1.0)
-    legacy = bcp.mixed_loss(logits, target, mask, weight_base=0.5, weight_pasted=1.0, legacy_dice_mask=True)
-    whole = background_dice_loss(torch.ones(8, 8))
-    expected = sum(w * (whole - background_dice_loss(r)) for r, w in ((mask, 0.5), (1 - mask, 1.0))) / 4 / 2
-    assert (legacy - default).item() == pytest.approx(expected.item(), abs=1e-6) and abs(expected) > 1e-3
-
-
 # ----------------------------------------------------------------------------- the authors' self-train start (issue 16)
 
 def test_selftrain_carries_the_pretrain_momentum(synthetic_root, tmp_path, capsys):
@@ -1063,11 +1043,31 @@ def step_draws(run, step):
     return l_a, l_b, g_a, g_b, u_a, u_b, p_a, p_b, train.draw_mask(step, args, "cpu")
 
 
-def test_inward_and_outward_are_the_two_terms_of_bidirectional(synthetic_root):
-    loss = {mix: train.selftrain_step(selftrain_run(synthetic_root, mix), 3)[0].item()
-            for mix in ("bidirectional", "inward", "outward")}
-    assert loss["bidirectional"] == pytest.approx(loss["inward"] + loss["outward"], rel=1e-6)
-    assert loss["inward"] > 0 and loss["outward"] > 0
+@pytest.mark.parametrize("mix", ["inward", "outward"])
+def test_one_way_variants_mix_both_halves_their_way(synthetic_root, mix):
+    """A one-way --mix shows the student as many images a step as BCP (half a and half b, 1 + 1 here),
+    each half mixed in the one direction: inward U * M + L * (1 - M) with target P * M + G * (1 - M),
+    alpha on the base; outward L * M + U * (1 - M) with target G * M + P * (1 - M), alpha on the crop."""
+    def images_seen(run):
+        seen, student = [], run.student_forward
+        run.student_forward = lambda x: seen.append(len(x)) or student(x)
+        return seen
+
+    default = selftrain_run(synthetic_root)
+    default_seen = images_seen(default)
+    train.selftrain_step(default, 3)
+    run = selftrain_run(synthetic_root, mix)
+    l_a, l_b, g_a, g_b, u_a, u_b, p_a, p_b, m = step_draws(run, 3)
+    expected = 0.0
+    with torch.no_grad():
+        for l, g, u, p in ((l_a, g_a, u_a, p_a), (l_b, g_b, u_b, p_b)):
+            if mix == "inward":
+                expected += bcp.mixed_loss(run.student(u * m + l * (1 - m)), p * m.long() + g * (1 - m.long()), m, 0.5, 1.0)
+            else:
+                expected += bcp.mixed_loss(run.student(l * m + u * (1 - m)), g * m.long() + p * (1 - m.long()), m, 1.0, 0.5)
+    seen = images_seen(run)
+    assert train.selftrain_step(run, 3)[0].item() == pytest.approx(expected.item(), rel=1e-6)
+    assert seen == default_seen == [1, 1]
 
 
 def test_bidirectional_loss_is_the_papers(synthetic_root):
@@ -1202,7 +1202,7 @@ def test_own_scans_end_to_end(tmp_path):
     assert set(json.loads((tmp_path / "s.json").read_text())["per_class"]) == {"RV", "Myo", "LV"}
     evaluate.main(["--checkpoint", str(run / "selftrain" / "best.pt"), "--predict", str(tmp_path / "raw" / "imagesTs"),
                    "--out", str(tmp_path / "labels"), "--save-png", str(tmp_path / "pictures")])
-    model, _ = bcp.load_unet(run / "selftrain" / "best.pt")
+    model, _ = bcp.load_model(run / "selftrain" / "best.pt")
     for name, image, _ in bcp.load_volumes(root, "test", 4):
         expected = bcp.predict_volume(model.eval(), torch.from_numpy(image), 32).numpy()
         written = prepare_acdc.read_nifti(tmp_path / "labels" / f"{name.replace('-', '_')}_0000.nii.gz")
@@ -1263,3 +1263,237 @@ def test_own_layout_problems_name_the_file(tmp_path, capsys, damage, message):
     error = capsys.readouterr().err
     assert re.search(message, error) and error.count("\n") == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"]
+
+
+# ----------------------------------------------------------------------------- 3D: the left atrium (LA) with a V-Net
+
+def test_vnet_shapes_and_parameter_count():
+    """UA-MT's V-Net, counted by hand: a conv with its BN has in * out * k^3 + out weights and 2 * out
+    BN parameters; a transposed conv the same. Encoder 1, 2, 3, 3, 3 convs, decoder 3, 3, 2, 1."""
+    def conv(i, o, k=3):
+        return i * o * k ** 3 + o + 2 * o
+    encoder = conv(1, 16) + 2 * conv(32, 32) + 3 * conv(64, 64) + 3 * conv(128, 128) + 3 * conv(256, 256)
+    resample = sum(conv(c, 2 * c, 2) + conv(2 * c, c, 2) for c in (16, 32, 64, 128))  # down and up
+    decoder = 3 * conv(128, 128) + 3 * conv(64, 64) + 2 * conv(32, 32) + conv(16, 16)
+    head = 16 * 2 + 2
+    model = bcp.VNet(num_classes=2)
+    assert sum(p.numel() for p in model.parameters()) == encoder + resample + decoder + head == 9_448_866
+    assert model(torch.randn(2, 1, 32, 16, 48)).shape == (2, 2, 32, 16, 48)
+
+
+def test_vnet_dropout_only_in_training_mode():
+    model = bcp.VNet().eval()
+    x = torch.randn(1, 1, 32, 32, 32)
+    assert torch.equal(model(x), model(x))
+    model.train()
+    torch.manual_seed(0)
+    first = model(x)
+    assert not torch.equal(first, model(x))
+
+
+def test_la_mask_box_and_corners_as_the_authors_draw_them():
+    """112 x 112 x 80 with beta 2/3: a zero box of 74 x 74 x 53 at randint(0, 38), randint(0, 38),
+    randint(0, 27): corners 0..37, 0..37, 0..26."""
+    generator = torch.Generator().manual_seed(0)
+    corners = []
+    for _ in range(600):
+        mask = bcp.paste_mask((112, 112, 80), generator=generator)
+        zero = mask == 0
+        assert zero.sum() == 74 * 74 * 53
+        corners.append([int(zero.any(dim=[a for a in range(3) if a != axis]).int().argmax()) for axis in range(3)])
+    corners = torch.tensor(corners)
+    assert corners.min().item() == 0 and corners.max(0).values.tolist() == [37, 37, 26]
+
+
+def test_la_and_acdc_dice_losses_by_hand():
+    """Two crops of 1 x 1 x 2 voxels, logits 0 (p = 1/2), targets [1, 1] and [0, 1], the whole crop.
+    LA (per crop and class, p): crop 1 class 0 ~ 0, class 1 2/3; crop 2 both classes 1/2:
+    loss 1 - (0 + 2/3 + 1/2 + 1/2) / 4. ACDC (sums over the batch, p^2): class 0 2 * 0.5 / (1 + 1),
+    class 1 2 * 1.5 / (1 + 3): loss 1 - (0.5 + 0.75) / 2. CE is ln 2 either way."""
+    logits, target = torch.zeros(2, 2, 1, 1, 2), torch.tensor([[[[1, 1]]], [[[0, 1]]]])
+    everywhere = torch.ones(1, 1, 2)
+    la = bcp.mixed_loss(logits, target, everywhere, 1.0, 0.0, dice_loss=bcp.la_dice_loss)
+    acdc = bcp.mixed_loss(logits, target, everywhere, 1.0, 0.0, dice_loss=bcp.acdc_dice_loss)
+    assert la.item() == pytest.approx((1 - (2 / 3 + 1 / 2 + 1 / 2) / 4 + math.log(2)) / 2, abs=1e-5)
+    assert acdc.item() == pytest.approx((1 - (0.5 + 0.75) / 2 + math.log(2)) / 2, abs=1e-6)
+
+
+def test_la_dice_in_a_region_by_hand():
+    """One crop of 1 x 1 x 3, p1 = (0.2, 0.6, 0.9), target (0, 1, 1), region (1, 1, 0): only the
+    first two voxels count. Class 1: (2 * 0.6) / (0.8 + 1); class 0: (2 * 0.8) / (1.2 + 1).
+    CE in the region: mean of -ln 0.8 and -ln 0.6."""
+    p1 = torch.tensor([0.2, 0.6, 0.9])
+    logits = torch.stack([torch.zeros(3), torch.log(p1 / (1 - p1))]).view(1, 2, 1, 1, 3)
+    target, region = torch.tensor([0, 1, 1]).view(1, 1, 1, 3), torch.tensor([1.0, 1.0, 0.0]).view(1, 1, 3)
+    loss = bcp.mixed_loss(logits, target, region, weight_base=1.0, weight_pasted=0.0, dice_loss=bcp.la_dice_loss)
+    dice = (2 * 0.6 / 1.8 + 2 * 0.8 / 2.2) / 2
+    assert loss.item() == pytest.approx((1 - dice - (math.log(0.8) + math.log(0.6)) / 2) / 2, abs=1e-5)
+
+
+def test_largest_component_3d_matches_scipy_label():
+    """26-connected components of random 3D masks near the percolation threshold, as scipy.ndimage.label
+    with a full 3 x 3 x 3 structure, the largest kept; an empty volume stays empty."""
+    masks = np.random.default_rng(5).random((4, 18, 15, 12)) < 0.2
+    masks[1] = False
+    kept = bcp.largest_component(torch.from_numpy(masks)).numpy()
+    for mask, ours in zip(masks, kept):
+        labels, count = ndimage.label(mask, structure=np.ones((3, 3, 3)))
+        expected = labels == (np.argmax(np.bincount(labels.ravel())[1:]) + 1) if count else mask
+        np.testing.assert_array_equal(ours, expected)
+
+
+def test_pseudo_label_3d_joins_through_corners():
+    """Voxels (0, 0, 0), (1, 1, 1), (2, 2, 2) touch only at corners: one component of 3 in 26-connectivity,
+    kept; a block of 2 voxels elsewhere is dropped."""
+    prediction = torch.zeros(1, 5, 5, 5, dtype=torch.long)
+    for i in range(3):
+        prediction[0, i, i, i] = 1
+    prediction[0, 4, 0, 3:5] = 1
+    logits = torch.nn.functional.one_hot(prediction, 2).movedim(-1, 1).float()
+    expected = prediction.clone()
+    expected[0, 4, 0, 3:5] = 0
+    assert torch.equal(bcp.pseudo_label(logits), expected)
+
+
+def test_window_starts_by_hand():
+    """UA-MT: ceil((size - window) / stride) + 1 windows, the last flush with the end."""
+    assert bcp.window_starts(100, 64, 18) == [0, 18, 36]
+    assert bcp.window_starts(101, 64, 18) == [0, 18, 36, 37]
+    assert bcp.window_starts(64, 64, 18) == [0]
+
+
+def test_sliding_window_is_the_direct_forward_when_the_volume_is_the_window():
+    model = bcp.VNet().eval()
+    image = torch.randn(32, 16, 16)
+    with torch.no_grad():
+        direct = model(image[None, None]).softmax(1)[0]
+    torch.testing.assert_close(bcp.sliding_window_probabilities(model, image, (32, 16, 16), (18, 18, 4)), direct)
+
+
+def test_sliding_window_pads_a_volume_smaller_than_the_window():
+    """A 32 x 12 x 16 volume under a 32 x 16 x 16 window: zero-padded by 2 on each side of axis 1 (UA-MT
+    pads evenly), one window, the result cropped back to 32 x 12 x 16."""
+    model = bcp.VNet().eval()
+    image = torch.randn(32, 12, 16)
+    with torch.no_grad():
+        expected = model(torch.nn.functional.pad(image, (0, 0, 2, 2))[None, None]).softmax(1)[0, :, :, 2:14]
+    probabilities = bcp.sliding_window_probabilities(model, image, (32, 16, 16), (18, 18, 4))
+    assert probabilities.shape == (2, 32, 12, 16)
+    torch.testing.assert_close(probabilities, expected)
+
+
+def test_overlapping_windows_average_the_probabilities():
+    """Windows overlapping on a 48-long axis (starts 0, 16, 32 for a 16 window, stride 16... and 8): each
+    voxel's probability is the mean over the windows that cover it, computed here window by window."""
+    model = bcp.VNet().eval()
+    image = torch.randn(48, 16, 16)
+    with torch.no_grad():
+        windows = {start: model(image[start:start + 32][None, None]).softmax(1)[0] for start in (0, 8, 16)}
+    total, count = torch.zeros(2, 48, 16, 16), torch.zeros(48, 1, 1)
+    for start, probs in windows.items():
+        total[:, start:start + 32] += probs
+        count[start:start + 32] += 1
+    torch.testing.assert_close(bcp.sliding_window_probabilities(model, image, (32, 16, 16), (8, 8, 8)), total / count)
+
+
+@pytest.mark.parametrize("k", range(4))
+@pytest.mark.parametrize("axis", range(2))
+def test_volume_bank_crops_like_the_authors(k, axis):
+    """np.rot90(k) over axes 0, 1, np.flip(axis), then UA-MT's RandomCrop to 8 x 8 x 8: an axis no larger
+    than 8 is padded by (8 - size) // 2 + 3 on each side, the corner is randint(0, size - 8)."""
+    rng = np.random.default_rng(0)
+    image = rng.random((11, 8, 6)).astype(np.float32)
+    label = (image > 0.5).astype(np.uint8)
+    bank = bcp.VolumeBank([image], [label], "cpu")
+    corner = torch.tensor([[0.0, 0.5, 0.99]])
+    images, labels = bank.batch(torch.tensor([0]), (8, 8, 8), {"k": torch.tensor([k]), "flip_axis": torch.tensor([axis]),
+                                                               "corner": corner})
+    for ours, array in ((images[0, 0], image), (labels[0], label)):
+        turned = np.flip(np.rot90(array, k), axis)
+        padded = np.pad(turned, [((8 - s) // 2 + 3,) * 2 if s <= 8 else (0, 0) for s in turned.shape])
+        start = [int(f * (s - 8)) for f, s in zip(corner[0].tolist(), padded.shape)]
+        np.testing.assert_array_equal(ours.numpy(), padded[tuple(slice(c, c + 8) for c in start)])
+
+
+LA_TINY = ["--patch-size", "32", "32", "16", "--batch-size", "4", "--labeled-batch-size", "2", "--labeled-patients", "2",
+           "--val-cases", "2", "--stride", "16", "16", "--val-every", "2", "--log-every", "1"]
+
+
+@pytest.fixture(scope="module")
+def la_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("la") / "LA"
+    assert prepare_acdc.main(["--la", "--out", str(root), "--patients", "10"]) == 0
+    return root
+
+
+def test_la_defaults_are_the_authors_la_script(la_root):
+    args = train.parse_args(["--root", str(la_root), "--phase", "selftrain"])
+    assert (args.patch_size, args.batch_size, args.labeled_batch_size, args.iterations, args.lr_step) == ([112, 112, 80], 8, 4, 15000, 2500)
+    assert (args.dice_loss, args.selftrain_sgd, args.num_classes, args.labeled_patients) == ("la", "fresh", 2, 8)
+    assert train.parse_args(["--root", str(la_root), "--phase", "pretrain"]).pretrain_loss == "whole"
+    assert [train.learning_rate(args, t) for t in (1, 2500, 2501, 5001)] == pytest.approx([0.01, 0.01, 0.001, 0.0001])
+
+
+def test_la_end_to_end_on_synthetic_phantoms(la_root, tmp_path, capsys):
+    """pretrain -> selftrain -> evaluate (test.list and the held-aside val cases) -> --predict on a NIfTI
+    copy of a case, whose label map matches the evaluation's segmentation of the h5 copy."""
+    common = ["--root", str(la_root), *LA_TINY, "--out", str(tmp_path)]
+    train.main([*common, "--phase", "pretrain", "--iterations", "2"])
+    train.main([*common, "--phase", "selftrain", "--iterations", "2"])
+    log = (tmp_path / "selftrain" / "train.log").read_text()
+    assert "2 labeled images (2 patients), 4 unlabeled, 2 validation cases held aside" in log
+    checkpoint = tmp_path / "selftrain" / "best.pt"
+    evaluate.main(["--root", str(la_root), "--checkpoint", str(checkpoint), "--stride", "16", "16",
+                   "--json", str(tmp_path / "test.json")])
+    scores = json.loads((tmp_path / "test.json").read_text())
+    assert scores["volumes"] == 2 and list(scores["per_class"]) == ["LA"] and 0 <= scores["mean"]["dice"] <= 100
+    evaluate.main(["--root", str(la_root), "--split", "val", "--checkpoint", str(checkpoint), "--stride", "16", "16"])
+    assert "on " + str(la_root) + " val: 2 volumes" in capsys.readouterr().out
+
+    case = bcp.read_list(la_root, "train.list")[0]
+    _, image, _ = bcp.load_la_volumes(la_root, [case])[0]
+    nibabel.save(nibabel.Nifti1Image(image, np.diag([0.625, 0.625, 0.625, 1])), tmp_path / f"{case}.nii.gz")
+    evaluate.main(["--checkpoint", str(checkpoint), "--predict", str(tmp_path / f"{case}.nii.gz"),
+                   "--out", str(tmp_path / "labels"), "--stride", "16", "16"])
+    predicted = np.asarray(nibabel.load(tmp_path / "labels" / f"{case}.nii.gz").dataobj)
+    model, _ = bcp.load_model(checkpoint)
+    expected = bcp.segment(model.eval(), torch.from_numpy(image), [32, 32, 16], (16, 16, 16)).numpy()
+    assert predicted.shape == image.shape and (predicted != expected).mean() < 1e-3
+
+
+def test_la_bad_input_is_named_and_nothing_is_written(la_root, tmp_path):
+    broken = tmp_path / "LA"
+    shutil.copytree(la_root, broken)
+    (broken / "train.list").unlink()
+    with pytest.raises(bcp.DataError, match=re.escape(str(broken / "train.list")) + ": missing list file"):
+        train.main(["--root", str(broken), *LA_TINY, "--out", str(tmp_path / "run"), "--phase", "pretrain"])
+    shutil.copy(la_root / "train.list", broken / "train.list")
+    case = bcp.read_list(broken, "train.list")[1]
+    path = broken / bcp.LA_FOLDER / case / "mri_norm2.h5"
+    with h5py.File(path, "r+") as f:
+        label = f["label"][()]
+        del f["label"]
+        f["label"] = label[:-1]
+    with pytest.raises(bcp.DataError, match=re.escape(str(path)) + ": expected 3D image and label of one shape"):
+        train.main(["--root", str(broken), *LA_TINY, "--out", str(tmp_path / "run"), "--phase", "pretrain"])
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(bcp.DataError, match="leave no unlabeled ones"):
+        bcp.la_cases(la_root, 4, 4)
+
+
+def test_predict_refuses_a_scan_with_nan_voxels(synthetic_root, tmp_path):
+    train.main(["--root", str(synthetic_root), *TINY, "--out", str(tmp_path), "--phase", "pretrain", "--iterations", "1"])
+    scan = np.ones((4, 32, 32), np.float32)
+    scan[1, 2, 3] = np.nan
+    nibabel.save(nibabel.Nifti1Image(scan, np.eye(4)), tmp_path / "scan.nii.gz")
+    with pytest.raises(bcp.DataError, match=re.escape(str(tmp_path / "scan.nii.gz")) + ": 1 NaN or infinite voxels"):
+        evaluate.main(["--checkpoint", str(tmp_path / "pretrain" / "best.pt"), "--predict", str(tmp_path / "scan.nii.gz"),
+                       "--out", str(tmp_path / "labels")])
+    assert not any((tmp_path / "labels").iterdir())
+
+
+def test_a_checkpoint_weights_only_refuses_is_one_line(tmp_path):
+    torch.save({"model": SimpleNamespace(weights=1), "flags": {}}, tmp_path / "pickled.pt")
+    with pytest.raises(bcp.DataError) as error:
+        bcp.load_checkpoint(tmp_path / "pickled.pt")
+    assert str(error.value).startswith(f"{tmp_path / 'pickled.pt'}: not a readable checkpoint") and "\n" not in str(error.value)

@@ -1,13 +1,16 @@
 """
-Train BCP on ACDC, or the labeled-only U-Net it is compared with.
+Train BCP, or the labeled-only network it is compared with, on ACDC (2D, U-Net) or the left atrium
+(LA, 3D, V-Net); the data set is read off --root.
 
-    python train.py --phase pretrain                 # 10k steps: labeled slices copy-pasted into each other
-    python train.py --phase selftrain                # 30k steps: Mean-Teacher with bidirectional copy-paste
-    python train.py --phase supervised               # the paper's U-Net rows: labeled slices, no mixing
+    python train.py --phase pretrain                 # labeled images copy-pasted into each other
+    python train.py --phase selftrain                # Mean-Teacher with bidirectional copy-paste
+    python train.py --phase supervised               # the paper's labeled-only rows (U-Net, V-Net)
+    python train.py --root data/LA --phase pretrain  # LA in UA-MT's layout: the authors' LA settings
     python train.py --phase selftrain --resume       # continue an interrupted phase from <out>/<phase>/last.pt
     python train.py --phase selftrain --time-limit 50    # stop cleanly within 50 minutes; --resume continues
 
-Defaults are the paper's ACDC settings with 7 labeled patients (10%); every one is a flag (-h).
+Defaults are the authors' settings for the data set (ACDC: 7 labeled patients, 10%; LA: 8 labeled
+cases, 10%); every one is a flag (-h).
 Each phase writes <out>/<phase>/: best.pt, last.pt, metrics.jsonl, train.log, flags.json, pictures/.
 A phase folder that holds a run is never started over unless --overwrite says so.
 """
@@ -25,13 +28,21 @@ import torch
 
 import bcp
 
-PHASE_ITERATIONS = {"supervised": 10000, "pretrain": 10000, "selftrain": 30000}
-# --mix: which copy-pasted images of a self-train step enter the loss ("none": M = 1, no pasting)
-MIX_DIRECTIONS = {"bidirectional": ("inward", "outward"), "inward": ("inward",), "outward": ("outward",),
-                  "none": ("inward", "outward")}
+# The authors' settings for each data set (their ACDC and LA scripts differ); a flag left unset takes
+# its data set's value. Per-phase values are dicts.
+DEFAULTS = {
+    "acdc": {"labeled_patients": 7, "batch_size": 24, "labeled_batch_size": 12, "patch_size": [256], "num_classes": 4,
+             "iterations": {"supervised": 10000, "pretrain": 10000, "selftrain": 30000}, "lr_step": 0,
+             "dice_loss": "acdc", "pretrain_loss": "regions", "selftrain_sgd": "pretrain"},
+    "la": {"labeled_patients": 8, "batch_size": {"supervised": 4, "pretrain": 8, "selftrain": 8}, "labeled_batch_size": 4, "patch_size": [112, 112, 80], "num_classes": 2,
+           "iterations": {"supervised": 6000, "pretrain": 2000, "selftrain": 15000},
+           "lr_step": {"supervised": 2500, "pretrain": 0, "selftrain": 2500},
+           "dice_loss": "la", "pretrain_loss": "whole", "selftrain_sgd": "fresh"},
+}
+PHASES = ("supervised", "pretrain", "selftrain")
 # Flags that define what a run trains: --resume refuses a value other than the checkpoint's.
 RUN_FLAGS = ("phase", "labeled_patients", "batch_size", "labeled_batch_size", "patch_size", "num_classes",
-             "beta", "mask", "u_weight", "ema_decay", "seed", "mix", "legacy_dice_mask")
+             "beta", "mask", "u_weight", "ema_decay", "seed", "mix", "dice_loss", "pretrain_loss", "lr_step", "val_cases")
 
 
 def at_least(minimum, kind=int):
@@ -47,31 +58,42 @@ def at_least(minimum, kind=int):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--root", default="data/ACDC", help="dataset folder in the SSL4MIS layout")
-    p.add_argument("--out", default="runs/acdc_7", help="run folder; each phase writes <out>/<phase>/")
-    p.add_argument("--phase", choices=list(PHASE_ITERATIONS), default="pretrain")
+    p.add_argument("--root", default="data/ACDC", help="ACDC in the SSL4MIS layout, or LA in UA-MT's layout")
+    p.add_argument("--out", help="run folder; each phase writes <out>/<phase>/ (runs/<data set>_<labeled>)")
+    p.add_argument("--phase", choices=PHASES, default="pretrain")
     p.add_argument("--labeled-patients", type=at_least(1),
-                   help="the first N patients of train.list are labeled (7 on ACDC; every labeled one on your own data)")
-    p.add_argument("--iterations", type=at_least(1), help="steps (10000; 30000 for selftrain)")
-    p.add_argument("--batch-size", type=at_least(1), default=24, help="slices per step (selftrain: labeled + unlabeled)")
-    p.add_argument("--labeled-batch-size", type=at_least(1), default=12, help="labeled slices per step (pretrain, selftrain)")
-    p.add_argument("--patch-size", type=at_least(16), default=256, help="slices are resized to patch x patch (a multiple of 16)")
-    p.add_argument("--num-classes", type=at_least(2), help="background + RV, Myo, LV on ACDC; your own data says")
-    p.add_argument("--lr", type=at_least(0.0, float), default=0.01, help="SGD learning rate (constant)")
+                   help="the first N patients (LA: cases) of train.list are labeled (ACDC 7, LA 8; your own data: every labeled one)")
+    p.add_argument("--iterations", type=at_least(1), help="steps (ACDC 10000, 30000 for selftrain; LA 2000 pretrain, "
+                                                          "15000 selftrain, 6000 supervised)")
+    p.add_argument("--batch-size", type=at_least(1), help="images per step (selftrain: labeled + unlabeled; ACDC 24; LA 8, supervised 4)")
+    p.add_argument("--labeled-batch-size", type=at_least(1), help="labeled images per step (ACDC 12, LA 4)")
+    p.add_argument("--patch-size", type=at_least(16), nargs="+",
+                   help="ACDC: slices resized to P x P (256); LA: random crops D1 D2 D3 (112 112 80); multiples of 16")
+    p.add_argument("--num-classes", type=at_least(2), help="background included (ACDC 4, LA 2; your own data says)")
+    p.add_argument("--lr", type=at_least(0.0, float), default=0.01, help="SGD learning rate")
+    p.add_argument("--lr-step", type=at_least(0), help="divide the lr by 10 every N steps, 0 never "
+                                                       "(ACDC 0; LA 2500, pretrain 0)")
     p.add_argument("--momentum", type=at_least(0.0, float), default=0.9)
     p.add_argument("--weight-decay", type=at_least(0.0, float), default=1e-4)
-    p.add_argument("--beta", type=float, default=2 / 3, help="the pasted crop is beta*H x beta*W, 0 < beta < 1")
-    p.add_argument("--mask", choices=["random", "center"], default="random", help="where the crop sits")
+    p.add_argument("--beta", type=float, default=2 / 3, help="the pasted box is beta times the patch along each axis, 0 < beta < 1")
+    p.add_argument("--mask", choices=["random", "center"], default="random", help="where the box sits")
     p.add_argument("--u-weight", type=at_least(0.0, float), default=0.5,
-                   help="alpha: weight of the loss terms of the region whose target is a pseudo-label (1 for ground truth)")
+                   help="alpha: weight of the loss terms of the region whose target is a pseudo-label (ground truth: 1)")
     p.add_argument("--ema-decay", type=float, default=0.99, help="teacher = EMA of the student, 0 <= decay <= 1")
-    p.add_argument("--mix", choices=list(MIX_DIRECTIONS), default="bidirectional",
-                   help="selftrain ablations: both copy-pasted images (BCP), only inward (a labeled crop in an "
-                        "unlabeled image), only outward (an unlabeled crop in a labeled image), or none "
-                        "(M = 1: an unlabeled image with its pseudo-label and a labeled one with its ground truth)")
-    p.add_argument("--legacy-dice-mask", action="store_true",
-                   help="the authors' Dice loss before their 2023-10-29 fix (background Dice over the whole image), "
-                        "with which the paper's table was trained")
+    p.add_argument("--mix", choices=list(bcp.MIXES), default="bidirectional",
+                   help="selftrain ablations: BCP (half a inward, half b outward), only inward (both halves: a labeled "
+                        "crop in an unlabeled image), only outward (both halves: an unlabeled crop in a labeled image), "
+                        "or none (M = 1: U_a with its pseudo-label and L_b with its ground truth, unpasted)")
+    p.add_argument("--dice-loss", choices=list(bcp.DICE_LOSSES), help="the authors' ACDC Dice (batch sums, p squared) "
+                                                                       "or their LA Dice (per crop, p)")
+    p.add_argument("--pretrain-loss", choices=["regions", "whole"],
+                   help="pretrain: one term per region of M, both weighted 1 (ACDC), or one term over the whole image (LA)")
+    p.add_argument("--selftrain-sgd", choices=["pretrain", "fresh"],
+                   help="selftrain starts SGD with the pre-training's momentum (ACDC) or fresh (LA)")
+    p.add_argument("--val-cases", type=at_least(1), default=8,
+                   help="LA: the last N cases of train.list are held aside for validation (not in the unlabeled pool)")
+    p.add_argument("--stride", type=at_least(1), nargs=2, default=[18, 4], metavar=("XY", "Z"),
+                   help="LA: sliding-window strides of validation along the first two axes and the third")
     p.add_argument("--val-every", type=at_least(1), default=200, help="validate (and checkpoint) every N steps")
     p.add_argument("--log-every", type=at_least(1), default=20, help="progress line and metrics row every N steps")
     p.add_argument("--seed", type=int, default=1337)
@@ -83,15 +105,24 @@ def parse_args(argv=None):
                    help="stop before this much time has passed, with last.pt written; --resume continues")
     p.add_argument("--resume", action="store_true", help="continue from <out>/<phase>/last.pt")
     p.add_argument("--overwrite", action="store_true", help="start the phase again, replacing the run in <out>/<phase>/")
-    p.add_argument("--init", help="selftrain: start student, teacher and SGD state from this checkpoint "
+    p.add_argument("--init", help="selftrain: start student, teacher (and SGD state) from this checkpoint "
                                   "(default <out>/pretrain/best.pt)")
     args = p.parse_args(argv)
-    args.iterations = args.iterations or PHASE_ITERATIONS[args.phase]
+    args.dataset = "la" if bcp.is_la_layout(args.root) else "acdc"
     own_data = bcp.dataset_info(args.root)  # written by prepare_acdc.py --raw for your own scans
-    args.num_classes = args.num_classes or own_data.get("num_classes", 4)
-    args.labeled_patients = args.labeled_patients or (len(bcp.labeled_patients(args.root)) if own_data else 7)
-    if args.patch_size % 16:
-        p.error(f"--patch-size must be a multiple of 16 (the U-Net halves it four times), got {args.patch_size}")
+    defaults = dict(DEFAULTS[args.dataset], num_classes=own_data.get("num_classes", DEFAULTS[args.dataset]["num_classes"]))
+    if own_data:
+        defaults["labeled_patients"] = len(bcp.labeled_patients(args.root))
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value[args.phase] if isinstance(value, dict) else value)
+    args.out = args.out or f"runs/{args.dataset}_{args.labeled_patients}"
+    dims = 3 if args.dataset == "la" else 2
+    if len(args.patch_size) not in (1, dims):
+        p.error(f"--patch-size takes 1 or {dims} numbers on {args.dataset.upper()}, got {len(args.patch_size)}")
+    args.patch_size = args.patch_size[0] if dims == 2 else args.patch_size * (3 // len(args.patch_size))
+    if any(size % 16 for size in bcp.patch_shape(args.patch_size)):
+        p.error(f"--patch-size must be a multiple of 16 (the network halves it four times), got {args.patch_size}")
     if not 0 < args.beta < 1:
         p.error(f"--beta must lie between 0 and 1, got {args.beta}")
     if not 0 <= args.ema_decay <= 1:
@@ -104,7 +135,7 @@ def parse_args(argv=None):
         p.error(str(error))
     half_batches = [args.labeled_batch_size] + ([args.batch_size - args.labeled_batch_size] if args.phase == "selftrain" else [])
     if args.phase != "supervised" and any(n < 2 or n % 2 for n in half_batches):
-        p.error(f"--phase {args.phase} splits each half of the batch in two: got {half_batches} slices")
+        p.error(f"--phase {args.phase} splits each half of the batch in two: got {half_batches} images")
     return args
 
 
@@ -133,7 +164,7 @@ def shuffled_indices(n, step, count, keys):
 
 
 def draw_batch(bank, step, count, args, stream):
-    """(images (B, 1, P, P), labels (B, P, P)) for one step, augmented, on the training device."""
+    """(images (B, 1, *patch), labels (B, *patch)) for one step, augmented, on the training device."""
     keys = (args.seed, PHASE_STREAMS[args.phase], stream)
     index = shuffled_indices(len(bank), step, count, keys)
     augmentation = bank.random_augmentation(count, step_generator(*keys, AUGMENTATION_KEY + step))
@@ -147,9 +178,9 @@ def draw_halves(bank, step, count, args, stream):
 
 
 def draw_mask(step, args, device):
-    """M (P, P) for one step, shared by the whole batch: 1 keeps the base image, 0 is where the crop goes."""
+    """M (*patch) for one step, shared by the whole batch: 1 keeps the base image, 0 is where the crop goes."""
     generator = step_generator(args.seed, PHASE_STREAMS[args.phase], MASK, step)
-    return bcp.paste_mask(args.patch_size, args.patch_size, args.beta, args.mask == "center", generator, device)
+    return bcp.paste_mask(bcp.patch_shape(args.patch_size), args.beta, args.mask == "center", generator, device)
 
 
 # ----------------------------------------------------------------------------- the three steps
@@ -162,64 +193,55 @@ def sgd_update(run, loss):
     run.optimizer.step()
 
 
+def whole_image_loss(run, logits, target):
+    """(Dice + CE) / 2 with the whole image one region."""
+    everywhere = torch.ones(target.shape[1:], device=target.device)
+    return bcp.mixed_loss(logits, target, everywhere, weight_base=1.0, weight_pasted=0.0, dice_loss=run.dice_loss)
+
+
 def supervised_step(run, step):
-    """The paper's U-Net rows: Dice + CE on labeled slices, the whole image one region."""
+    """The paper's labeled-only rows: Dice + CE on labeled images, no mixing."""
     images, truth = draw_batch(run.labeled, step, run.args.batch_size, run.args, LABELED)
     with run.autocast:
         logits = run.student_forward(images)
-    everywhere = torch.ones(images.shape[-2:], device=images.device)
-    loss = bcp.mixed_loss(logits, truth, everywhere, weight_base=1.0, weight_pasted=0.0)
+        loss = whole_image_loss(run, logits, truth)
     sgd_update(run, loss)
     return loss, [(images, truth, logits)], None
 
 
 def pretrain_step(run, step):
-    """Labeled only: a crop of labeled image b pasted into labeled image a, their labels alike, both
-    regions weighted 1. The teacher's first pseudo-labels come from this model, so they must already
-    be usable, and the student learns on the same kind of mixed image that self-training shows it."""
+    """Labeled only: a crop of labeled image b pasted into labeled image a, their labels alike. The
+    teacher's first pseudo-labels come from this model, so they must already be usable, and the student
+    learns on the same kind of mixed image that self-training shows it."""
     args = run.args
-    (images_a, images_b), (truth_a, truth_b) = draw_halves(run.labeled, step, args.labeled_batch_size, args, LABELED)
+    (labeled_a, labeled_b), (truth_a, truth_b) = draw_halves(run.labeled, step, args.labeled_batch_size, args, LABELED)
     mask = draw_mask(step, args, run.device)
-    mixed_image, mixed_target = bcp.copy_paste(images_a, images_b, mask), bcp.copy_paste(truth_a, truth_b, mask)
+    image = bcp.copy_paste(base=labeled_a, pasted=labeled_b, mask=mask)
+    target = bcp.copy_paste(base=truth_a, pasted=truth_b, mask=mask)
     with run.autocast:
-        logits = run.student_forward(mixed_image)
-    loss = bcp.mixed_loss(logits, mixed_target, mask, weight_base=1.0, weight_pasted=1.0,
-                          legacy_dice_mask=args.legacy_dice_mask)
+        logits = run.student_forward(image)
+        if args.pretrain_loss == "regions":  # ACDC: one term per region of M, both ground truth
+            loss = bcp.mixed_loss(logits, target, mask, weight_base=1.0, weight_pasted=1.0, dice_loss=run.dice_loss)
+        else:  # LA
+            loss = whole_image_loss(run, logits, target)
     sgd_update(run, loss)
-    return loss, [(mixed_image, mixed_target, logits)], mask
+    return loss, [(image, target, logits)], mask
 
 
 def selftrain_step(run, step):
-    """One BCP step, in the order of the paper's Fig. 2:
-    1. labeled slices L_a, L_b with ground truth G_a, G_b; unlabeled slices U_a, U_b;
-    2. the teacher's pseudo-labels P_a, P_b of U_a, U_b (argmax, largest component per class);
-    3. one mask M for the batch;
-    4. inward:  X_in  = U_a * M + L_a * (1 - M), target P_a * M + G_a * (1 - M)   (Eq. 1, 3)
-       outward: X_out = L_b * M + U_b * (1 - M), target G_b * M + P_b * (1 - M)   (Eq. 2, 4);
-    5. the loss of each (Eq. 6): the terms of the region whose target is a pseudo-label weighted
-       alpha, those of the ground-truth region 1;
-    6. SGD on the student; 7. the teacher becomes an EMA of the student.
-    --mix inward or outward keeps one of the two images; --mix none sets M = 1 (no pasting)."""
+    """One BCP step: the labeled halves L_a, L_b with ground truth G_a, G_b, the unlabeled halves U_a,
+    U_b, one mask M; bcp.bcp_loss (pseudo-labels, both mixes, Eq. 6); SGD on the student; the teacher
+    becomes an EMA of the student."""
     args = run.args
     (labeled_a, labeled_b), (truth_a, truth_b) = draw_halves(run.labeled, step, args.labeled_batch_size, args, LABELED)
     (unlabeled_a, unlabeled_b), _ = draw_halves(run.unlabeled, step, args.batch_size - args.labeled_batch_size, args, UNLABELED)
-    with torch.no_grad(), run.autocast:  # two teacher forwards, as the authors run them (BN statistics per half)
-        teacher_logits = torch.cat([run.teacher_forward(unlabeled_a), run.teacher_forward(unlabeled_b)])
-    pseudo_a, pseudo_b = bcp.pseudo_label(teacher_logits).chunk(2)
     mask = draw_mask(step, args, run.device)
     if args.mix == "none":
         mask = torch.ones_like(mask)
-    alpha = args.u_weight
-    mixed = {"inward": (bcp.copy_paste(unlabeled_a, labeled_a, mask), bcp.copy_paste(pseudo_a, truth_a, mask), alpha, 1.0),
-             "outward": (bcp.copy_paste(labeled_b, unlabeled_b, mask), bcp.copy_paste(truth_b, pseudo_b, mask), 1.0, alpha)}
-    loss, views = 0.0, []
-    for direction in MIX_DIRECTIONS[args.mix]:
-        image, target, weight_base, weight_pasted = mixed[direction]
-        with run.autocast:
-            logits = run.student_forward(image)
-        loss = loss + bcp.mixed_loss(logits, target, mask, weight_base=weight_base, weight_pasted=weight_pasted,
-                                     legacy_dice_mask=args.legacy_dice_mask)
-        views.append((image, target, logits))
+    with run.autocast:
+        loss, views = bcp.bcp_loss(run.student_forward, run.teacher_forward, labeled_a, truth_a, labeled_b, truth_b,
+                                   unlabeled_a, unlabeled_b, mask, unlabeled_weight=args.u_weight,
+                                   mix=bcp.MIXES[args.mix], dice_loss=run.dice_loss)
     sgd_update(run, loss)
     bcp.ema_update(run.teacher, run.student, args.ema_decay)
     return loss, views, mask
@@ -228,15 +250,45 @@ def selftrain_step(run, step):
 STEPS = {"supervised": supervised_step, "pretrain": pretrain_step, "selftrain": selftrain_step}
 
 
-# ----------------------------------------------------------------------------- validation, checkpoints, pictures
+# ----------------------------------------------------------------------------- data, validation, checkpoints, pictures
+
+def load_data(args, device):
+    """The labeled and unlabeled banks (None before selftrain), the validation volumes as (image, label)
+    tensors, all on the device, and one line saying what was loaded."""
+    if args.dataset == "la":
+        labeled_names, unlabeled_names, val_names = bcp.la_cases(args.root, args.labeled_patients, args.val_cases)
+        bank = lambda names: bcp.VolumeBank(*zip(*[v[1:] for v in bcp.load_la_volumes(args.root, names, args.num_classes)]), device)
+        validation = bcp.load_la_volumes(args.root, val_names, args.num_classes)
+        held_aside = f"{len(val_names)} validation cases held aside from train.list ({val_names[0]} ...)"
+    else:
+        labeled_names, unlabeled_names = bcp.training_slices(args.root, args.labeled_patients)
+        bank = lambda names: bcp.SliceBank(*bcp.load_slices(args.root, names, args.num_classes), device)
+        validation = bcp.load_volumes(args.root, "val", args.num_classes)
+        held_aside = f"{len(validation)} validation volumes"
+    unlabeled = None
+    if args.phase == "selftrain":
+        if not unlabeled_names:
+            raise bcp.DataError(f"{Path(args.root) / 'train.list'}: every patient is labeled; selftrain needs unlabeled images")
+        unlabeled = bank(unlabeled_names)
+    volumes = [(torch.from_numpy(image).to(device), torch.from_numpy(label).to(device)) for _, image, label in validation]
+    summary = (f"{args.phase}: {len(labeled_names)} labeled images ({args.labeled_patients} patients), "
+               f"{len(unlabeled) if unlabeled else 0} unlabeled, {held_aside}, device {device}")
+    return bank(labeled_names), unlabeled, volumes, summary
+
+
+def strides(args):
+    """The sliding window's strides along the three axes (LA)."""
+    return (args.stride[0], args.stride[0], args.stride[1])
+
 
 @torch.no_grad()
 def validate(model, volumes, args, autocast):
     """Mean Dice over the validation volumes and the foreground classes (a class the model does not
-    predict scores 0, as in the authors' evaluation). Each volume's slices go through as one batch."""
+    predict scores 0, as in the authors' evaluation). ACDC: each volume's slices as one batch; LA: the
+    sliding window and largest component of the evaluation."""
     model.eval()
     with autocast:
-        scores = [bcp.dice_per_class(bcp.predict_volume(model, image, args.patch_size), label, args.num_classes)
+        scores = [bcp.dice_per_class(bcp.segment(model, image, args.patch_size, strides(args)), label, args.num_classes)
                   for image, label in volumes]
     model.train()
     return torch.stack(scores).mean().item()
@@ -271,13 +323,18 @@ def read_metrics(path):
 
 
 def save_step_picture(path, views, mask, rows=4):
-    """A few samples of the current step, one row each: the (mixed) input with the pasted rectangle
-    outlined in yellow, its (mixed) target, the student's prediction."""
+    """A few samples of the current step, one row each: the (mixed) input with the pasted box outlined
+    in yellow, its (mixed) target, the student's prediction. 3D crops show their middle slice."""
     images, targets, logits = (torch.cat(parts) for parts in zip(*views))
+    predictions = logits.argmax(1)
+    if images.ndim == 5:  # (B, 1, D1, D2, D3): the middle of the third axis
+        middle = images.shape[-1] // 2
+        images, targets, predictions = images[..., middle], targets[..., middle], predictions[..., middle]
+        mask = None if mask is None else mask[..., middle]
     pick = torch.linspace(0, len(images) - 1, min(rows, len(images))).long()  # both halves of a selftrain batch
     size = max(images.shape[-1], 160)  # small patches are enlarged to be seen
     images, targets, predictions = (bcp.resize_nearest(t.detach().float().cpu(), size, size).numpy()
-                                    for t in (images[pick, 0], targets[pick], logits[pick].argmax(1)))
+                                    for t in (images[pick, 0], targets[pick], predictions[pick]))
     hole = np.zeros((size, size), bool) if mask is None else bcp.surface(
         bcp.resize_nearest((mask == 0).cpu(), size, size).numpy())
     tiles = []
@@ -297,13 +354,14 @@ def format_seconds(seconds):
 # ----------------------------------------------------------------------------- main
 
 def runtime(args):
-    """Device, autocast context, memory format of models and batches, and the forward wrapper
-    (torch.compile or nothing), resolved once from the flags (benchmark.py measures with the same)."""
+    """Device, autocast context, memory format of models, and the forward wrapper (torch.compile or
+    nothing), resolved once from the flags (benchmark.py measures with the same)."""
     device = torch.device(args.device)
     if device.type == "cuda":  # fp32 as the authors ran it on an RTX 3090: TF32 matrix and convolution math
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "bf16" else nullcontext()
-    memory_format = torch.channels_last if device.type == "cuda" else torch.preserve_format
+    channels_last = torch.channels_last if isinstance(args.patch_size, int) else torch.channels_last_3d
+    memory_format = channels_last if device.type == "cuda" else torch.preserve_format
     compiled = torch.compile if args.compile else (lambda model: model)
     return device, autocast, memory_format, compiled
 
@@ -327,117 +385,125 @@ def checkpoint_to_resume(args, run_dir):
     return checkpoint
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    run_dir = Path(args.out) / args.phase
-    checkpoint = checkpoint_to_resume(args, run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for torn in run_dir.glob("*.tmp"):  # a write cut short by a kill; the file it was meant to replace is intact
-        torn.unlink()
-    log_file = open(run_dir / "train.log", "a")
+class RunFolder:
+    """<out>/<phase>/: the log, the metrics rows, flags.json, the pictures and the checkpoints."""
 
-    def log(message):
+    def __init__(self, args, resume_iteration):
+        self.args, self.dir = args, Path(args.out) / args.phase
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for torn in self.dir.glob("*.tmp"):  # a write cut short by a kill; the file it was meant to replace is intact
+            torn.unlink()
+        self.last_path, self.best_path, self.pictures = self.dir / "last.pt", self.dir / "best.pt", self.dir / "pictures"
+        self.pictures.mkdir(exist_ok=True)
+        self.log_file = open(self.dir / "train.log", "a")
+        metrics_path = self.dir / "metrics.jsonl"
+        rows, torn = read_metrics(metrics_path)
+        if torn:
+            self.log(f"{metrics_path}: dropped {torn} unreadable line(s), a write cut short")
+        bcp.write_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in rows if r["iter"] <= resume_iteration).encode())
+        self.metrics_file = open(metrics_path, "a")
+        bcp.write_atomic(self.dir / "flags.json", (json.dumps(vars(args), indent=2) + "\n").encode())
+
+    def log(self, message):
         print(message, flush=True)
-        log_file.write(message + "\n")
-        log_file.flush()
+        self.log_file.write(message + "\n")
+        self.log_file.flush()
 
-    device, autocast, memory_format, compiled = runtime(args)
-    torch.manual_seed(args.seed)
+    def write_metrics(self, row):
+        self.metrics_file.write(json.dumps(row) + "\n")
+        self.metrics_file.flush()
 
-    # data: every slice and validation volume in memory on the training device
-    labeled_names, unlabeled_names = bcp.training_slices(args.root, args.labeled_patients)
-    labeled_bank = bcp.SliceBank(*bcp.load_slices(args.root, labeled_names, args.num_classes), device)
-    unlabeled_bank = None
-    if args.phase == "selftrain":
-        if not unlabeled_names:
-            raise bcp.DataError(f"{Path(args.root) / 'train.list'}: every patient is labeled; selftrain needs unlabeled slices")
-        unlabeled_bank = bcp.SliceBank(*bcp.load_slices(args.root, unlabeled_names, args.num_classes), device)
-    volumes = [(torch.from_numpy(image).to(device), torch.from_numpy(label).to(device))
-               for _, image, label in bcp.load_volumes(args.root, "val", args.num_classes)]
-    log(f"{args.phase}: {len(labeled_names)} labeled slices ({args.labeled_patients} patients), "
-        f"{len(unlabeled_bank) if unlabeled_bank else 0} unlabeled, {len(volumes)} validation volumes, device {device}")
-    if (Path(args.root) / "SYNTHETIC").exists():
-        log(f"{args.root} holds SYNTHETIC phantoms, not ACDC (see prepare_acdc.py)")
+    def stop(self, problem):
+        """A NaN or infinite loss or weight ends the run; the checkpoints on disk hold the last good state."""
+        kept = [str(p) for p in (self.last_path, self.best_path) if p.exists()]
+        self.log(f"stopping: {problem}; " + (f"{' and '.join(kept)} keep the last good weights" if kept else
+                                             "no checkpoint was written yet"))
+        sys.exit(1)
 
-    # models and optimizer: from last.pt on --resume; self-training starts from the pre-training
-    student = bcp.UNet(num_classes=args.num_classes).to(device, memory_format=memory_format)
-    teacher = bcp.UNet(num_classes=args.num_classes).to(device, memory_format=memory_format) if args.phase == "selftrain" else None
+    def save_checkpoint(self, path, run, progress):
+        """One dict serves saving and resuming; only finite weights are ever written (a NaN step stops
+        the run before its next checkpoint)."""
+        state = {"model": run.student.state_dict(), "teacher": run.teacher.state_dict() if run.teacher is not None else None,
+                 "optimizer": run.optimizer.state_dict()}
+        if not all_finite(state):
+            self.stop(f"the weights became NaN or infinite by iteration {progress['iteration']}")
+        cuda = torch.cuda.get_rng_state() if run.device.type == "cuda" else None
+        bcp.write_atomic(path, lambda f: torch.save({**state, **progress, "flags": vars(self.args),
+                                                     "rng": {"torch": torch.get_rng_state(), "cuda": cuda}}, f))
+
+    def save_picture(self, iteration, views, mask):
+        try:  # after the checkpoints: a picture that cannot be written costs nothing else
+            save_step_picture(self.pictures / f"iter_{iteration:06d}.png", views, mask)
+        except OSError as error:
+            self.log(f"could not write the step picture ({error}); training goes on")
+
+
+def build_models(args, device, memory_format, checkpoint, folder):
+    """Student, teacher (selftrain only) and SGD: from last.pt on --resume; self-training otherwise
+    starts from the pre-training's best weights (and its SGD momentum with --selftrain-sgd pretrain).
+    -> (student, teacher, optimizer, progress: iteration, best_dice, best_iteration, elapsed)."""
+    network = bcp.NETWORKS[len(bcp.patch_shape(args.patch_size))]
+    student = network(num_classes=args.num_classes).to(device, memory_format=memory_format)
+    teacher = network(num_classes=args.num_classes).to(device, memory_format=memory_format) if args.phase == "selftrain" else None
     optimizer = torch.optim.SGD(student.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    start, best_dice, best_iteration, elapsed_before = 0, -1.0, 0, 0.0
-    last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
+    progress = {"iteration": 0, "best_dice": -1.0, "best_iteration": 0, "elapsed": 0.0}
     if checkpoint is not None:
-        bcp.load_weights(student, checkpoint["model"], last_path)
+        bcp.load_weights(student, checkpoint["model"], folder.last_path)
         if teacher is not None:
-            bcp.load_weights(teacher, checkpoint["teacher"], last_path)
+            bcp.load_weights(teacher, checkpoint["teacher"], folder.last_path)
         optimizer.load_state_dict(checkpoint["optimizer"])
-        start, best_dice, best_iteration = checkpoint["iteration"], checkpoint["best_dice"], checkpoint["best_iteration"]
-        elapsed_before = checkpoint["elapsed"]
+        progress = {key: checkpoint[key] for key in progress}
         torch.set_rng_state(checkpoint["rng"]["torch"])
         if device.type == "cuda" and checkpoint["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(checkpoint["rng"]["cuda"])
-        log(f"resumed from {last_path} at iteration {start} (best val Dice {best_dice:.4f} @ {best_iteration})")
+        folder.log(f"resumed from {folder.last_path} at iteration {progress['iteration']} "
+                   f"(best val Dice {progress['best_dice']:.4f} @ {progress['best_iteration']})")
     elif args.resume:
-        log(f"--resume: no {last_path} yet, starting from the beginning")
+        folder.log(f"--resume: no {folder.last_path} yet, starting from the beginning")
     if teacher is not None and checkpoint is None:
         init_path = Path(args.init or Path(args.out) / "pretrain" / "best.pt")
         init = bcp.load_checkpoint(init_path, required=("model",))
         bcp.load_weights(student, init["model"], init_path)
         bcp.load_weights(teacher, init["model"], init_path)
-        if init.get("optimizer"):  # the authors' load_net_opt: the SGD momentum buffers come along
+        if args.selftrain_sgd == "fresh":
+            folder.log(f"student and teacher start from {init_path}; SGD starts fresh (--selftrain-sgd fresh)")
+        elif init.get("optimizer"):  # the authors' load_net_opt: the SGD momentum buffers come along
             optimizer.load_state_dict(init["optimizer"])
-            log(f"student, teacher and SGD momentum start from {init_path}")
+            folder.log(f"student, teacher and SGD momentum start from {init_path}")
         else:
-            log(f"student and teacher start from {init_path}; it holds no SGD state (an fp16 export?), so SGD starts fresh")
+            folder.log(f"student and teacher start from {init_path}; it holds no SGD state (an fp16 export?), so SGD starts fresh")
     for group in optimizer.param_groups:  # the flags of this invocation win over the saved ones
         group.update(lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     if teacher is not None:
         teacher.train()  # as the authors: the teacher predicts with dropout and batch statistics
         teacher.requires_grad_(False)
+    return student, teacher, optimizer, progress
 
-    metrics_path = run_dir / "metrics.jsonl"
-    rows, torn = read_metrics(metrics_path)
-    if torn:
-        log(f"{metrics_path}: dropped {torn} unreadable line(s), a write cut short")
-    bcp.write_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in rows if r["iter"] <= start).encode())
-    metrics_file = open(metrics_path, "a")
-    bcp.write_atomic(run_dir / "flags.json", (json.dumps(vars(args), indent=2) + "\n").encode())
-    picture_dir = run_dir / "pictures"
-    picture_dir.mkdir(exist_ok=True)
 
-    def write_metrics(row):
-        metrics_file.write(json.dumps(row) + "\n")
-        metrics_file.flush()
+def learning_rate(args, iteration):
+    """The lr of step `iteration` (1-based): divided by 10 after every --lr-step steps, as the LA script."""
+    return args.lr * 0.1 ** ((iteration - 1) // args.lr_step) if args.lr_step else args.lr
 
-    def stop(problem):
-        """A NaN or infinite loss or weight ends the run; the checkpoints on disk hold the last good state."""
-        kept = [str(p) for p in (last_path, best_path) if p.exists()]
-        log(f"stopping: {problem}; " + (f"{' and '.join(kept)} keep the last good weights" if kept else
-                                        "no checkpoint was written yet"))
-        sys.exit(1)
 
-    def save_checkpoint(path, iteration):
-        """Only finite weights are ever written (a NaN step stops the run before its next checkpoint)."""
-        state = {"model": student.state_dict(), "teacher": teacher.state_dict() if teacher is not None else None,
-                 "optimizer": optimizer.state_dict()}
-        if not all_finite(state):
-            stop(f"the weights became NaN or infinite by iteration {iteration}")
-        bcp.write_atomic(path, lambda f: torch.save({
-            **state, "iteration": iteration, "best_dice": best_dice,
-            "best_iteration": best_iteration, "elapsed": time.time() - phase_start, "flags": vars(args),
-            "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None},
-        }, f))
-
+def train(run, volumes, folder, progress):
+    """The loop: a step, a progress line and metrics row every --log-every steps, validation and the
+    checkpoints every --val-every steps, a clean stop before --time-limit."""
+    args, device = run.args, run.device
+    start = progress["iteration"]
     step = STEPS[args.phase]
-    run = SimpleNamespace(args=args, device=device, autocast=autocast, optimizer=optimizer, student=student,
-                          teacher=teacher, student_forward=compiled(student),
-                          teacher_forward=compiled(teacher) if teacher is not None else None,
-                          labeled=labeled_bank, unlabeled=unlabeled_bank)
-    student.train()
+    run.student.train()
     invocation_start = time.time()
-    phase_start, window_start = invocation_start - elapsed_before, invocation_start
+    phase_start, window_start = invocation_start - progress["elapsed"], invocation_start
     deadline = invocation_start + 60 * args.time_limit if args.time_limit else math.inf
     loss_sum, window_steps, last_dice, validation_seconds = torch.zeros((), device=device), 0, float("nan"), 0.0
+
+    def save(path, iteration):
+        folder.save_checkpoint(path, run, {**progress, "iteration": iteration, "elapsed": time.time() - phase_start})
+
     for iteration in range(start + 1, args.iterations + 1):
+        lr = learning_rate(args, iteration)
+        for group in run.optimizer.param_groups:
+            group["lr"] = lr
         loss, views, mask = step(run, iteration)
         loss_sum += loss.detach()
         window_steps += 1
@@ -449,36 +515,52 @@ def main(argv=None):
         if iteration % args.log_every == 0 or validating or out_of_time:  # the loss is checked before every checkpoint
             mean_loss = loss_sum.item() / window_steps  # the one host sync every --log-every steps
             if not math.isfinite(mean_loss):
-                stop(f"the loss became {mean_loss} between iterations {iteration - window_steps + 1} and {iteration}")
+                folder.stop(f"the loss became {mean_loss} between iterations {iteration - window_steps + 1} and {iteration}")
             speed = window_steps / (now - window_start)
-            write_metrics({"iter": iteration, "loss": mean_loss, "lr": args.lr, "time": round(now - phase_start, 3)})
+            folder.write_metrics({"iter": iteration, "loss": mean_loss, "lr": lr, "time": round(now - phase_start, 3)})
             last_text = "-" if math.isnan(last_dice) else f"{last_dice:.4f}"
-            validation = f"val Dice {last_text} (best {best_dice:.4f} @ {best_iteration})" if best_iteration else "val Dice -"
-            log(f"iter {iteration}/{args.iterations} | loss {mean_loss:.4f} | {speed:.2f} it/s | "
-                f"ETA {format_seconds((args.iterations - iteration) / speed)} | {validation}")
+            best = progress["best_iteration"]
+            validation = f"val Dice {last_text} (best {progress['best_dice']:.4f} @ {best})" if best else "val Dice -"
+            folder.log(f"iter {iteration}/{args.iterations} | loss {mean_loss:.4f} | {speed:.2f} it/s | "
+                       f"ETA {format_seconds((args.iterations - iteration) / speed)} | {validation}")
             loss_sum, window_steps, window_start = torch.zeros((), device=device), 0, now
 
         if validating:
             validation_start = time.time()
-            last_dice = validate(student, volumes, args, autocast)
-            write_metrics({"iter": iteration, "val_dice": last_dice})
-            if last_dice > best_dice:
-                best_dice, best_iteration = last_dice, iteration
-                save_checkpoint(best_path, iteration)
-            save_checkpoint(last_path, iteration)
-            try:  # after the checkpoints: a picture that cannot be written costs nothing else
-                save_step_picture(picture_dir / f"iter_{iteration:06d}.png", views, mask)
-            except OSError as error:
-                log(f"could not write the step picture ({error}); training goes on")
-            log(f"iter {iteration} | val Dice {last_dice:.4f} | best {best_dice:.4f} @ {best_iteration}")
+            last_dice = validate(run.student, volumes, args, run.autocast)
+            folder.write_metrics({"iter": iteration, "val_dice": last_dice})
+            if last_dice > progress["best_dice"]:
+                progress.update(best_dice=last_dice, best_iteration=iteration)
+                save(folder.best_path, iteration)
+            save(folder.last_path, iteration)
+            folder.save_picture(iteration, views, mask)
+            folder.log(f"iter {iteration} | val Dice {last_dice:.4f} | best {progress['best_dice']:.4f} @ {progress['best_iteration']}")
             validation_seconds = time.time() - validation_start
             window_start += validation_seconds  # it/s counts training steps only
         if out_of_time:
             if not validating:
-                save_checkpoint(last_path, iteration)
-            log(f"time limit: stopped at iteration {iteration} of {args.iterations}; continue with --resume")
+                save(folder.last_path, iteration)
+            folder.log(f"time limit: stopped at iteration {iteration} of {args.iterations}; continue with --resume")
             return
-    log(f"done: best val Dice {best_dice:.4f} at iteration {best_iteration}; {best_path}")
+    folder.log(f"done: best val Dice {progress['best_dice']:.4f} at iteration {progress['best_iteration']}; {folder.best_path}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    checkpoint = checkpoint_to_resume(args, Path(args.out) / args.phase)
+    device, autocast, memory_format, compiled = runtime(args)
+    torch.manual_seed(args.seed)
+    labeled, unlabeled, volumes, summary = load_data(args, device)  # bad data stops here, before anything is written
+    folder = RunFolder(args, resume_iteration=checkpoint["iteration"] if checkpoint else 0)
+    folder.log(summary)
+    if (Path(args.root) / "SYNTHETIC").exists():
+        folder.log(f"{args.root} holds SYNTHETIC phantoms, not real scans (see prepare_acdc.py)")
+    student, teacher, optimizer, progress = build_models(args, device, memory_format, checkpoint, folder)
+    run = SimpleNamespace(args=args, device=device, autocast=autocast, optimizer=optimizer, student=student,
+                          teacher=teacher, student_forward=compiled(student),
+                          teacher_forward=compiled(teacher) if teacher is not None else None,
+                          labeled=labeled, unlabeled=unlabeled, dice_loss=bcp.DICE_LOSSES[args.dice_loss])
+    train(run, volumes, folder, progress)
 
 
 if __name__ == "__main__":

@@ -15,9 +15,9 @@ and the data banks are per dimension. Read top to bottom, this file follows one 
      pseudo-label and 1 where it is ground truth (Eq. 5-6)
   5. pseudo-labels: the teacher's argmax, largest connected component per class
   6. the BCP step: all of the above in the order it runs (bcp_loss)
-then what serves it: 7. metrics (Dice, Jaccard, HD95, ASD on an exact Euclidean distance transform),
-8. the data (ACDC slices, LA volumes), their augmentation, checkpoints and whole-volume inference,
-9. pictures.
+then what serves it: 7. the connected-component algorithm behind the pseudo-labels, 8. metrics (Dice,
+Jaccard, HD95, ASD on an exact Euclidean distance transform), 9. the data (ACDC slices, LA volumes),
+their augmentation, checkpoints and whole-volume inference, 10. pictures.
 
 Symbols, the same in the README and the code: L_a, L_b labeled images (labeled_a, labeled_b) with
 ground truth G_a, G_b (truth_a, truth_b); U_a, U_b unlabeled images (unlabeled_a, unlabeled_b) with
@@ -184,7 +184,7 @@ def copy_paste(base, pasted, mask):
 
 
 # -----------------------------------------------------------------------------
-# 4. The mixed loss: (Dice + CE) / 2, each summed over the two regions of M (Eq. 5-6).
+# 4. The mixed loss: (Dice + CE) / 2, each summed over the two regions of M (Eq. 6).
 #    The authors' ACDC and LA scripts use two forms of soft Dice; both are here, picked by --dice-loss.
 
 ACDC_DICE_SMOOTH = 1e-10  # makes 0/0 = 1 for an empty region (softmax probabilities are never 0)
@@ -240,61 +240,12 @@ def mixed_loss(logits, target, mask, weight_base, weight_pasted, dice_loss=acdc_
 # -----------------------------------------------------------------------------
 # 5. Pseudo-labels: the teacher's argmax, keeping only the largest connected component of each class
 
-def neighbourhood_min(labels, fill):
-    """Smallest value in each 3x3 (3x3x3) neighbourhood of an (N, *S) tensor, `fill` outside the border."""
-    for dim in range(1, labels.ndim):
-        edge = torch.full_like(labels.narrow(dim, 0, 1), fill)
-        padded, n = torch.cat([edge, labels, edge], dim), labels.shape[dim]
-        labels = torch.minimum(torch.minimum(padded.narrow(dim, 0, n), padded.narrow(dim, 1, n)), padded.narrow(dim, 2, n))
-    return labels
-
-
-POINTER_JUMPS = 3  # per round of largest_component; fewest rounds and least time on ACDC teacher predictions
-
-
-def largest_component(mask):
-    """Keep the largest component of each item of a boolean (N, *S) tensor, 2D or 3D, connected through
-    faces, edges and corners (8-connected in 2D, 26 in 3D): the same as skimage.measure.label (or
-    scipy.ndimage.label with a full 3x3(x3) structure) followed by the component with the largest
-    count, ties to the first in raster order, as the authors' code does (the tests pin this against
-    scipy). Empty items stay empty.
-
-    How: connected components by hooking and pointer jumping (as in Shiloach-Vishkin): every foreground
-    voxel starts labelled by its own flat index, and a label is also a pointer to the voxel it names.
-    Each round, every voxel sees the smallest label in its neighbourhood; the voxel its label points at
-    (its root) takes the smallest label any voxel pointing at it saw, so a whole tree is hooked at once;
-    then every voxel follows its pointer a few times. Labels only decrease and always name a voxel of
-    the same component, so when a round changes nothing each component is labelled by the index of its
-    first voxel in raster order, and a tie in size goes to the component met first. Few rounds are
-    needed: a one-pixel-wide spiral or serpentine filling 256 x 256 takes 6 or 7 (spreading the
-    smallest label from neighbour to neighbour takes over 250), a teacher's prediction on ACDC 4 or 5.
-    The work runs inside the bounding box of all foreground voxels, which is what makes it cheap on a
-    heart. On a GPU the host waits once for the box and once per round: the only waits in a step."""
-    occupied = mask.any(0)  # (*S)
-    bounds = []
-    for axis in range(occupied.ndim):
-        present = occupied.amax(dim=[a for a in range(occupied.ndim) if a != axis]) if occupied.ndim > 1 else occupied
-        bounds += [present.int().argmax(), len(present) - present.flip(0).int().argmax()]
-    bounds = torch.stack(bounds).tolist()  # first and last + 1 along each axis; the whole item when empty
-    box = (slice(None), *(slice(low, high) for low, high in zip(bounds[::2], bounds[1::2])))
-    n, *size = mask[box].shape
-    inside = mask[box].reshape(n, -1)  # (n, voxels) foreground inside the box
-    outside = inside.shape[1]  # the label of background voxels, and the index of one extra entry they point at
-    labels = F.pad(torch.where(inside, torch.arange(outside, device=mask.device), outside), (0, 1), value=outside)
-    while True:
-        seen = neighbourhood_min(labels[:, :-1].view(n, *size), outside).view(n, -1)  # (n, voxels + 1) like labels
-        seen = F.pad(torch.where(inside, seen, outside), (0, 1), value=outside)
-        new = torch.minimum(labels.scatter_reduce(1, labels, seen, "amin"), seen)  # hook roots, then voxels
-        for _ in range(POINTER_JUMPS):
-            new = new.gather(1, new)
-        if torch.equal(new, labels):
-            break
-        labels = new
-    counts = torch.zeros_like(labels).scatter_add_(1, labels, torch.ones_like(labels))
-    largest = counts[:, :-1].argmax(1, keepdim=True)  # first (smallest) label among equal sizes
-    kept = torch.zeros_like(mask)
-    kept[box] = ((labels[:, :-1] == largest) & inside).view(n, *size)
-    return kept
+def pseudo_label(logits):
+    """(B, C, *S) teacher logits -> (B, *S) long labels: argmax, then per image the largest connected
+    component of each foreground class (8-connected in 2D, 26 in 3D; the rest becomes background).
+    The teacher runs in train mode (dropout on, batch statistics), as in the authors' code. (On LA the
+    authors take foreground where softmax p1 >= 0.5: argmax differs only where p1 is exactly 0.5.)"""
+    return largest_components(logits.argmax(1), logits.shape[1])
 
 
 def largest_components(labels, num_classes):
@@ -304,14 +255,6 @@ def largest_components(labels, num_classes):
     per_class = (labels.unsqueeze(1) == classes).flatten(0, 1)  # (B * (C-1), *S)
     kept = largest_component(per_class).view(len(labels), num_classes - 1, *labels.shape[1:])
     return (kept * classes).sum(1)
-
-
-def pseudo_label(logits):
-    """(B, C, *S) teacher logits -> (B, *S) long labels: argmax, then the largest connected component
-    of each foreground class. The teacher runs in train mode (dropout on, batch statistics), as in the
-    authors' code. (On LA the authors take foreground where softmax p1 >= 0.5: argmax differs only
-    where p1 is exactly 0.5.)"""
-    return largest_components(logits.argmax(1), logits.shape[1])
 
 
 # -----------------------------------------------------------------------------
@@ -348,7 +291,7 @@ def bcp_loss(student, teacher, labeled_a, truth_a, labeled_b, truth_b, unlabeled
     3. each through the student; (Dice + CE) / 2 per region of M, pseudo-labeled regions weighted
        alpha = unlabeled_weight, ground-truth regions 1 (Eq. 6); the step's loss is their sum.
     student, teacher: callables (B, 1, *S) -> logits; images (B, 1, *S), labels (B, *S) long; mask (*S).
-    -> (loss, [(image, target, logits)] of each mixed image, for pictures)."""
+    -> (loss, [(image, target, logits)] of each mixed image for pictures, (P_a, P_b) for diagnostics)."""
     with torch.no_grad():
         pseudo_a, pseudo_b = pseudo_label(teacher(unlabeled_a)), pseudo_label(teacher(unlabeled_b))
     loss, views = 0.0, []
@@ -358,12 +301,72 @@ def bcp_loss(student, teacher, labeled_a, truth_a, labeled_b, truth_b, unlabeled
         logits = student(image)
         loss = loss + mixed_loss(logits, target, mask, weight_base, weight_pasted, dice_loss)
         views.append((image, target, logits))
-    return loss, views
+    return loss, views, (pseudo_a, pseudo_b)
 
 
 
 # -----------------------------------------------------------------------------
-# 7. Metrics on boolean numpy arrays (2D or 3D), as medpy.metric.binary defines them
+# 7. Connected components: the largest one of each item, fast on a GPU (used by pseudo_label)
+
+def neighbourhood_min(labels, fill):
+    """Smallest value in each 3x3 (3x3x3) neighbourhood of an (N, *S) tensor, `fill` outside the border."""
+    for dim in range(1, labels.ndim):
+        edge = torch.full_like(labels.narrow(dim, 0, 1), fill)
+        padded, n = torch.cat([edge, labels, edge], dim), labels.shape[dim]
+        labels = torch.minimum(torch.minimum(padded.narrow(dim, 0, n), padded.narrow(dim, 1, n)), padded.narrow(dim, 2, n))
+    return labels
+
+
+POINTER_JUMPS = 3  # per round of largest_component; fewest rounds and least time on ACDC teacher predictions
+
+
+def largest_component(mask):
+    """Keep the largest component of each item of a boolean (N, *S) tensor, 2D or 3D, connected through
+    faces, edges and corners (8-connected in 2D, 26 in 3D): the same as skimage.measure.label (or
+    scipy.ndimage.label with a full 3x3(x3) structure) followed by the component with the largest
+    count, ties to the first in raster order, as the authors' code does (the tests pin this against
+    scipy). Empty items stay empty.
+
+    How: connected components by hooking and pointer jumping (as in Shiloach-Vishkin): every foreground
+    voxel starts labelled by its own flat index, and a label is also a pointer to the voxel it names.
+    Each round, every voxel sees the smallest label in its neighbourhood; the voxel its label points at
+    (its root) takes the smallest label any voxel pointing at it saw, so a whole tree is hooked at once;
+    then every voxel follows its pointer a few times. Labels only decrease and always name a voxel of
+    the same component, so when a round changes nothing each component is labelled by the index of its
+    first voxel in raster order, and a tie in size goes to the component met first. Few rounds are
+    needed: a one-pixel-wide spiral or serpentine filling 256 x 256 takes 6 or 7 (spreading the
+    smallest label from neighbour to neighbour takes over 250), a teacher's prediction on ACDC 4 or 5.
+    The work runs inside the bounding box of all foreground voxels, which is what makes it cheap on a
+    heart. On a GPU the host waits once for the box and once per round: the only waits in a step."""
+    occupied = mask.any(0)  # (*S)
+    bounds = []
+    for axis in range(occupied.ndim):
+        present = occupied.amax(dim=[a for a in range(occupied.ndim) if a != axis])
+        bounds += [present.int().argmax(), len(present) - present.flip(0).int().argmax()]
+    bounds = torch.stack(bounds).tolist()  # first and last + 1 along each axis; the whole item when empty
+    box = (slice(None), *(slice(low, high) for low, high in zip(bounds[::2], bounds[1::2])))
+    n, *size = mask[box].shape
+    inside = mask[box].reshape(n, -1)  # (n, voxels) foreground inside the box
+    outside = inside.shape[1]  # the label of background voxels, and the index of one extra entry they point at
+    labels = F.pad(torch.where(inside, torch.arange(outside, device=mask.device), outside), (0, 1), value=outside)
+    while True:
+        seen = neighbourhood_min(labels[:, :-1].view(n, *size), outside).view(n, -1)  # (n, voxels + 1) like labels
+        seen = F.pad(torch.where(inside, seen, outside), (0, 1), value=outside)
+        new = torch.minimum(labels.scatter_reduce(1, labels, seen, "amin"), seen)  # hook roots, then voxels
+        for _ in range(POINTER_JUMPS):
+            new = new.gather(1, new)
+        if torch.equal(new, labels):
+            break
+        labels = new
+    counts = torch.zeros_like(labels).scatter_add_(1, labels, torch.ones_like(labels))
+    largest = counts[:, :-1].argmax(1, keepdim=True)  # first (smallest) label among equal sizes
+    kept = torch.zeros_like(mask)
+    kept[box] = ((labels[:, :-1] == largest) & inside).view(n, *size)
+    return kept
+
+
+# -----------------------------------------------------------------------------
+# 8. Metrics on boolean numpy arrays (2D or 3D), as medpy.metric.binary defines them
 
 def _as_masks(pred, gt, spacing):
     pred, gt = np.asarray(pred, dtype=bool), np.asarray(gt, dtype=bool)  # never written to
@@ -558,7 +561,7 @@ def dice_per_class(prediction, label, num_classes):
 
 
 # -----------------------------------------------------------------------------
-# 8. Data: ACDC slices (SSL4MIS layout) and LA volumes (UA-MT layout), held in memory on the training device
+# 9. Data: ACDC slices (SSL4MIS layout) and LA volumes (UA-MT layout), held in memory on the training device
 
 class DataError(Exception):
     """Bad input data; the message names the file and the problem."""
@@ -766,9 +769,24 @@ def is_la_layout(root):
     return (Path(root) / LA_FOLDER).is_dir()
 
 
-def load_la_volumes(root, names, num_classes=2):
-    """[(case, image (D1, D2, D3) float32, label uint8)] from UA-MT's layout."""
-    return [(name, *read_h5(Path(root) / LA_FOLDER / name / "mri_norm2.h5", 3, num_classes)) for name in names]
+def load_la_volumes(root, names, num_classes=2, scale=1.0):
+    """[(case, image (D1, D2, D3) float32, label uint8)] from UA-MT's layout, resampled by `scale`."""
+    volumes = [(name, *read_h5(Path(root) / LA_FOLDER / name / "mri_norm2.h5", 3, num_classes)) for name in names]
+    return [(name, *rescale(image, label, scale)) for name, image, label in volumes]
+
+
+def scaled_size(shape, scale):
+    return [max(1, round(s * scale)) for s in shape]
+
+
+def rescale(image, label, scale):
+    """A volume resampled by `scale` along every axis: the image trilinearly, the label by nearest
+    neighbour (as scipy.ndimage.zoom, order 0). scale 1 returns both as they are."""
+    if scale == 1:
+        return image, label
+    size = scaled_size(image.shape, scale)
+    image = F.interpolate(torch.from_numpy(image)[None, None], size=size, mode="trilinear")[0, 0].numpy()
+    return image, label[np.ix_(*[zoom_index(s, n).numpy() for s, n in zip(label.shape, size)])]
 
 
 def la_cases(root, labeled_count, validation_count):
@@ -915,24 +933,31 @@ def sliding_window_probabilities(model, image, window, strides, batch_size=4):
     return scores[(slice(None), *(slice(short // 2, short // 2 + s) for short, s in zip(shortfall, image.shape)))]
 
 
-def predict_sliding_window(model, image, window, strides):
+def predict_sliding_window(model, image, window, strides, scale=1.0):
     """LA, as the authors' test script: (D1, D2, D3) float tensor -> (D1, D2, D3) long labels: the
     argmax of the window-averaged probabilities (foreground where p1 > 0.5 with two classes), then only
-    the largest connected component of each class."""
-    probabilities = sliding_window_probabilities(model, image, window, strides)
+    the largest connected component of each class. A model trained on volumes resampled by `scale`
+    segments the volume resampled alike; its probabilities are resampled back (trilinear)."""
+    if scale != 1:
+        small = F.interpolate(image[None, None], size=scaled_size(image.shape, scale), mode="trilinear")[0, 0]
+        probabilities = sliding_window_probabilities(model, small, window, strides)
+        probabilities = F.interpolate(probabilities[None], size=image.shape, mode="trilinear")[0]
+    else:
+        probabilities = sliding_window_probabilities(model, image, window, strides)
     return largest_components(probabilities.argmax(0)[None], len(probabilities))[0]
 
 
-def segment(model, image, patch_size, strides):
+def segment(model, image, patch_size, strides, scale=1.0):
     """A whole volume's labels as each data set's authors infer them: ACDC (an int patch) slice by
-    slice, LA (a 3D patch) by sliding windows with these strides. The model must be in eval mode."""
+    slice, LA (a 3D patch) by sliding windows with these strides (and the run's --scale). The model
+    must be in eval mode."""
     if isinstance(patch_size, int):
         return predict_volume(model, image, patch_size)
-    return predict_sliding_window(model, image, tuple(patch_size), strides)
+    return predict_sliding_window(model, image, tuple(patch_size), strides, scale)
 
 
 # -----------------------------------------------------------------------------
-# 9. Pictures: a tiny PNG writer (zlib + numpy) and label overlays
+# 10. Pictures: a tiny PNG writer (zlib + numpy) and label overlays
 
 CLASS_COLORS = np.array([[0, 0, 0], [230, 60, 60], [60, 200, 90], [70, 130, 240]], dtype=np.uint8)  # bg, RV, Myo, LV
 
@@ -979,3 +1004,28 @@ def montage(tiles, columns):
         r, c = divmod(i, columns)
         sheet[r * (h + 2):r * (h + 2) + h, c * (w + 2):c * (w + 2) + w] = tile
     return sheet
+
+
+def write_line_plot(path, curves, title, x_label, y_label, width=640, height=360, margin=50):
+    """A small SVG line plot of {name: (xs, ys, colour)}; the y axis starts at 0."""
+    xs = np.concatenate([np.asarray(x, float) for x, _, _ in curves.values()])
+    left, right = xs.min(), max(xs.max(), xs.min() + 1e-9)
+    top = max(max(np.max(y) for _, y, _ in curves.values()) * 1.1, 1e-9)
+    x = lambda v: margin + (v - left) / (right - left) * (width - 2 * margin)
+    y = lambda v: height - margin - v / top * (height - 2 * margin)
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="13">',
+             f'<rect width="{width}" height="{height}" fill="white"/>',
+             f'<text x="{width / 2}" y="22" text-anchor="middle">{title}</text>',
+             f'<line x1="{margin}" y1="{height - margin}" x2="{width - margin}" y2="{height - margin}" stroke="black"/>',
+             f'<line x1="{margin}" y1="{margin}" x2="{margin}" y2="{height - margin}" stroke="black"/>',
+             f'<text x="{width / 2}" y="{height - 15}" text-anchor="middle">{x_label}</text>',
+             f'<text x="15" y="{height / 2}" text-anchor="middle" transform="rotate(-90 15 {height / 2})">{y_label}</text>',
+             f'<text x="{margin - 5}" y="{margin + 4}" text-anchor="end">{top:.3g}</text>',
+             f'<text x="{margin - 5}" y="{height - margin + 4}" text-anchor="end">0</text>',
+             f'<text x="{margin}" y="{height - margin + 16}" text-anchor="middle">{left:g}</text>',
+             f'<text x="{width - margin}" y="{height - margin + 16}" text-anchor="middle">{right:g}</text>']
+    for i, (name, (xs, ys, colour)) in enumerate(curves.items()):
+        points = " ".join(f"{x(a):.1f},{y(b):.1f}" for a, b in zip(xs, ys))
+        parts.append(f'<polyline points="{points}" fill="none" stroke="{colour}" stroke-width="2"/>')
+        parts.append(f'<text x="{width - margin - 200}" y="{margin + 18 * i}" fill="{colour}">{name}</text>')
+    write_atomic(path, ("\n".join(parts + ["</svg>"]) + "\n").encode())

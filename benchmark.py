@@ -146,8 +146,8 @@ def bench_pseudo_labels(args):
 
 
 def bench_sliding_window(args):
-    """LA evaluation of a checkpoint: seconds per validation volume for the windows (network and
-    averaging) and for the largest component, at the given strides."""
+    """LA evaluation of a checkpoint: seconds per validation volume for bcp.segment (resampling, windows,
+    largest component), and for the largest component alone, at the given strides."""
     if not args.checkpoint:
         raise SystemExit("benchmark.py sliding-window: --checkpoint is required")
     model, checkpoint = bcp.load_model(args.checkpoint, args.device)
@@ -155,21 +155,21 @@ def bench_sliding_window(args):
     flags = checkpoint["flags"]
     names = bcp.la_cases(args.root, flags["labeled_patients"], flags["val_cases"])[2][:args.volumes]
     strides = (args.stride[0], args.stride[0], args.stride[1])
-    window_seconds, component_seconds = 0.0, 0.0
+    segment_seconds, component_seconds = 0.0, 0.0
     for _, image, _ in bcp.load_la_volumes(args.root, names):
         image = torch.from_numpy(image).to(args.device)
         start = time.perf_counter()
-        probabilities = bcp.sliding_window_probabilities(model, image, tuple(flags["patch_size"]), strides)
-        labels = probabilities.argmax(0)[None]
+        labels = bcp.segment(model, image, flags["patch_size"], strides, flags.get("scale", 1.0))
         synchronize(image.device)
         middle = time.perf_counter()
-        bcp.largest_components(labels, len(probabilities))
+        bcp.largest_components(labels[None], flags["num_classes"])
         synchronize(image.device)
-        window_seconds, component_seconds = window_seconds + middle - start, component_seconds + time.perf_counter() - middle
-    windows = math.prod(len(bcp.window_starts(s, w, t)) for s, w, t in zip(image.shape, flags["patch_size"], strides))
-    print(f"device {args.device}, {torch.get_num_threads()} threads, window {flags['patch_size']}, strides {strides}: "
-          f"{window_seconds / len(names):.2f} s windows ({windows} on the last volume) + "
-          f"{component_seconds / len(names):.2f} s largest component per volume, {len(names)} volumes")
+        segment_seconds, component_seconds = segment_seconds + middle - start, component_seconds + time.perf_counter() - middle
+    size = bcp.scaled_size(image.shape, flags.get("scale", 1.0))
+    windows = math.prod(len(bcp.window_starts(s, w, t)) for s, w, t in zip(size, flags["patch_size"], strides))
+    print(f"device {args.device}, {torch.get_num_threads()} threads, window {flags['patch_size']}, strides {strides}, "
+          f"scale {flags.get('scale', 1.0)}: {segment_seconds / len(names):.2f} s per volume ({windows} windows on the last), "
+          f"of which the largest component {component_seconds / len(names):.2f} s; {len(names)} volumes")
 
 
 def bench_memory(args):

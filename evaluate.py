@@ -93,7 +93,7 @@ def nifti_scans(path):
     return [path]
 
 
-def predict_scans(model, patch_size, strides, scans, out_dir, device, png_dir=None):
+def predict_scans(model, patch_size, strides, scale, scans, out_dir, device, png_dir=None):
     """Segment each NIfTI scan as training saw its images and write <out_dir>/<name>.nii.gz, a uint8
     label map with the scan's geometry. ACDC (2D model): per-volume min-max to [0, 1], slices resized to
     the patch, nearest back. LA (3D model): the scan z-scored as a whole (as UA-MT preprocessed LA, which
@@ -117,7 +117,8 @@ def predict_scans(model, patch_size, strides, scans, out_dir, device, png_dir=No
             volume = ((image - image.mean()) / max(float(image.std()), 1e-8)).astype(np.float32).transpose(2, 1, 0)
         else:
             volume = prepare_acdc.normalize(image.astype(np.float64), scan).reshape(-1, *image.shape[-2:])  # (S, H, W)
-        labels = bcp.segment(model, torch.from_numpy(np.ascontiguousarray(volume)).to(device), patch_size, strides).cpu().numpy()
+        labels = bcp.segment(model, torch.from_numpy(np.ascontiguousarray(volume)).to(device), patch_size, strides,
+                             scale).cpu().numpy()
         prepare_acdc.write_nifti_labels(target, (labels.transpose(2, 1, 0) if volumetric else labels).astype(np.uint8), header)
         if png_dir:
             written = prepare_acdc.read_nifti(target)
@@ -144,25 +145,6 @@ def gaussian_kde(samples, grid):
     return np.exp(-0.5 * z ** 2).sum(1) / (len(samples) * bandwidth * np.sqrt(2 * np.pi))
 
 
-def write_svg(path, grid, curves, title, width=640, height=360, margin=50):
-    """A line plot of {name: (density, colour)} over grid, as a small SVG file."""
-    top = max(d.max() for d, _ in curves.values()) * 1.1
-    x = lambda v: margin + (v - grid[0]) / (grid[-1] - grid[0]) * (width - 2 * margin)
-    y = lambda v: height - margin - v / top * (height - 2 * margin)
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="13">',
-             f'<rect width="{width}" height="{height}" fill="white"/>',
-             f'<text x="{width / 2}" y="22" text-anchor="middle">{title}</text>',
-             f'<line x1="{margin}" y1="{height - margin}" x2="{width - margin}" y2="{height - margin}" stroke="black"/>',
-             f'<line x1="{margin}" y1="{margin}" x2="{margin}" y2="{height - margin}" stroke="black"/>',
-             f'<text x="{width / 2}" y="{height - 15}" text-anchor="middle">first principal component of the bottleneck features</text>',
-             f'<text x="15" y="{height / 2}" text-anchor="middle" transform="rotate(-90 15 {height / 2})">density</text>']
-    for i, (name, (density, colour)) in enumerate(curves.items()):
-        points = " ".join(f"{x(g):.1f},{y(d):.1f}" for g, d in zip(grid, density))
-        parts.append(f'<polyline points="{points}" fill="none" stroke="{colour}" stroke-width="2"/>')
-        parts.append(f'<text x="{width - margin - 150}" y="{margin + 18 * i}" fill="{colour}">{name}</text>')
-    bcp.write_atomic(path, ("\n".join(parts + ["</svg>"]) + "\n").encode())
-
-
 def feature_distributions(model, root, labeled_patients, num_classes, patch_size, device, out_dir):
     """Figure 4.9 of the MT-BCP student report (Huynh T. P. and Le Q. T., Mean Teacher + BCP on ACDC
     10 %): are labeled and unlabeled slices embedded alike? Features of all training slices, projected
@@ -185,8 +167,9 @@ def feature_distributions(model, root, labeled_patients, num_classes, patch_size
     bcp.write_atomic(out_dir / "kde.csv", ("\n".join(rows) + "\n").encode())
     colours = {"labeled": "#d62728", "unlabeled": "#1f77b4"}
     overlap = np.minimum(*densities.values()).sum() * (grid[1] - grid[0]) if len(densities) == 2 else float("nan")
-    write_svg(out_dir / "kde.svg", grid, {f"{n} ({len(projected[n])} slices)": (densities[n], colours[n]) for n in names},
-              f"labeled vs unlabeled slices: overlap {overlap:.2f}")
+    bcp.write_line_plot(out_dir / "kde.svg", {f"{n} ({len(projected[n])} slices)": (grid, densities[n], colours[n]) for n in names},
+                        f"labeled vs unlabeled slices: overlap {overlap:.2f}",
+                        "first principal component of the bottleneck features", "density")
     print(f"feature distributions: {out_dir / 'kde.csv'}, {out_dir / 'kde.svg'} (overlap of the two densities {overlap:.3f})")
 
 
@@ -227,7 +210,7 @@ def main(argv=None):
     num_classes, patch_size = flags["num_classes"], flags["patch_size"]
     strides = (args.stride[0], args.stride[0], args.stride[1])
     if args.predict:
-        return predict_scans(model, patch_size, strides, nifti_scans(args.predict), Path(args.out), device,
+        return predict_scans(model, patch_size, strides, flags.get("scale", 1.0), nifti_scans(args.predict), Path(args.out), device,
                              Path(args.save_png) if args.save_png else None)
     la = bcp.is_la_layout(args.root)
     if la == isinstance(patch_size, int):
@@ -249,7 +232,7 @@ def main(argv=None):
 
     per_volume = []
     for name, image, label in volumes:
-        prediction = bcp.segment(model, torch.from_numpy(image).to(device), patch_size, strides).cpu().numpy()
+        prediction = bcp.segment(model, torch.from_numpy(image).to(device), patch_size, strides, flags.get("scale", 1.0)).cpu().numpy()
         try:
             per_volume.append(score_volume(prediction, label, num_classes))
         except ValueError as error:  # a class missing from the ground truth: HD95 and ASD are undefined

@@ -609,7 +609,7 @@ def tiny_run(flags, labeled, unlabeled, device="cpu"):
     optimizer = torch.optim.SGD(student.parameters(), lr=args.lr, momentum=args.momentum)
     return SimpleNamespace(args=args, device=torch.device(device), autocast=nullcontext(), optimizer=optimizer,
                            student=student, teacher=teacher, student_forward=student, teacher_forward=teacher,
-                           labeled=labeled, unlabeled=unlabeled, dice_loss=bcp.DICE_LOSSES[args.dice_loss])
+                           labeled=labeled, unlabeled=unlabeled, unlabeled_truth=True, dice_loss=bcp.DICE_LOSSES[args.dice_loss])
 
 
 class BlockingCopies(TorchDispatchMode):
@@ -645,7 +645,7 @@ def test_a_step_never_waits_for_the_device(phase, monkeypatch):
     bank = bcp.SliceBank(images, [(image * 4).astype(np.uint8) for image in images], device)
     run = tiny_run(["--phase", phase, *TINY], bank, bank, device)
     with BlockingCopies() as copies:
-        loss, _, _ = train.STEPS[phase](run, 7)
+        loss, _, _, _ = train.STEPS[phase](run, 7)
     assert loss.device == device and copies.seen == []
 
 
@@ -1098,6 +1098,23 @@ def test_no_mixing_loss_by_hand(synthetic_root):
     assert train.selftrain_step(run, 3)[0].item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+def test_pseudo_label_dice_is_against_the_unlabeled_images_true_labels(synthetic_root):
+    """The step's diagnostic: per foreground class, 2 |P & T| / (|P| + |T|) over the step's unlabeled
+    images (P the teacher's pseudo-labels, T the labels the loss never sees; 0 for a class P misses),
+    averaged over classes. Without true labels (your own unlabeled scans) there is none."""
+    run = selftrain_run(synthetic_root)
+    args = run.args
+    (u_a, u_b), (t_a, t_b) = train.draw_halves(run.unlabeled, 3, args.batch_size - args.labeled_batch_size, args, train.UNLABELED)
+    with torch.no_grad():
+        pseudo = torch.cat([bcp.pseudo_label(run.teacher(u_a)), bcp.pseudo_label(run.teacher(u_b))])
+    truth = torch.cat([t_a, t_b])
+    by_hand = [2 * ((pseudo == c) & (truth == c)).sum().item() / ((pseudo == c).sum() + (truth == c).sum()).item()
+               if (pseudo == c).any() else 0.0 for c in (1, 2, 3)]
+    assert train.selftrain_step(run, 3)[3].item() == pytest.approx(sum(by_hand) / 3, abs=1e-6)
+    run.unlabeled_truth = False
+    assert train.selftrain_step(run, 4)[3] is None
+
+
 # ----------------------------------------------------------------------------- CUDA (run on a GPU: python -m pytest -q test_bcp.py -k cuda)
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -1442,6 +1459,9 @@ def test_la_end_to_end_on_synthetic_phantoms(la_root, tmp_path, capsys):
     train.main([*common, "--phase", "selftrain", "--iterations", "2"])
     log = (tmp_path / "selftrain" / "train.log").read_text()
     assert "2 labeled images (2 patients), 4 unlabeled, 2 validation cases held aside" in log
+    rows = [json.loads(line) for line in (tmp_path / "selftrain" / "metrics.jsonl").read_text().splitlines()]
+    assert all(0 <= r["pseudo_dice"] <= 1 for r in rows if "loss" in r) and len(rows) == 3
+    assert "pseudo-label Dice" in (tmp_path / "selftrain" / "curves.svg").read_text()
     checkpoint = tmp_path / "selftrain" / "best.pt"
     evaluate.main(["--root", str(la_root), "--checkpoint", str(checkpoint), "--stride", "16", "16",
                    "--json", str(tmp_path / "test.json")])
@@ -1497,3 +1517,26 @@ def test_a_checkpoint_weights_only_refuses_is_one_line(tmp_path):
     with pytest.raises(bcp.DataError) as error:
         bcp.load_checkpoint(tmp_path / "pickled.pt")
     assert str(error.value).startswith(f"{tmp_path / 'pickled.pt'}: not a readable checkpoint") and "\n" not in str(error.value)
+
+
+def test_rescaled_labels_are_scipy_zoom_order_0():
+    """--scale 0.5 on an 11 x 9 x 8 label map: 6 x 4 x 4 (Python's round, as scipy's output shape), the
+    voxels scipy.ndimage.zoom picks with order 0."""
+    rng = np.random.default_rng(0)
+    label = rng.integers(0, 2, (11, 9, 8)).astype(np.uint8)
+    image, small = bcp.rescale(rng.random((11, 9, 8)).astype(np.float32), label, 0.5)
+    assert image.shape == small.shape == (6, 4, 4)
+    np.testing.assert_array_equal(small, ndimage.zoom(label, [n / s for n, s in zip(small.shape, label.shape)], order=0))
+
+
+def test_a_rescaled_model_segments_at_full_resolution():
+    """scale 0.5: the 32^3 volume is segmented at 16^3 and the probabilities resampled back (trilinear)
+    before the argmax and the largest component, so the labels have the volume's full size."""
+    model = bcp.VNet().eval()
+    image = torch.randn(32, 32, 32)
+    with torch.no_grad():
+        small = torch.nn.functional.interpolate(image[None, None], size=[16, 16, 16], mode="trilinear")
+        probabilities = torch.nn.functional.interpolate(model(small).softmax(1), size=[32, 32, 32], mode="trilinear")[0]
+    expected = bcp.largest_components(probabilities.argmax(0)[None], 2)[0]
+    labels = bcp.segment(model, image, [16, 16, 16], (16, 16, 16), scale=0.5)
+    assert labels.shape == (32, 32, 32) and torch.equal(labels, expected)

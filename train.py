@@ -42,7 +42,8 @@ DEFAULTS = {
 PHASES = ("supervised", "pretrain", "selftrain")
 # Flags that define what a run trains: --resume refuses a value other than the checkpoint's.
 RUN_FLAGS = ("phase", "labeled_patients", "batch_size", "labeled_batch_size", "patch_size", "num_classes",
-             "beta", "mask", "u_weight", "ema_decay", "seed", "mix", "dice_loss", "pretrain_loss", "lr_step", "val_cases")
+             "beta", "mask", "u_weight", "ema_decay", "seed", "mix", "dice_loss", "pretrain_loss", "lr_step", "val_cases",
+             "scale")
 
 
 def at_least(minimum, kind=int):
@@ -94,6 +95,9 @@ def parse_args(argv=None):
                    help="LA: the last N cases of train.list are held aside for validation (not in the unlabeled pool)")
     p.add_argument("--stride", type=at_least(1), nargs=2, default=[18, 4], metavar=("XY", "Z"),
                    help="LA: sliding-window strides of validation along the first two axes and the third")
+    p.add_argument("--scale", type=float, default=1.0,
+                   help="LA: train on volumes resampled by this factor (0.5: a crop sees twice the field; for a CPU); "
+                        "validation and evaluation segment at that scale and score at full resolution")
     p.add_argument("--val-every", type=at_least(1), default=200, help="validate (and checkpoint) every N steps")
     p.add_argument("--log-every", type=at_least(1), default=20, help="progress line and metrics row every N steps")
     p.add_argument("--seed", type=int, default=1337)
@@ -127,6 +131,8 @@ def parse_args(argv=None):
         p.error(f"--beta must lie between 0 and 1, got {args.beta}")
     if not 0 <= args.ema_decay <= 1:
         p.error(f"--ema-decay must lie in [0, 1], got {args.ema_decay}")
+    if not 0 < args.scale <= 1:
+        p.error(f"--scale must lie in (0, 1], got {args.scale}")
     if args.resume and args.overwrite:
         p.error("--resume continues a run and --overwrite replaces it: give one")
     try:
@@ -185,7 +191,8 @@ def draw_mask(step, args, device):
 
 # ----------------------------------------------------------------------------- the three steps
 # A step draws its batch, computes the loss, updates the student (and the teacher), and returns the
-# loss, one (input, target, logits) triple per student forward, and M (None without mixing), for the pictures.
+# loss, one (input, target, logits) triple per student forward and M (None without mixing) for the
+# pictures, and the Dice of the pseudo-labels (selftrain, when the unlabeled images have labels) or None.
 
 def sgd_update(run, loss):
     run.optimizer.zero_grad(set_to_none=True)
@@ -206,7 +213,7 @@ def supervised_step(run, step):
         logits = run.student_forward(images)
         loss = whole_image_loss(run, logits, truth)
     sgd_update(run, loss)
-    return loss, [(images, truth, logits)], None
+    return loss, [(images, truth, logits)], None, None
 
 
 def pretrain_step(run, step):
@@ -225,7 +232,7 @@ def pretrain_step(run, step):
         else:  # LA
             loss = whole_image_loss(run, logits, target)
     sgd_update(run, loss)
-    return loss, [(image, target, logits)], mask
+    return loss, [(image, target, logits)], mask, None
 
 
 def selftrain_step(run, step):
@@ -234,17 +241,20 @@ def selftrain_step(run, step):
     becomes an EMA of the student."""
     args = run.args
     (labeled_a, labeled_b), (truth_a, truth_b) = draw_halves(run.labeled, step, args.labeled_batch_size, args, LABELED)
-    (unlabeled_a, unlabeled_b), _ = draw_halves(run.unlabeled, step, args.batch_size - args.labeled_batch_size, args, UNLABELED)
+    (unlabeled_a, unlabeled_b), hidden_truth = draw_halves(run.unlabeled, step, args.batch_size - args.labeled_batch_size,
+                                                           args, UNLABELED)  # the unlabeled images' labels: diagnostics only
     mask = draw_mask(step, args, run.device)
     if args.mix == "none":
         mask = torch.ones_like(mask)
     with run.autocast:
-        loss, views = bcp.bcp_loss(run.student_forward, run.teacher_forward, labeled_a, truth_a, labeled_b, truth_b,
-                                   unlabeled_a, unlabeled_b, mask, unlabeled_weight=args.u_weight,
-                                   mix=bcp.MIXES[args.mix], dice_loss=run.dice_loss)
+        loss, views, pseudo = bcp.bcp_loss(run.student_forward, run.teacher_forward, labeled_a, truth_a, labeled_b, truth_b,
+                                           unlabeled_a, unlabeled_b, mask, unlabeled_weight=args.u_weight,
+                                           mix=bcp.MIXES[args.mix], dice_loss=run.dice_loss)
     sgd_update(run, loss)
     bcp.ema_update(run.teacher, run.student, args.ema_decay)
-    return loss, views, mask
+    pseudo_dice = (bcp.dice_per_class(torch.cat(pseudo), torch.cat(hidden_truth), args.num_classes).mean()
+                   if run.unlabeled_truth else None)
+    return loss, views, mask, pseudo_dice
 
 
 STEPS = {"supervised": supervised_step, "pretrain": pretrain_step, "selftrain": selftrain_step}
@@ -254,11 +264,13 @@ STEPS = {"supervised": supervised_step, "pretrain": pretrain_step, "selftrain": 
 
 def load_data(args, device):
     """The labeled and unlabeled banks (None before selftrain), the validation volumes as (image, label)
-    tensors, all on the device, and one line saying what was loaded."""
+    tensors, all on the device, one line saying what was loaded, and whether the unlabeled images have
+    true labels (ACDC's and LA's do; they never enter the loss, only the pseudo-label diagnostics)."""
     if args.dataset == "la":
         labeled_names, unlabeled_names, val_names = bcp.la_cases(args.root, args.labeled_patients, args.val_cases)
-        bank = lambda names: bcp.VolumeBank(*zip(*[v[1:] for v in bcp.load_la_volumes(args.root, names, args.num_classes)]), device)
-        validation = bcp.load_la_volumes(args.root, val_names, args.num_classes)
+        bank = lambda names: bcp.VolumeBank(*zip(*[v[1:] for v in bcp.load_la_volumes(args.root, names, args.num_classes,
+                                                                                      args.scale)]), device)
+        validation = bcp.load_la_volumes(args.root, val_names, args.num_classes)  # full resolution, as evaluated
         held_aside = f"{len(val_names)} validation cases held aside from train.list ({val_names[0]} ...)"
     else:
         labeled_names, unlabeled_names = bcp.training_slices(args.root, args.labeled_patients)
@@ -273,7 +285,8 @@ def load_data(args, device):
     volumes = [(torch.from_numpy(image).to(device), torch.from_numpy(label).to(device)) for _, image, label in validation]
     summary = (f"{args.phase}: {len(labeled_names)} labeled images ({args.labeled_patients} patients), "
                f"{len(unlabeled) if unlabeled else 0} unlabeled, {held_aside}, device {device}")
-    return bank(labeled_names), unlabeled, volumes, summary
+    unlabeled_truth = not bcp.dataset_info(args.root).get("unlabeled")  # your own unlabeled scans have no labels
+    return bank(labeled_names), unlabeled, volumes, summary, unlabeled_truth
 
 
 def strides(args):
@@ -288,8 +301,8 @@ def validate(model, volumes, args, autocast):
     sliding window and largest component of the evaluation."""
     model.eval()
     with autocast:
-        scores = [bcp.dice_per_class(bcp.segment(model, image, args.patch_size, strides(args)), label, args.num_classes)
-                  for image, label in volumes]
+        scores = [bcp.dice_per_class(bcp.segment(model, image, args.patch_size, strides(args), args.scale), label,
+                                     args.num_classes) for image, label in volumes]
     model.train()
     return torch.stack(scores).mean().item()
 
@@ -431,6 +444,18 @@ class RunFolder:
         bcp.write_atomic(path, lambda f: torch.save({**state, **progress, "flags": vars(self.args),
                                                      "rng": {"torch": torch.get_rng_state(), "cuda": cuda}}, f))
 
+    def save_curves(self):
+        """curves.svg: the validation Dice and, in selftrain, the pseudo-labels' Dice, against the step."""
+        rows, _ = read_metrics(self.dir / "metrics.jsonl")
+        curves = {name: ([r["iter"] for r in rows if key in r], [r[key] for r in rows if key in r], colour)
+                  for name, key, colour in (("validation Dice", "val_dice", "#1f77b4"),
+                                            ("pseudo-label Dice (unlabeled batch)", "pseudo_dice", "#d62728"))}
+        try:
+            bcp.write_line_plot(self.dir / "curves.svg", {n: c for n, c in curves.items() if c[0]},
+                                f"{self.args.phase}: {self.dir}", "step", "Dice")
+        except OSError as error:
+            self.log(f"could not write curves.svg ({error}); training goes on")
+
     def save_picture(self, iteration, views, mask):
         try:  # after the checkpoints: a picture that cannot be written costs nothing else
             save_step_picture(self.pictures / f"iter_{iteration:06d}.png", views, mask)
@@ -495,7 +520,8 @@ def train(run, volumes, folder, progress):
     invocation_start = time.time()
     phase_start, window_start = invocation_start - progress["elapsed"], invocation_start
     deadline = invocation_start + 60 * args.time_limit if args.time_limit else math.inf
-    loss_sum, window_steps, last_dice, validation_seconds = torch.zeros((), device=device), 0, float("nan"), 0.0
+    loss_sum, pseudo_sum, window_steps = torch.zeros((), device=device), torch.zeros((), device=device), 0
+    last_dice, validation_seconds = float("nan"), 0.0
 
     def save(path, iteration):
         folder.save_checkpoint(path, run, {**progress, "iteration": iteration, "elapsed": time.time() - phase_start})
@@ -504,8 +530,10 @@ def train(run, volumes, folder, progress):
         lr = learning_rate(args, iteration)
         for group in run.optimizer.param_groups:
             group["lr"] = lr
-        loss, views, mask = step(run, iteration)
+        loss, views, mask, pseudo_dice = step(run, iteration)
         loss_sum += loss.detach()
+        if pseudo_dice is not None:
+            pseudo_sum += pseudo_dice
         window_steps += 1
 
         validating = iteration % args.val_every == 0 or iteration == args.iterations
@@ -517,13 +545,17 @@ def train(run, volumes, folder, progress):
             if not math.isfinite(mean_loss):
                 folder.stop(f"the loss became {mean_loss} between iterations {iteration - window_steps + 1} and {iteration}")
             speed = window_steps / (now - window_start)
-            folder.write_metrics({"iter": iteration, "loss": mean_loss, "lr": lr, "time": round(now - phase_start, 3)})
+            row = {"iter": iteration, "loss": mean_loss, "lr": lr, "time": round(now - phase_start, 3)}
+            if pseudo_dice is not None:  # the teacher's pseudo-labels against the unlabeled images' true labels
+                row["pseudo_dice"] = pseudo_sum.item() / window_steps
+            folder.write_metrics(row)
             last_text = "-" if math.isnan(last_dice) else f"{last_dice:.4f}"
             best = progress["best_iteration"]
             validation = f"val Dice {last_text} (best {progress['best_dice']:.4f} @ {best})" if best else "val Dice -"
-            folder.log(f"iter {iteration}/{args.iterations} | loss {mean_loss:.4f} | {speed:.2f} it/s | "
+            pseudo_text = f" | pseudo-label Dice {row['pseudo_dice']:.4f}" if "pseudo_dice" in row else ""
+            folder.log(f"iter {iteration}/{args.iterations} | loss {mean_loss:.4f}{pseudo_text} | {speed:.2f} it/s | "
                        f"ETA {format_seconds((args.iterations - iteration) / speed)} | {validation}")
-            loss_sum, window_steps, window_start = torch.zeros((), device=device), 0, now
+            loss_sum, pseudo_sum, window_steps, window_start = torch.zeros((), device=device), torch.zeros((), device=device), 0, now
 
         if validating:
             validation_start = time.time()
@@ -534,6 +566,7 @@ def train(run, volumes, folder, progress):
                 save(folder.best_path, iteration)
             save(folder.last_path, iteration)
             folder.save_picture(iteration, views, mask)
+            folder.save_curves()
             folder.log(f"iter {iteration} | val Dice {last_dice:.4f} | best {progress['best_dice']:.4f} @ {progress['best_iteration']}")
             validation_seconds = time.time() - validation_start
             window_start += validation_seconds  # it/s counts training steps only
@@ -550,7 +583,7 @@ def main(argv=None):
     checkpoint = checkpoint_to_resume(args, Path(args.out) / args.phase)
     device, autocast, memory_format, compiled = runtime(args)
     torch.manual_seed(args.seed)
-    labeled, unlabeled, volumes, summary = load_data(args, device)  # bad data stops here, before anything is written
+    labeled, unlabeled, volumes, summary, unlabeled_truth = load_data(args, device)  # bad data stops here, before anything is written
     folder = RunFolder(args, resume_iteration=checkpoint["iteration"] if checkpoint else 0)
     folder.log(summary)
     if (Path(args.root) / "SYNTHETIC").exists():
@@ -559,7 +592,8 @@ def main(argv=None):
     run = SimpleNamespace(args=args, device=device, autocast=autocast, optimizer=optimizer, student=student,
                           teacher=teacher, student_forward=compiled(student),
                           teacher_forward=compiled(teacher) if teacher is not None else None,
-                          labeled=labeled, unlabeled=unlabeled, dice_loss=bcp.DICE_LOSSES[args.dice_loss])
+                          labeled=labeled, unlabeled=unlabeled, unlabeled_truth=unlabeled_truth,
+                          dice_loss=bcp.DICE_LOSSES[args.dice_loss])
     train(run, volumes, folder, progress)
 
 

@@ -130,7 +130,7 @@ def bench_pseudo_labels(args):
     device, autocast, memory_format, _ = train.runtime(flags)
     teacher, _ = bcp.load_model(args.checkpoint, device)  # in train mode, as train.py's teacher
     teacher.to(memory_format=memory_format)
-    _, bank, _, _ = train.load_data(flags, device)
+    _, bank, _, _, _ = train.load_data(flags, device)
     count = args.batch_size - args.labeled_batch_size
     with torch.no_grad(), autocast:
         logits = [teacher(train.draw_batch(bank, step, count, flags, train.UNLABELED)[0]) for step in range(1, args.steps + 1)]

@@ -63,10 +63,11 @@ def check_writable(folder):
     tempfile.TemporaryFile(dir=folder).close()
 
 
-def save_montage(path, image, label_maps, size=160, rows=8):
+def save_montage(path, image, label_maps, size=160, rows=8, slices_last=False):
     """One row per slice: the image, then the outlines of each label map (ground truth, prediction).
-    An LA volume (slices along its last axis) shows `rows` slices spread over its foreground."""
-    if image.shape[-1] > image.shape[0]:  # LA: (D1, D2, D3) with the slices last
+    A volume with its slices along the last axis (LA) shows `rows` of them spread over the first map's
+    foreground."""
+    if slices_last:
         image, label_maps = np.moveaxis(image, -1, 0), [np.moveaxis(m, -1, 0) for m in label_maps]
         occupied = np.flatnonzero(label_maps[0].any((1, 2))) if label_maps[0].any() else np.arange(len(image))
         pick = np.linspace(occupied[0], occupied[-1], rows).round().astype(int)
@@ -123,7 +124,7 @@ def predict_scans(model, patch_size, strides, scale, scans, out_dir, device, png
         if png_dir:
             written = prepare_acdc.read_nifti(target)
             written = written.transpose(2, 1, 0) if volumetric else written.reshape(volume.shape)
-            save_montage(png_dir / f"{target.name.removesuffix('.nii.gz')}.png", volume, [written])
+            save_montage(png_dir / f"{target.name.removesuffix('.nii.gz')}.png", volume, [written], slices_last=volumetric)
         print(f"{scan} -> {target} ({np.bincount(labels.ravel(), minlength=2)[1:].sum()} foreground voxels)")
 
 
@@ -238,7 +239,7 @@ def main(argv=None):
         except ValueError as error:  # a class missing from the ground truth: HD95 and ASD are undefined
             raise bcp.DataError(f"{path_of(name)}: {error}") from None
         if args.save_png:
-            save_montage(Path(args.save_png) / f"{name}.png", image, [label, prediction])
+            save_montage(Path(args.save_png) / f"{name}.png", image, [label, prediction], slices_last=la)
 
     per_class = {class_names[c]: {m: float(np.mean([v[c][m] for v in per_volume])) for m in METRICS}
                  for c in range(num_classes - 1)}

@@ -1464,9 +1464,10 @@ def test_la_end_to_end_on_synthetic_phantoms(la_root, tmp_path, capsys):
     assert "pseudo-label Dice" in (tmp_path / "selftrain" / "curves.svg").read_text()
     checkpoint = tmp_path / "selftrain" / "best.pt"
     evaluate.main(["--root", str(la_root), "--checkpoint", str(checkpoint), "--stride", "16", "16",
-                   "--json", str(tmp_path / "test.json")])
+                   "--json", str(tmp_path / "test.json"), "--save-png", str(tmp_path / "png")])
     scores = json.loads((tmp_path / "test.json").read_text())
     assert scores["volumes"] == 2 and list(scores["per_class"]) == ["LA"] and 0 <= scores["mean"]["dice"] <= 100
+    assert sorted(p.stem for p in (tmp_path / "png").iterdir()) == bcp.read_list(la_root, "test.list")
     evaluate.main(["--root", str(la_root), "--split", "val", "--checkpoint", str(checkpoint), "--stride", "16", "16"])
     assert "on " + str(la_root) + " val: 2 volumes" in capsys.readouterr().out
 

@@ -304,7 +304,6 @@ def bcp_loss(student, teacher, labeled_a, truth_a, labeled_b, truth_b, unlabeled
     return loss, views, (pseudo_a, pseudo_b)
 
 
-
 # -----------------------------------------------------------------------------
 # 7. Connected components: the largest one of each item, fast on a GPU (used by pseudo_label)
 

@@ -1541,3 +1541,18 @@ def test_a_rescaled_model_segments_at_full_resolution():
     expected = bcp.largest_components(probabilities.argmax(0)[None], 2)[0]
     labels = bcp.segment(model, image, [16, 16, 16], (16, 16, 16), scale=0.5)
     assert labels.shape == (32, 32, 32) and torch.equal(labels, expected)
+
+
+def test_readme_reading_route_points_at_whole_blocks_of_code():
+    """Each "`file.py` lines A–B" of the README's reading route starts at a top-level line after a blank
+    or a section rule, ends before a blank line, and holds the first name the route gives for it."""
+    readme = (Path(__file__).parent / "README.md").read_text()
+    route = re.findall(r"`(\w+\.py)` lines (\d+)–(\d+)[,:]? [^`]*`(\w+)`", readme)
+    assert len(route) >= 4
+    for file, start, end, name in route:
+        lines = (Path(__file__).parent / file).read_text().splitlines()
+        start, end = int(start), int(end)
+        block = "\n".join(lines[start - 1:end])
+        assert lines[start - 1][:1] not in ("", " ") and (lines[start - 2] == "" or lines[start - 2].startswith("# ---")), (file, start)
+        assert lines[end] == "", (file, end)
+        assert f"def {name}(" in block or f"{name} = " in block, (file, start, end, name)

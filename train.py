@@ -29,16 +29,18 @@ import torch
 import bcp
 
 # The authors' settings for each data set (their ACDC and LA scripts differ); a flag left unset takes
-# its data set's value. Per-phase values are dicts.
+# its data set's value. Per-phase values are dicts. batch_size is the images of a supervised or
+# selftrain step; pretrain draws labeled_batch_size images only.
 DEFAULTS = {
     "acdc": {"labeled_patients": 7, "batch_size": 24, "labeled_batch_size": 12, "patch_size": [256], "num_classes": 4,
              "iterations": {"supervised": 10000, "pretrain": 10000, "selftrain": 30000}, "lr_step": 0,
              "dice_loss": "acdc", "pretrain_loss": "regions", "selftrain_sgd": "pretrain"},
-    "la": {"labeled_patients": 8, "batch_size": {"supervised": 4, "pretrain": 8, "selftrain": 8}, "labeled_batch_size": 4, "patch_size": [112, 112, 80], "num_classes": 2,
-           "iterations": {"supervised": 6000, "pretrain": 2000, "selftrain": 15000},
+    "la": {"labeled_patients": 8, "batch_size": {"supervised": 4, "pretrain": 4, "selftrain": 8}, "labeled_batch_size": 4,
+           "patch_size": [112, 112, 80], "num_classes": 2, "iterations": {"supervised": 6000, "pretrain": 2000, "selftrain": 15000},
            "lr_step": {"supervised": 2500, "pretrain": 0, "selftrain": 2500},
            "dice_loss": "la", "pretrain_loss": "whole", "selftrain_sgd": "fresh"},
 }
+
 PHASES = ("supervised", "pretrain", "selftrain")
 # Flags that define what a run trains: --resume refuses a value other than the checkpoint's.
 RUN_FLAGS = ("phase", "labeled_patients", "batch_size", "labeled_batch_size", "patch_size", "num_classes",

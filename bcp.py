@@ -187,7 +187,7 @@ def copy_paste(base, pasted, mask):
 # 4. The mixed loss: (Dice + CE) / 2, each summed over the two regions of M (Eq. 6).
 #    The authors' ACDC and LA scripts use two forms of soft Dice; both are here, picked by --dice-loss.
 
-ACDC_DICE_SMOOTH = 1e-10  # makes 0/0 = 1 for an empty region (softmax probabilities are never 0)
+ACDC_DICE_SMOOTH = 1e-10  # the authors' value; an empty region's Dice is then 1 (0/0), its loss 0
 LA_DICE_SMOOTH = 1e-5
 
 
@@ -243,8 +243,10 @@ def mixed_loss(logits, target, mask, weight_base, weight_pasted, dice_loss=acdc_
 def pseudo_label(logits):
     """(B, C, *S) teacher logits -> (B, *S) long labels: argmax, then per image the largest connected
     component of each foreground class (8-connected in 2D, 26 in 3D; the rest becomes background).
-    The teacher runs in train mode (dropout on, batch statistics), as in the authors' code. (On LA the
-    authors take foreground where softmax p1 >= 0.5: argmax differs only where p1 is exactly 0.5.)"""
+    The teacher that gives the logits runs in train mode (dropout on, batch statistics), as in the
+    authors' code: train.py's build_models sets it once and nothing switches it (validation evaluates
+    the student). (On LA the authors take foreground where softmax p1 >= 0.5: argmax differs only where
+    p1 is exactly 0.5.)"""
     return largest_components(logits.argmax(1), logits.shape[1])
 
 

@@ -182,10 +182,12 @@ def bench_memory(args):
         for phase, steps in (("pretrain", 1), ("selftrain", 2)):
             subprocess.run([*common, "--phase", phase, "--iterations", str(steps)], check=True, capture_output=True)
             peaks[phase] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # KiB -> GiB; max over children
+        last = [json.loads(line) for line in (Path(out) / "selftrain" / "metrics.jsonl").read_text().splitlines()][0]
     names = bcp.read_list(args.root, "train.list")[:-1]
     data = sum(image.nbytes + label.nbytes for _, image, label in bcp.load_la_volumes(args.root, names))
     print(f"peak resident memory of train.py at 112 x 112 x 80, batch 8 (CPU): pretrain {peaks['pretrain']:.2f} GiB, "
-          f"selftrain {peaks['selftrain']:.2f} GiB, of which {data / 2**30:.2f} GiB are the {len(names)} training volumes")
+          f"selftrain {peaks['selftrain']:.2f} GiB, of which {data / 2**30:.2f} GiB are the {len(names)} training volumes; "
+          f"{last['time'] / last['iter']:.1f} s per self-train step ({last['iter']} steps, the first included)")
 
 
 # Predictions a metric meets: a neat one, a wrong-sided one, and a weak model's scattered false positives.

@@ -1482,6 +1482,14 @@ def test_la_end_to_end_on_synthetic_phantoms(la_root, tmp_path, capsys):
     assert predicted.shape == image.shape and (predicted != expected).mean() < 1e-3
 
 
+def test_sliding_window_benchmark_runs(la_root, tmp_path, monkeypatch, capsys):
+    train.main(["--root", str(la_root), *LA_TINY, "--out", str(tmp_path), "--phase", "pretrain", "--iterations", "1"])
+    monkeypatch.setattr("sys.argv", ["benchmark.py", "sliding-window", "--root", str(la_root), "--checkpoint",
+                                     str(tmp_path / "pretrain" / "best.pt"), "--stride", "16", "16", "--volumes", "1"])
+    benchmark.main()
+    assert re.search(r"strides \(16, 16, 16\), scale 1.0: [0-9.]+ s per volume \([0-9]+ windows", capsys.readouterr().out)
+
+
 def test_la_bad_input_is_named_and_nothing_is_written(la_root, tmp_path):
     broken = tmp_path / "LA"
     shutil.copytree(la_root, broken)

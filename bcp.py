@@ -292,7 +292,8 @@ def bcp_loss(student, teacher, labeled_a, truth_a, labeled_b, truth_b, unlabeled
        X_out = L_b * M + U_b * (1 - M) with target G_b * M + P_b * (1 - M)  (outward, Eq. 2, 4);
     3. each through the student; (Dice + CE) / 2 per region of M, pseudo-labeled regions weighted
        alpha = unlabeled_weight, ground-truth regions 1 (Eq. 6); the step's loss is their sum.
-    student, teacher: callables (B, 1, *S) -> logits; images (B, 1, *S), labels (B, *S) long; mask (*S).
+    student, teacher: callables (B, 1, *S) -> logits; images (B, 1, *S), labels (B, *S) long; mask (*S)
+    (all ones with mix=MIXES["none"], which is BCP's pair unpasted: train.py passes M = 1 for it).
     -> (loss, [(image, target, logits)] of each mixed image for pictures, (P_a, P_b) for diagnostics)."""
     with torch.no_grad():
         pseudo_a, pseudo_b = pseudo_label(teacher(unlabeled_a)), pseudo_label(teacher(unlabeled_b))

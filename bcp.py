@@ -12,7 +12,7 @@ and the data banks are per dimension. Read top to bottom, this file follows one 
   2. the EMA teacher
   3. the copy-paste mask M and the mixing (Eq. 1-4)
   4. the mixed Dice + CE loss: one term per region of M, weighted alpha where the target is a
-     pseudo-label and 1 where it is ground truth (Eq. 5-6)
+     pseudo-label and 1 where it is ground truth (Eq. 6)
   5. pseudo-labels: the teacher's argmax, largest connected component per class
   6. the BCP step: all of the above in the order it runs (bcp_loss)
 then what serves it: 7. the connected-component algorithm behind the pseudo-labels, 8. metrics (Dice,
@@ -763,7 +763,6 @@ def training_slices(root, labeled_patients_count):
     return labeled, [s for s in slices if patient_of(s) not in chosen]
 
 
-
 LA_FOLDER = "2018LA_Seg_Training Set"  # UA-MT's layout: ROOT/<LA_FOLDER>/<case>/mri_norm2.h5, ROOT/train.list, test.list
 
 
@@ -835,6 +834,7 @@ class VolumeBank:
             images.append(image[box])
             labels.append(label[box])
         return torch.stack(images).unsqueeze(1), torch.stack(labels).long()
+
 
 def write_atomic(path, data):
     """Write bytes (or a callable that writes to a binary file) to `path` through a temporary file in
@@ -940,22 +940,28 @@ def predict_sliding_window(model, image, window, strides, scale=1.0):
     argmax of the window-averaged probabilities (foreground where p1 > 0.5 with two classes), then only
     the largest connected component of each class. A model trained on volumes resampled by `scale`
     segments the volume resampled alike; its probabilities are resampled back (trilinear)."""
-    if scale != 1:
-        small = F.interpolate(image[None, None], size=scaled_size(image.shape, scale), mode="trilinear")[0, 0]
-        probabilities = sliding_window_probabilities(model, small, window, strides)
-        probabilities = F.interpolate(probabilities[None], size=image.shape, mode="trilinear")[0]
-    else:
-        probabilities = sliding_window_probabilities(model, image, window, strides)
+    resampled = scale != 1
+    if resampled:
+        image_size = image.shape
+        image = F.interpolate(image[None, None], size=scaled_size(image_size, scale), mode="trilinear")[0, 0]
+    probabilities = sliding_window_probabilities(model, image, window, strides)
+    if resampled:
+        probabilities = F.interpolate(probabilities[None], size=image_size, mode="trilinear")[0]
     return largest_components(probabilities.argmax(0)[None], len(probabilities))[0]
 
 
-def segment(model, image, patch_size, strides, scale=1.0):
+def window_strides(stride):
+    """--stride XY Z -> the strides along the three axes (XY, XY, Z)."""
+    return (stride[0], stride[0], stride[1])
+
+
+def segment(model, image, patch_size, stride, scale=1.0):
     """A whole volume's labels as each data set's authors infer them: ACDC (an int patch) slice by
-    slice, LA (a 3D patch) by sliding windows with these strides (and the run's --scale). The model
+    slice, LA (a 3D patch) by sliding windows with --stride XY Z (and the run's --scale). The model
     must be in eval mode."""
     if isinstance(patch_size, int):
         return predict_volume(model, image, patch_size)
-    return predict_sliding_window(model, image, tuple(patch_size), strides, scale)
+    return predict_sliding_window(model, image, tuple(patch_size), window_strides(stride), scale)
 
 
 # -----------------------------------------------------------------------------

@@ -154,12 +154,12 @@ def bench_sliding_window(args):
     model.eval()
     flags = checkpoint["flags"]
     names = bcp.la_cases(args.root, flags["labeled_patients"], flags["val_cases"])[2][:args.volumes]
-    strides = (args.stride[0], args.stride[0], args.stride[1])
+    strides = bcp.window_strides(args.stride)
     segment_seconds, component_seconds = 0.0, 0.0
     for _, image, _ in bcp.load_la_volumes(args.root, names):
         image = torch.from_numpy(image).to(args.device)
         start = time.perf_counter()
-        labels = bcp.segment(model, image, flags["patch_size"], strides, flags.get("scale", 1.0))
+        labels = bcp.segment(model, image, flags["patch_size"], args.stride, flags.get("scale", 1.0))
         synchronize(image.device)
         middle = time.perf_counter()
         bcp.largest_components(labels[None], flags["num_classes"])

@@ -94,7 +94,7 @@ def nifti_scans(path):
     return [path]
 
 
-def predict_scans(model, patch_size, strides, scale, scans, out_dir, device, png_dir=None):
+def predict_scans(model, patch_size, stride, scale, scans, out_dir, device, png_dir=None):
     """Segment each NIfTI scan as training saw its images and write <out_dir>/<name>.nii.gz, a uint8
     label map with the scan's geometry. ACDC (2D model): per-volume min-max to [0, 1], slices resized to
     the patch, nearest back. LA (3D model): the scan z-scored as a whole (as UA-MT preprocessed LA, which
@@ -118,7 +118,7 @@ def predict_scans(model, patch_size, strides, scale, scans, out_dir, device, png
             volume = ((image - image.mean()) / max(float(image.std()), 1e-8)).astype(np.float32).transpose(2, 1, 0)
         else:
             volume = prepare_acdc.normalize(image.astype(np.float64), scan).reshape(-1, *image.shape[-2:])  # (S, H, W)
-        labels = bcp.segment(model, torch.from_numpy(np.ascontiguousarray(volume)).to(device), patch_size, strides,
+        labels = bcp.segment(model, torch.from_numpy(np.ascontiguousarray(volume)).to(device), patch_size, stride,
                              scale).cpu().numpy()
         prepare_acdc.write_nifti_labels(target, (labels.transpose(2, 1, 0) if volumetric else labels).astype(np.uint8), header)
         if png_dir:
@@ -209,9 +209,8 @@ def main(argv=None):
             {"model": {k: v.half() if v.is_floating_point() else v for k, v in checkpoint["model"].items()},
              "flags": flags, "iteration": checkpoint.get("iteration"), "best_dice": checkpoint.get("best_dice")}, f))
     num_classes, patch_size = flags["num_classes"], flags["patch_size"]
-    strides = (args.stride[0], args.stride[0], args.stride[1])
     if args.predict:
-        return predict_scans(model, patch_size, strides, flags.get("scale", 1.0), nifti_scans(args.predict), Path(args.out), device,
+        return predict_scans(model, patch_size, args.stride, flags.get("scale", 1.0), nifti_scans(args.predict), Path(args.out), device,
                              Path(args.save_png) if args.save_png else None)
     la = bcp.is_la_layout(args.root)
     if la == isinstance(patch_size, int):
@@ -233,7 +232,7 @@ def main(argv=None):
 
     per_volume = []
     for name, image, label in volumes:
-        prediction = bcp.segment(model, torch.from_numpy(image).to(device), patch_size, strides, flags.get("scale", 1.0)).cpu().numpy()
+        prediction = bcp.segment(model, torch.from_numpy(image).to(device), patch_size, args.stride, flags.get("scale", 1.0)).cpu().numpy()
         try:
             per_volume.append(score_volume(prediction, label, num_classes))
         except ValueError as error:  # a class missing from the ground truth: HD95 and ASD are undefined

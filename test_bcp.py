@@ -1478,7 +1478,7 @@ def test_la_end_to_end_on_synthetic_phantoms(la_root, tmp_path, capsys):
                    "--out", str(tmp_path / "labels"), "--stride", "16", "16"])
     predicted = np.asarray(nibabel.load(tmp_path / "labels" / f"{case}.nii.gz").dataobj)
     model, _ = bcp.load_model(checkpoint)
-    expected = bcp.segment(model.eval(), torch.from_numpy(image), [32, 32, 16], (16, 16, 16)).numpy()
+    expected = bcp.segment(model.eval(), torch.from_numpy(image), [32, 32, 16], (16, 16)).numpy()
     assert predicted.shape == image.shape and (predicted != expected).mean() < 1e-3
 
 
@@ -1547,7 +1547,7 @@ def test_a_rescaled_model_segments_at_full_resolution():
         small = torch.nn.functional.interpolate(image[None, None], size=[16, 16, 16], mode="trilinear")
         probabilities = torch.nn.functional.interpolate(model(small).softmax(1), size=[32, 32, 32], mode="trilinear")[0]
     expected = bcp.largest_components(probabilities.argmax(0)[None], 2)[0]
-    labels = bcp.segment(model, image, [16, 16, 16], (16, 16, 16), scale=0.5)
+    labels = bcp.segment(model, image, [16, 16, 16], (16, 16), scale=0.5)
     assert labels.shape == (32, 32, 32) and torch.equal(labels, expected)
 
 

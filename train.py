@@ -291,11 +291,6 @@ def load_data(args, device):
     return bank(labeled_names), unlabeled, volumes, summary, unlabeled_truth
 
 
-def strides(args):
-    """The sliding window's strides along the three axes (LA)."""
-    return (args.stride[0], args.stride[0], args.stride[1])
-
-
 @torch.no_grad()
 def validate(model, volumes, args, autocast):
     """Mean Dice over the validation volumes and the foreground classes (a class the model does not
@@ -303,7 +298,7 @@ def validate(model, volumes, args, autocast):
     sliding window and largest component of the evaluation."""
     model.eval()
     with autocast:
-        scores = [bcp.dice_per_class(bcp.segment(model, image, args.patch_size, strides(args), args.scale), label,
+        scores = [bcp.dice_per_class(bcp.segment(model, image, args.patch_size, args.stride, args.scale), label,
                                      args.num_classes) for image, label in volumes]
     model.train()
     return torch.stack(scores).mean().item()

@@ -1,5 +1,5 @@
 #!/bin/bash
-# The ACDC ablation of the README, one training at a time (2-core CPU: about 3.5 hours in all). Each row
+# The ACDC ablation of the README, one training at a time (2-core CPU: about 4.5 hours in all). Each row
 # is a seed's run in runs/ablation/p<patients>/seed<seed>/<row>/<phase>/, scored on the validation split
 # into val.json. A scored run is skipped, a finished one only scored and a stopped one resumed, so the
 # script can be stopped and started again. Then: python checkpoints/ablation_acdc_128px/summarize.py
@@ -32,7 +32,9 @@ unet_row() {  # unet_row <patients> <seed>: labeled only, as many steps as pre-t
 
 for seed in 1337 1338 1339; do bcp_rows 3 "$seed" bidirectional none inward outward; done
 for seed in 1337 1338 1339; do unet_row 3 "$seed"; done
-# 7 labeled patients, one seed: BCP, no copy-paste and the U-Net first, the one-way variants last
+# 7 labeled patients: every row for seed 1337 (BCP, no copy-paste and the U-Net first, the one-way variants
+# last), then BCP and no copy-paste for two more seeds
 bcp_rows 7 1337 bidirectional none
 unet_row 7 1337
 bcp_rows 7 1337 inward outward
+for seed in 1338 1339; do bcp_rows 7 "$seed" bidirectional none; done

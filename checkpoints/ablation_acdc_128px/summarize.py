@@ -1,7 +1,7 @@
 """Collect the ACDC ablation runs of run.sh into this folder: each run's logs, the README's mean ± std
 table, and the validation and pseudo-label curves of the four --mix variants.
 
-    bash checkpoints/ablation_acdc_128px/run.sh        # the trainings, one at a time (about 3.5 hours on 2 cores)
+    bash checkpoints/ablation_acdc_128px/run.sh        # the trainings, one at a time (about 4.5 hours on 2 cores)
     python checkpoints/ablation_acdc_128px/summarize.py
 
 Every run keeps the best.pt of its own validation curve and is scored on the same validation split, so

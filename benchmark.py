@@ -23,7 +23,6 @@ avoid (forwards, backward, SGD step, EMA) on random tensors of the same shapes.
 import argparse
 import contextlib
 import io
-import json
 import math
 import resource
 import subprocess
@@ -93,7 +92,7 @@ def train_seconds(flags, args):
     """Seconds per step of train.py, from the `time` column of its metrics.jsonl (warm-up excluded)."""
     with contextlib.redirect_stdout(io.StringIO()):  # train.py's own log goes to <out>/<phase>/train.log
         train.main(flags)
-    rows = [json.loads(line) for line in (Path(args.out) / args.phase / "metrics.jsonl").read_text().splitlines()]
+    rows, _ = train.read_metrics(Path(args.out) / args.phase / "metrics.jsonl")
     loss_rows = [r for r in rows if "loss" in r]
     first, last = loss_rows[1], loss_rows[-1]  # the first window holds the warm-up
     return (last["time"] - first["time"]) / (last["iter"] - first["iter"])
@@ -182,12 +181,13 @@ def bench_memory(args):
         for phase, steps in (("pretrain", 1), ("selftrain", 2)):
             subprocess.run([*common, "--phase", phase, "--iterations", str(steps)], check=True, capture_output=True)
             peaks[phase] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # KiB -> GiB; max over children
-        last = [json.loads(line) for line in (Path(out) / "selftrain" / "metrics.jsonl").read_text().splitlines()][0]
+        rows, _ = train.read_metrics(Path(out) / "selftrain" / "metrics.jsonl")
+    loss_row = rows[0]  # logged at the last step, before its validation row
     names = bcp.read_list(args.root, "train.list")[:-1]
     data = sum(image.nbytes + label.nbytes for _, image, label in bcp.load_la_volumes(args.root, names))
     print(f"peak resident memory of train.py at 112 x 112 x 80, batch 8 (CPU): pretrain {peaks['pretrain']:.2f} GiB, "
           f"selftrain {peaks['selftrain']:.2f} GiB, of which {data / 2**30:.2f} GiB are the {len(names)} training volumes; "
-          f"{last['time'] / last['iter']:.1f} s per self-train step ({last['iter']} steps, the first included)")
+          f"{loss_row['time'] / loss_row['iter']:.1f} s per self-train step ({loss_row['iter']} steps, the first included)")
 
 
 # Predictions a metric meets: a neat one, a wrong-sided one, and a weak model's scattered false positives.

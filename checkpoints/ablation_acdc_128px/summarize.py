@@ -17,6 +17,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 import bcp  # noqa: E402
+import train  # noqa: E402
 
 RUNS = HERE.parents[1] / "runs" / "ablation"
 ROWS = {  # table row: (run folder, phase)
@@ -41,7 +42,7 @@ def finished_runs(patients, run, phase):
 
 def metric_rows(folder):
     """The rows of a run's metrics.jsonl."""
-    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    return train.read_metrics(folder / "metrics.jsonl")[0]
 
 
 def logged(folder, key):

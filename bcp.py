@@ -148,8 +148,9 @@ NETWORKS = {2: UNet, 3: VNet}  # by the number of spatial dimensions
 
 @torch.no_grad()
 def ema_update(teacher, student, decay):
-    """teacher <- decay * teacher + (1 - decay) * student over the whole state dict, as the authors
-    average it (the BN running statistics too, though a teacher run in train mode never reads them).
+    """teacher <- decay * teacher + (1 - decay) * student over the whole state dict, BN running
+    statistics included, as the authors' ACDC script averages it (their LA script averages the
+    parameters only: the same teacher, since one run in train mode never reads those statistics).
     decay 0 copies the student, decay 1 keeps the teacher."""
     pairs = [(t, s) for t, s in zip(teacher.state_dict().values(), student.state_dict().values())
              if t.is_floating_point()]  # skips BN's num_batches_tracked, unused with a set momentum
@@ -247,10 +248,10 @@ def pseudo_label(logits):
     authors' code: train.py's build_models sets it once and nothing switches it (validation evaluates
     the student). (On LA the authors take foreground where softmax p1 >= 0.5: argmax differs only where
     p1 is exactly 0.5.)"""
-    return largest_components(logits.argmax(1), logits.shape[1])
+    return largest_component_per_class(logits.argmax(1), logits.shape[1])
 
 
-def largest_components(labels, num_classes):
+def largest_component_per_class(labels, num_classes):
     """(B, *S) label map -> the same with only the largest connected component of each foreground class
     in each item (other voxels of the class become background)."""
     classes = torch.arange(1, num_classes, device=labels.device).view(1, -1, *[1] * (labels.ndim - 1))
@@ -265,23 +266,34 @@ def largest_components(labels, num_classes):
 def inward(labeled, truth, unlabeled, pseudo, mask, unlabeled_weight):
     """Eq. 1, 3: a labeled crop pasted into an unlabeled image. The base's target is a pseudo-label
     (weight alpha), the pasted crop's is ground truth (weight 1).
-    -> (image, target, weight of the base region, weight of the pasted region)."""
+    -> (image, target, M of its regions, weight of the base region, weight of the pasted region)."""
     return (copy_paste(base=unlabeled, pasted=labeled, mask=mask), copy_paste(base=pseudo, pasted=truth, mask=mask),
-            unlabeled_weight, 1.0)
+            mask, unlabeled_weight, 1.0)
 
 
 def outward(labeled, truth, unlabeled, pseudo, mask, unlabeled_weight):
     """Eq. 2, 4: an unlabeled crop pasted into a labeled image. The base's target is ground truth
     (weight 1), the pasted crop's a pseudo-label (weight alpha)."""
     return (copy_paste(base=labeled, pasted=unlabeled, mask=mask), copy_paste(base=truth, pasted=pseudo, mask=mask),
-            1.0, unlabeled_weight)
+            mask, 1.0, unlabeled_weight)
 
 
-# --mix: how each half-batch (a, b) is mixed. BCP pastes inward with a and outward with b; the one-way
-# ablations mix both halves in their one direction, so every variant shows the student as many images.
-# ("none" is BCP's pair with M = 1: U_a with its pseudo-label and L_b with its ground truth, unpasted.)
+def unlabeled_whole(labeled, truth, unlabeled, pseudo, mask, unlabeled_weight):
+    """No copy-paste: the unlabeled image with its pseudo-label, one region weighted alpha."""
+    return unlabeled, pseudo, torch.ones_like(mask), unlabeled_weight, 0.0
+
+
+def labeled_whole(labeled, truth, unlabeled, pseudo, mask, unlabeled_weight):
+    """No copy-paste: the labeled image with its ground truth, one region weighted 1."""
+    return labeled, truth, torch.ones_like(mask), 1.0, 0.0
+
+
+# --mix: what the student sees from each half-batch (a, b). BCP: half a inward, half b outward (the
+# authors' ACDC script; their LA script swaps the halves, the same method since a and b are drawn
+# alike). The ablations: one direction for both halves, or no pasting at all (U_a and L_b whole);
+# every variant shows the student as many images.
 MIXES = {"bidirectional": (inward, outward), "inward": (inward, inward), "outward": (outward, outward),
-         "none": (inward, outward)}
+         "none": (unlabeled_whole, labeled_whole)}
 
 
 def bcp_loss(student, teacher, labeled_a, truth_a, labeled_b, truth_b, unlabeled_a, unlabeled_b, mask,
@@ -292,18 +304,18 @@ def bcp_loss(student, teacher, labeled_a, truth_a, labeled_b, truth_b, unlabeled
        X_out = L_b * M + U_b * (1 - M) with target G_b * M + P_b * (1 - M)  (outward, Eq. 2, 4);
     3. each through the student; (Dice + CE) / 2 per region of M, pseudo-labeled regions weighted
        alpha = unlabeled_weight, ground-truth regions 1 (Eq. 6); the step's loss is their sum.
-    student, teacher: callables (B, 1, *S) -> logits; images (B, 1, *S), labels (B, *S) long; mask (*S)
-    (all ones with mix=MIXES["none"], which is BCP's pair unpasted: train.py passes M = 1 for it).
-    -> (loss, [(image, target, logits)] of each mixed image for pictures, (P_a, P_b) for diagnostics)."""
+    student, teacher: callables (B, 1, *S) -> logits; images (B, 1, *S), labels (B, *S) long; mask (*S).
+    -> (loss, [(image, target, logits, M of its regions)] of each mixed image for pictures,
+        (P_a, P_b) for diagnostics)."""
     with torch.no_grad():
         pseudo_a, pseudo_b = pseudo_label(teacher(unlabeled_a)), pseudo_label(teacher(unlabeled_b))
     loss, views = 0.0, []
     for mixing, labeled, truth, unlabeled, pseudo in zip(mix, (labeled_a, labeled_b), (truth_a, truth_b),
                                                          (unlabeled_a, unlabeled_b), (pseudo_a, pseudo_b)):
-        image, target, weight_base, weight_pasted = mixing(labeled, truth, unlabeled, pseudo, mask, unlabeled_weight)
+        image, target, regions, weight_base, weight_pasted = mixing(labeled, truth, unlabeled, pseudo, mask, unlabeled_weight)
         logits = student(image)
-        loss = loss + mixed_loss(logits, target, mask, weight_base, weight_pasted, dice_loss)
-        views.append((image, target, logits))
+        loss = loss + mixed_loss(logits, target, regions, weight_base, weight_pasted, dice_loss)
+        views.append((image, target, logits, regions))
     return loss, views, (pseudo_a, pseudo_b)
 
 
@@ -576,7 +588,25 @@ def read_list(root, name):
     names = path.read_text().split()
     if not names:
         raise DataError(f"{path}: the list is empty")
+    twice = next((name for i, name in enumerate(names) if name in names[:i]), None)
+    if twice:
+        raise DataError(f"{path}: {twice} is listed twice")
     return names
+
+
+def check_splits(root):
+    """Refuse a case listed twice, and a case of val.list or test.list (where present) that train.list
+    also holds: a case trained on would be scored. Cases are compared by patient (ACDC: a patient's ED
+    and ES frames go together). Nothing to compare without a train.list."""
+    if not (Path(root) / "train.list").is_file():
+        return
+    trained = {patient_of(name) for name in read_list(root, "train.list")}
+    for held_out in ("val.list", "test.list"):
+        path = Path(root) / held_out
+        if path.is_file() and path.read_text().split():
+            shared = next((name for name in read_list(root, held_out) if patient_of(name) in trained), None)
+            if shared:
+                raise DataError(f"{path}: {shared} is also a training case ({Path(root) / 'train.list'})")
 
 
 def read_h5(path, ndim, num_classes):
@@ -770,6 +800,17 @@ def is_la_layout(root):
     return (Path(root) / LA_FOLDER).is_dir()
 
 
+def check_layout(root):
+    """Refuse a --root that exists but holds neither layout, saying what was looked for (a folder
+    that does not exist is named by the first file it should hold)."""
+    root = Path(root)
+    if not root.is_dir() or is_la_layout(root) or (root / "train.list").is_file() or (root / "data").is_dir():
+        return
+    hint = f"; its parent is an LA root: --root {root.parent}" if is_la_layout(root.parent) else ""
+    raise DataError(f"{root}: neither the ACDC layout (train.list, data/) nor the LA layout ({LA_FOLDER}/, "
+                    f"train.list){hint}")
+
+
 def load_la_volumes(root, names, num_classes=2, scale=1.0):
     """[(case, image (D1, D2, D3) float32, label uint8)] from UA-MT's layout, resampled by `scale`."""
     volumes = [(name, *read_h5(Path(root) / LA_FOLDER / name / "mri_norm2.h5", 3, num_classes)) for name in names]
@@ -793,11 +834,12 @@ def rescale(image, label, scale):
 def la_cases(root, labeled_count, validation_count):
     """The cases of train.list as (labeled, unlabeled, validation): labeled = the first N, as the authors
     take them; validation = the last K, held aside from training (the authors pick their checkpoint on
-    the test split; we never look at it); unlabeled = every case between."""
+    the test split; we never look at it); unlabeled = every case between (none when every other case is
+    labeled: the fully supervised row; self-training refuses that)."""
     cases = read_list(root, "train.list")
-    if labeled_count + validation_count >= len(cases):
+    if labeled_count + validation_count > len(cases):
         raise DataError(f"{Path(root) / 'train.list'}: {labeled_count} labeled and {validation_count} validation cases "
-                        f"leave no unlabeled ones among its {len(cases)}")
+                        f"are more than its {len(cases)}")
     return cases[:labeled_count], cases[labeled_count:len(cases) - validation_count], cases[len(cases) - validation_count:]
 
 
@@ -806,7 +848,9 @@ class VolumeBank:
     augmentation (UA-MT's RandomRotFlip, RandomCrop), per volume: rot90 by k in 0..3 over the first two
     axes, a flip along axis 0 or 1 (always), then a random crop of the patch, its corner drawn as
     np.random.randint(0, size - patch). A volume no larger than the patch along an axis is first
-    zero-padded by (patch - size) // 2 + 3 on each side of that axis."""
+    zero-padded by (patch - size) // 2 + 3 on each side of that axis. (The authors' rule, once any axis
+    is that small, pads every axis by max((patch - size) // 2 + 3, 0), so also an axis up to 4 voxels
+    larger than the patch; real LA volumes are all larger than the crop, where the two agree.)"""
 
     def __init__(self, images, labels, device):
         self.images = [torch.from_numpy(image).to(device) for image in images]
@@ -909,7 +953,10 @@ def predict_volume(model, image, patch_size):
 
 def window_starts(size, window, stride):
     """Corners of sliding windows along one axis, as UA-MT's test_single_case: every `stride`, the last
-    flush with the end (ceil((size - window) / stride) + 1 windows)."""
+    flush with the end (ceil((size - window) / stride) + 1 windows). A stride larger than the window
+    would leave voxels between windows uncovered: ValueError."""
+    if stride < 1 or stride > window < size:
+        raise ValueError(f"a sliding-window stride must lie in 1 .. the window ({window}), got {stride}")
     return [min(stride * i, size - window) for i in range(math.ceil((size - window) / stride) + 1)]
 
 
@@ -947,12 +994,20 @@ def predict_sliding_window(model, image, window, strides, scale=1.0):
     probabilities = sliding_window_probabilities(model, image, window, strides)
     if resampled:
         probabilities = F.interpolate(probabilities[None], size=image_size, mode="trilinear")[0]
-    return largest_components(probabilities.argmax(0)[None], len(probabilities))[0]
+    return largest_component_per_class(probabilities.argmax(0)[None], len(probabilities))[0]
+
+
+AUTHORS_STRIDE = (18, 4)  # UA-MT's and BCP's LA test strides (XY, Z) for a 112 x 112 x 80 window
 
 
 def window_strides(stride):
     """--stride XY Z -> the strides along the three axes (XY, XY, Z)."""
     return (stride[0], stride[0], stride[1])
+
+
+def default_stride(window):
+    """The authors' strides, each at most the window's side: (XY, Z) for a (D1, D2, D3) window."""
+    return [min(AUTHORS_STRIDE[0], *window[:2]), min(AUTHORS_STRIDE[1], window[2])]
 
 
 def segment(model, image, patch_size, stride, scale=1.0):

@@ -98,6 +98,14 @@ def train_seconds(flags, args):
     return (last["time"] - first["time"]) / (last["iter"] - first["iter"])
 
 
+def cheap_la_validation(root, patch_size):
+    """LA: one validation case, one window per window-sized block (the strides of the patch); nothing on ACDC."""
+    if not bcp.is_la_layout(root):
+        return []
+    patch = patch_size * (3 // len(patch_size))
+    return ["--val-cases", "1", "--stride", str(min(patch[:2])), str(patch[2])]
+
+
 def bench_steps(args):
     results = []
     with tempfile.TemporaryDirectory() as out:
@@ -106,8 +114,7 @@ def bench_steps(args):
                      "--patch-size", *map(str, args.patch_size), "--batch-size", str(args.batch_size),
                      "--labeled-batch-size", str(args.labeled_batch_size), "--labeled-patients", str(args.labeled_patients),
                      "--log-every", str(max(1, args.steps // 8)), "--val-every", str(10 * args.steps),
-                     "--val-cases", "1", "--stride", "1000", "1000",  # LA: the one validation at the end, cheap
-                     "--device", args.device, "--precision", args.precision,
+                     *cheap_la_validation(args.root, args.patch_size), "--device", args.device, "--precision", args.precision,
                      *(["--compile"] if args.compile else [])]
             train_args = train.parse_args(flags)
             if not results:
@@ -161,7 +168,7 @@ def bench_sliding_window(args):
         labels = bcp.segment(model, image, flags["patch_size"], args.stride, flags.get("scale", 1.0))
         synchronize(image.device)
         middle = time.perf_counter()
-        bcp.largest_components(labels[None], flags["num_classes"])
+        bcp.largest_component_per_class(labels[None], flags["num_classes"])
         synchronize(image.device)
         segment_seconds, component_seconds = segment_seconds + middle - start, component_seconds + time.perf_counter() - middle
     size = bcp.scaled_size(image.shape, flags.get("scale", 1.0))
@@ -176,7 +183,7 @@ def bench_memory(args):
     (112 x 112 x 80, 4 labeled + 4 unlabeled), 2 steps from a 1-step pre-training, CPU."""
     with tempfile.TemporaryDirectory() as out:
         common = [sys.executable, "train.py", "--root", args.root, "--out", out, "--device", "cpu",
-                  "--val-cases", "1", "--stride", "1000", "1000", "--labeled-patients", str(args.labeled_patients)]
+                  *cheap_la_validation(args.root, [112, 112, 80]), "--labeled-patients", str(args.labeled_patients)]
         peaks = {}
         for phase, steps in (("pretrain", 1), ("selftrain", 2)):
             subprocess.run([*common, "--phase", phase, "--iterations", str(steps)], check=True, capture_output=True)

@@ -186,11 +186,12 @@ def main(argv=None):
     p.add_argument("--predict", metavar="IN", help="segment NIfTI scans instead of scoring a split: a .nii/.nii.gz "
                                                    "file or a folder of them; label maps go to --out")
     p.add_argument("--out", metavar="DIR", help="--predict: where to write <name>.nii.gz label maps")
-    p.add_argument("--stride", type=int, nargs=2, default=[18, 4], metavar=("XY", "Z"),
-                   help="LA: sliding-window strides along the first two axes and the third (the authors' 18, 4)")
+    p.add_argument("--stride", type=int, nargs=2, metavar=("XY", "Z"),
+                   help="3D models: sliding-window strides along the first two axes and the third "
+                        "(the authors' 18 4, at most the window)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
-    if min(args.stride) < 1:
+    if args.stride and min(args.stride) < 1:
         p.error(f"--stride must be positive, got {args.stride}")
     try:
         device = bcp.checked_device(args.device)
@@ -209,9 +210,19 @@ def main(argv=None):
             {"model": {k: v.half() if v.is_floating_point() else v for k, v in checkpoint["model"].items()},
              "flags": flags, "iteration": checkpoint.get("iteration"), "best_dice": checkpoint.get("best_dice")}, f))
     num_classes, patch_size = flags["num_classes"], flags["patch_size"]
+    if isinstance(patch_size, int):
+        if args.stride:
+            p.error(f"--stride applies to 3D models; {args.checkpoint} holds a 2D U-Net")
+    else:
+        args.stride = args.stride or bcp.default_stride(patch_size)
+        if args.stride[0] > min(patch_size[:2]) or args.stride[1] > patch_size[2]:
+            p.error(f"--stride {' '.join(map(str, args.stride))}: larger than the window {patch_size}; "
+                    f"voxels between windows would be left out")
     if args.predict:
         return predict_scans(model, patch_size, args.stride, flags.get("scale", 1.0), nifti_scans(args.predict), Path(args.out), device,
                              Path(args.save_png) if args.save_png else None)
+    bcp.check_layout(args.root)
+    bcp.check_splits(args.root)
     la = bcp.is_la_layout(args.root)
     if la == isinstance(patch_size, int):
         raise bcp.DataError(f"{args.checkpoint}: a {'2D' if la else '3D'} model cannot segment the "

@@ -486,12 +486,38 @@ or use the SSL4MIS h5 copy (github.com/HiLab-git/SSL4MIS, data/ACDC) as --root d
 
 # ----------------------------------------------------------------------------- checking a folder
 
+def check_la(root):
+    """An LA root in UA-MT's layout: train.list and test.list, each listed case's mri_norm2.h5 readable
+    with a 3D image and a 0/1 label of one shape, no case listed twice or in both lists."""
+    problems, lists = [], {}
+    for split in ("train", "test"):
+        try:
+            lists[split] = bcp.read_list(root, f"{split}.list")
+        except bcp.DataError as error:
+            problems.append(str(error))
+            lists[split] = []
+    try:
+        bcp.check_splits(root)
+    except bcp.DataError as error:
+        problems.append(str(error))
+    for name in dict.fromkeys(lists["train"] + lists["test"]):
+        path = root / bcp.LA_FOLDER / name / "mri_norm2.h5"
+        try:
+            bcp.read_h5(path, 3, 2) if path.exists() else problems.append(f"{path}: listed but missing")
+        except bcp.DataError as error:
+            problems.append(str(error))
+    print(f"LA layout: {len(lists['train'])} train.list cases, {len(lists['test'])} test.list cases")
+    return problems
+
+
 def check(root):
     """Verify lists against files, dtypes, value ranges and labels; print counts per split.
     Returns the list of problems (one line each)."""
     root, problems = Path(root), []
     if not root.is_dir():
         return [f"{root}: no such folder"]
+    if bcp.is_la_layout(root):
+        return check_la(root)
     lists = {}
     for split in LISTS:
         path = root / f"{split}.list"
@@ -502,6 +528,10 @@ def check(root):
         num_classes = bcp.dataset_info(root).get("num_classes", NUM_CLASSES)
     except bcp.DataError as error:
         return problems + [str(error)]
+    try:
+        bcp.check_splits(root)
+    except bcp.DataError as error:
+        problems.append(str(error))
     train_patients = {bcp.patient_of(v) for v in lists["train"]}
     for name in lists["train_slices"]:
         if bcp.patient_of(name) not in train_patients:

@@ -38,8 +38,10 @@ DEFAULTS = {
     "la": {"labeled_patients": 8, "batch_size": {"supervised": 4, "pretrain": 4, "selftrain": 8}, "labeled_batch_size": 4,
            "patch_size": [112, 112, 80], "num_classes": 2, "iterations": {"supervised": 6000, "pretrain": 2000, "selftrain": 15000},
            "lr_step": {"supervised": 2500, "pretrain": 0, "selftrain": 2500},
-           "dice_loss": "la", "pretrain_loss": "whole", "selftrain_sgd": "fresh"},
+           "dice_loss": "la", "pretrain_loss": "whole", "selftrain_sgd": "fresh",
+           "val_cases": 8, "scale": 1.0},
 }
+LA_ONLY = ("val_cases", "stride", "scale")  # refused on ACDC, where they would change nothing
 
 PHASES = ("supervised", "pretrain", "selftrain")
 # Flags that define what a run trains: --resume refuses a value other than the checkpoint's.
@@ -86,18 +88,19 @@ def parse_args(argv=None):
     p.add_argument("--mix", choices=list(bcp.MIXES), default="bidirectional",
                    help="selftrain ablations: BCP (half a inward, half b outward), only inward (both halves: a labeled "
                         "crop in an unlabeled image), only outward (both halves: an unlabeled crop in a labeled image), "
-                        "or none (M = 1: U_a with its pseudo-label and L_b with its ground truth, unpasted)")
+                        "or none (no pasting: U_a with its pseudo-label and L_b with its ground truth, whole)")
     p.add_argument("--dice-loss", choices=list(bcp.DICE_LOSSES), help="the authors' ACDC Dice (batch sums, p squared) "
                                                                        "or their LA Dice (per crop, p)")
     p.add_argument("--pretrain-loss", choices=["regions", "whole"],
                    help="pretrain: one term per region of M, both weighted 1 (ACDC), or one term over the whole image (LA)")
     p.add_argument("--selftrain-sgd", choices=["pretrain", "fresh"],
                    help="selftrain starts SGD with the pre-training's momentum (ACDC) or fresh (LA)")
-    p.add_argument("--val-cases", type=at_least(1), default=8,
-                   help="LA: the last N cases of train.list are held aside for validation (not in the unlabeled pool)")
-    p.add_argument("--stride", type=at_least(1), nargs=2, default=[18, 4], metavar=("XY", "Z"),
-                   help="LA: sliding-window strides of validation along the first two axes and the third")
-    p.add_argument("--scale", type=float, default=1.0,
+    p.add_argument("--val-cases", type=at_least(1),
+                   help="LA: the last N cases of train.list are held aside for validation (not in the unlabeled pool; 8)")
+    p.add_argument("--stride", type=at_least(1), nargs=2, metavar=("XY", "Z"),
+                   help="LA: sliding-window strides of validation along the first two axes and the third "
+                        "(the authors' 18 4, at most the patch)")
+    p.add_argument("--scale", type=float,
                    help="LA: train on volumes resampled by this factor (0.5: a crop sees twice the field; for a CPU); "
                         "validation and evaluation segment at that scale and score at full resolution")
     p.add_argument("--val-every", type=at_least(1), default=200, help="validate (and checkpoint) every N steps")
@@ -114,11 +117,15 @@ def parse_args(argv=None):
     p.add_argument("--init", help="selftrain: start student, teacher (and SGD state) from this checkpoint "
                                   "(default <out>/pretrain/best.pt)")
     args = p.parse_args(argv)
+    bcp.check_layout(args.root)
     args.dataset = "la" if bcp.is_la_layout(args.root) else "acdc"
     own_data = bcp.dataset_info(args.root)  # written by prepare_acdc.py --raw for your own scans
     defaults = dict(DEFAULTS[args.dataset], num_classes=own_data.get("num_classes", DEFAULTS[args.dataset]["num_classes"]))
     if own_data:
         defaults["labeled_patients"] = len(bcp.labeled_patients(args.root))
+    for key in LA_ONLY:
+        if args.dataset != "la" and getattr(args, key) is not None:
+            p.error(f"--{key.replace('_', '-')} applies to LA (3D) only; {args.root} holds 2D slices (the ACDC layout)")
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value[args.phase] if isinstance(value, dict) else value)
@@ -133,8 +140,13 @@ def parse_args(argv=None):
         p.error(f"--beta must lie between 0 and 1, got {args.beta}")
     if not 0 <= args.ema_decay <= 1:
         p.error(f"--ema-decay must lie in [0, 1], got {args.ema_decay}")
-    if not 0 < args.scale <= 1:
-        p.error(f"--scale must lie in (0, 1], got {args.scale}")
+    if dims == 3:
+        if not 0 < args.scale <= 1:
+            p.error(f"--scale must lie in (0, 1], got {args.scale}")
+        args.stride = args.stride or bcp.default_stride(args.patch_size)
+        if args.stride[0] > min(args.patch_size[:2]) or args.stride[1] > args.patch_size[2]:
+            p.error(f"--stride {' '.join(map(str, args.stride))}: larger than the patch {args.patch_size}; "
+                    f"the windows would leave voxels uncovered")
     if args.resume and args.overwrite:
         p.error("--resume continues a run and --overwrite replaces it: give one")
     try:
@@ -161,40 +173,44 @@ def step_generator(*keys):
     return torch.Generator().manual_seed(int(np.random.SeedSequence(list(keys)).generate_state(1)[0]))
 
 
-def shuffled_indices(n, step, count, keys):
-    """Indices step*count ... step*count + count - 1 of an endless run of shuffled epochs of range(n)."""
+def shuffled_indices(n, iteration, count, keys):
+    """Indices iteration*count ... iteration*count + count - 1 of an endless run of shuffled epochs of range(n)."""
     picked = []
     while len(picked) < count:
-        epoch, position = divmod(step * count + len(picked), n)
+        epoch, position = divmod(iteration * count + len(picked), n)
         order = torch.randperm(n, generator=step_generator(*keys, epoch))
         picked.extend(order[position:position + count - len(picked)].tolist())
     return torch.tensor(picked)
 
 
-def draw_batch(bank, step, count, args, stream):
-    """(images (B, 1, *patch), labels (B, *patch)) for one step, augmented, on the training device."""
+def draw_batch(bank, iteration, count, args, stream):
+    """(images (B, 1, *patch), labels (B, *patch)) for one step, on the training device: `count` images
+    from an endless run of shuffled epochs of the bank, each with the authors' random augmentation
+    (bank.random_augmentation: ACDC rot90/flip or rotation, then the resize; LA rot90, flip, crop)."""
     keys = (args.seed, PHASE_STREAMS[args.phase], stream)
-    index = shuffled_indices(len(bank), step, count, keys)
-    augmentation = bank.random_augmentation(count, step_generator(*keys, AUGMENTATION_KEY + step))
+    index = shuffled_indices(len(bank), iteration, count, keys)
+    augmentation = bank.random_augmentation(count, step_generator(*keys, AUGMENTATION_KEY + iteration))
     return bank.batch(index, args.patch_size, augmentation)
 
 
-def draw_halves(bank, step, count, args, stream):
+def draw_halves(bank, iteration, count, args, stream):
     """One step's batch split into its halves a and b: ((images_a, images_b), (labels_a, labels_b))."""
-    images, labels = draw_batch(bank, step, count, args, stream)
+    images, labels = draw_batch(bank, iteration, count, args, stream)
     return images.chunk(2), labels.chunk(2)
 
 
-def draw_mask(step, args, device):
+def draw_mask(iteration, args, device):
     """M (*patch) for one step, shared by the whole batch: 1 keeps the base image, 0 is where the crop goes."""
-    generator = step_generator(args.seed, PHASE_STREAMS[args.phase], MASK, step)
+    generator = step_generator(args.seed, PHASE_STREAMS[args.phase], MASK, iteration)
     return bcp.paste_mask(bcp.patch_shape(args.patch_size), args.beta, args.mask == "center", generator, device)
 
 
 # ----------------------------------------------------------------------------- the three steps
-# A step draws its batch, computes the loss, updates the student (and the teacher), and returns the
-# loss, one (input, target, logits) triple per student forward and M (None without mixing) for the
-# pictures, and the Dice of the pseudo-labels (selftrain, when the unlabeled images have labels) or None.
+# A step draws its batch (and M, but for supervised), computes the loss, updates the student (and the
+# teacher), and returns the loss, one (input, target, logits, M of its regions or None) view per
+# student forward for the pictures, and the Dice of the pseudo-labels (selftrain, when the unlabeled
+# images have labels) or None. train() sets the step's learning rate before it calls the step;
+# run.student_forward is the student (its torch.compile'd forward with --compile), and alike the teacher.
 
 def sgd_update(run, loss):
     run.optimizer.zero_grad(set_to_none=True)
@@ -208,23 +224,23 @@ def whole_image_loss(run, logits, target):
     return bcp.mixed_loss(logits, target, everywhere, weight_base=1.0, weight_pasted=0.0, dice_loss=run.dice_loss)
 
 
-def supervised_step(run, step):
+def supervised_step(run, iteration):
     """The paper's labeled-only rows: Dice + CE on labeled images, no mixing."""
-    images, truth = draw_batch(run.labeled, step, run.args.batch_size, run.args, LABELED)
+    images, truth = draw_batch(run.labeled, iteration, run.args.batch_size, run.args, LABELED)
     with run.autocast:
         logits = run.student_forward(images)
         loss = whole_image_loss(run, logits, truth)
     sgd_update(run, loss)
-    return loss, [(images, truth, logits)], None, None
+    return loss, [(images, truth, logits, None)], None
 
 
-def pretrain_step(run, step):
+def pretrain_step(run, iteration):
     """Labeled only: a crop of labeled image b pasted into labeled image a, their labels alike. The
     teacher's first pseudo-labels come from this model, so they must already be usable, and the student
     learns on the same kind of mixed image that self-training shows it."""
     args = run.args
-    (labeled_a, labeled_b), (truth_a, truth_b) = draw_halves(run.labeled, step, args.labeled_batch_size, args, LABELED)
-    mask = draw_mask(step, args, run.device)
+    (labeled_a, labeled_b), (truth_a, truth_b) = draw_halves(run.labeled, iteration, args.labeled_batch_size, args, LABELED)
+    mask = draw_mask(iteration, args, run.device)
     image = bcp.copy_paste(base=labeled_a, pasted=labeled_b, mask=mask)
     target = bcp.copy_paste(base=truth_a, pasted=truth_b, mask=mask)
     with run.autocast:
@@ -234,20 +250,18 @@ def pretrain_step(run, step):
         else:  # LA
             loss = whole_image_loss(run, logits, target)
     sgd_update(run, loss)
-    return loss, [(image, target, logits)], mask, None
+    return loss, [(image, target, logits, mask)], None
 
 
-def selftrain_step(run, step):
+def selftrain_step(run, iteration):
     """One BCP step: the labeled halves L_a, L_b with ground truth G_a, G_b, the unlabeled halves U_a,
     U_b, one mask M; bcp.bcp_loss (pseudo-labels, both mixes, Eq. 6); SGD on the student; the teacher
     becomes an EMA of the student."""
     args = run.args
-    (labeled_a, labeled_b), (truth_a, truth_b) = draw_halves(run.labeled, step, args.labeled_batch_size, args, LABELED)
-    (unlabeled_a, unlabeled_b), hidden_truth = draw_halves(run.unlabeled, step, args.batch_size - args.labeled_batch_size,
+    (labeled_a, labeled_b), (truth_a, truth_b) = draw_halves(run.labeled, iteration, args.labeled_batch_size, args, LABELED)
+    (unlabeled_a, unlabeled_b), hidden_truth = draw_halves(run.unlabeled, iteration, args.batch_size - args.labeled_batch_size,
                                                            args, UNLABELED)  # the unlabeled images' labels: diagnostics only
-    mask = draw_mask(step, args, run.device)
-    if args.mix == "none":
-        mask = torch.ones_like(mask)
+    mask = draw_mask(iteration, args, run.device)
     with run.autocast:
         loss, views, pseudo = bcp.bcp_loss(run.student_forward, run.teacher_forward, labeled_a, truth_a, labeled_b, truth_b,
                                            unlabeled_a, unlabeled_b, mask, unlabeled_weight=args.u_weight,
@@ -256,7 +270,7 @@ def selftrain_step(run, step):
     bcp.ema_update(run.teacher, run.student, args.ema_decay)
     pseudo_dice = (bcp.dice_per_class(torch.cat(pseudo), torch.cat(hidden_truth), args.num_classes).mean()
                    if run.unlabeled_truth else None)
-    return loss, views, mask, pseudo_dice
+    return loss, views, pseudo_dice
 
 
 STEPS = {"supervised": supervised_step, "pretrain": pretrain_step, "selftrain": selftrain_step}
@@ -268,6 +282,7 @@ def load_data(args, device):
     """The labeled and unlabeled banks (None before selftrain), the validation volumes as (image, label)
     tensors, all on the device, one line saying what was loaded, and whether the unlabeled images have
     true labels (ACDC's and LA's do; they never enter the loss, only the pseudo-label diagnostics)."""
+    bcp.check_splits(args.root)
     if args.dataset == "la":
         labeled_names, unlabeled_names, val_names = bcp.la_cases(args.root, args.labeled_patients, args.val_cases)
         bank = lambda names: bcp.VolumeBank(*zip(*[v[1:] for v in bcp.load_la_volumes(args.root, names, args.num_classes,
@@ -282,7 +297,7 @@ def load_data(args, device):
     unlabeled = None
     if args.phase == "selftrain":
         if not unlabeled_names:
-            raise bcp.DataError(f"{Path(args.root) / 'train.list'}: every patient is labeled; selftrain needs unlabeled images")
+            raise bcp.DataError(f"{Path(args.root) / 'train.list'}: every training case is labeled; selftrain needs unlabeled ones")
         unlabeled = bank(unlabeled_names)
     volumes = [(torch.from_numpy(image).to(device), torch.from_numpy(label).to(device)) for _, image, label in validation]
     summary = (f"{args.phase}: {len(labeled_names)} labeled images ({args.labeled_patients} patients), "
@@ -295,7 +310,8 @@ def load_data(args, device):
 def validate(model, volumes, args, autocast):
     """Mean Dice over the validation volumes and the foreground classes (a class the model does not
     predict scores 0, as in the authors' evaluation). ACDC: each volume's slices as one batch; LA: the
-    sliding window and largest component of the evaluation."""
+    sliding window and largest component of the evaluation (the authors' in-training LA validation
+    skips the largest component)."""
     model.eval()
     with autocast:
         scores = [bcp.dice_per_class(bcp.segment(model, image, args.patch_size, args.stride, args.scale), label,
@@ -332,26 +348,25 @@ def read_metrics(path):
     return rows, torn
 
 
-def save_step_picture(path, views, mask, rows=4):
+def save_step_picture(path, views, rows=4):
     """A few samples of the current step, one row each: the (mixed) input with the pasted box outlined
     in yellow, its (mixed) target, the student's prediction. 3D crops show their middle slice."""
-    images, targets, logits = (torch.cat(parts) for parts in zip(*views))
+    images, targets, logits = (torch.cat(parts) for parts in list(zip(*views))[:3])
+    masks = torch.cat([(torch.ones(image.shape[2:], device=image.device) if mask is None else mask).expand(len(image), *image.shape[2:])
+                       for image, _, _, mask in views])  # (B, *S)
     predictions = logits.argmax(1)
     if images.ndim == 5:  # (B, 1, D1, D2, D3): the middle of the third axis
         middle = images.shape[-1] // 2
-        images, targets, predictions = images[..., middle], targets[..., middle], predictions[..., middle]
-        mask = None if mask is None else mask[..., middle]
+        images, targets, predictions, masks = images[..., middle], targets[..., middle], predictions[..., middle], masks[..., middle]
     pick = torch.linspace(0, len(images) - 1, min(rows, len(images))).long()  # both halves of a selftrain batch
     size = max(images.shape[-1], 160)  # small patches are enlarged to be seen
-    images, targets, predictions = (bcp.resize_nearest(t.detach().float().cpu(), size, size).numpy()
-                                    for t in (images[pick, 0], targets[pick], predictions[pick]))
-    hole = np.zeros((size, size), bool) if mask is None else bcp.surface(
-        bcp.resize_nearest((mask == 0).cpu(), size, size).numpy())
+    images, targets, predictions, holes = (bcp.resize_nearest(t.detach().float().cpu(), size, size).numpy()
+                                           for t in (images[pick, 0], targets[pick], predictions[pick], masks[pick] == 0))
     tiles = []
-    for image, target, prediction in zip(images, targets, predictions):
+    for image, target, prediction, hole in zip(images, targets, predictions, holes):
         picture = bcp.gray(image)
         framed = picture.copy()
-        framed[hole] = (255, 220, 0)
+        framed[bcp.surface(hole > 0)] = (255, 220, 0)
         tiles += [framed, bcp.paint_labels(picture, target), bcp.paint_labels(picture, prediction)]
     bcp.write_png(path, bcp.montage(tiles, columns=3))
 
@@ -453,9 +468,9 @@ class RunFolder:
         except OSError as error:
             self.log(f"could not write curves.svg ({error}); training goes on")
 
-    def save_picture(self, iteration, views, mask):
+    def save_picture(self, iteration, views):
         try:  # after the checkpoints: a picture that cannot be written costs nothing else
-            save_step_picture(self.pictures / f"iter_{iteration:06d}.png", views, mask)
+            save_step_picture(self.pictures / f"iter_{iteration:06d}.png", views)
         except OSError as error:
             self.log(f"could not write the step picture ({error}); training goes on")
 
@@ -512,7 +527,7 @@ def train(run, volumes, folder, progress):
     checkpoints every --val-every steps, a clean stop before --time-limit."""
     args, device = run.args, run.device
     start = progress["iteration"]
-    step = STEPS[args.phase]
+    take_step = STEPS[args.phase]
     run.student.train()
     invocation_start = time.time()
     phase_start, window_start = invocation_start - progress["elapsed"], invocation_start
@@ -527,7 +542,7 @@ def train(run, volumes, folder, progress):
         lr = learning_rate(args, iteration)
         for group in run.optimizer.param_groups:
             group["lr"] = lr
-        loss, views, mask, pseudo_dice = step(run, iteration)
+        loss, views, pseudo_dice = take_step(run, iteration)
         loss_sum += loss.detach()
         if pseudo_dice is not None:
             pseudo_sum += pseudo_dice
@@ -562,7 +577,7 @@ def train(run, volumes, folder, progress):
                 progress.update(best_dice=last_dice, best_iteration=iteration)
                 save(folder.best_path, iteration)
             save(folder.last_path, iteration)
-            folder.save_picture(iteration, views, mask)
+            folder.save_picture(iteration, views)
             folder.save_curves()
             folder.log(f"iter {iteration} | val Dice {last_dice:.4f} | best {progress['best_dice']:.4f} @ {progress['best_iteration']}")
             validation_seconds = time.time() - validation_start

@@ -48,13 +48,31 @@ ENCODER_CHANNELS = (16, 32, 64, 128, 256)
 ENCODER_DROPOUT = (0.05, 0.1, 0.2, 0.3, 0.5)
 
 
+class BatchDropout(nn.Module):
+    """Dropout of each element (or, per_channel, of whole channels, as Dropout3d), its mask drawn for
+    the step's whole batch: under torchrun each process keeps its share of the mask one process draws
+    (section 11). The identity in eval mode."""
+
+    def __init__(self, p, per_channel=False):
+        super().__init__()
+        self.p, self.per_channel = p, per_channel
+
+    def forward(self, x):  # (B, C, *S)
+        if not self.training or self.p == 0:
+            return x
+        processes, rank = process_share()
+        shape = (len(x) * processes, x.shape[1], *(x.shape[2:] if not self.per_channel else [1] * (x.ndim - 2)))
+        keep = torch.rand(shape, device=x.device)[rank * len(x):(rank + 1) * len(x)] >= self.p
+        return x * keep / (1 - self.p)
+
+
 class ConvBlock(nn.Sequential):
     """conv3x3-BN-LeakyReLU-Dropout-conv3x3-BN-LeakyReLU."""
 
     def __init__(self, in_channels, out_channels, dropout):
         super().__init__(
             nn.Conv2d(in_channels, out_channels, 3, padding=1), nn.BatchNorm2d(out_channels), nn.LeakyReLU(),
-            nn.Dropout(dropout),
+            BatchDropout(dropout),
             nn.Conv2d(out_channels, out_channels, 3, padding=1), nn.BatchNorm2d(out_channels), nn.LeakyReLU(),
         )
 
@@ -127,7 +145,7 @@ class VNet(nn.Module):
         self.down = nn.ModuleList(resample_stage(nn.Conv3d, c[i], c[i + 1]) for i in range(len(c) - 1))
         self.up = nn.ModuleList(resample_stage(nn.ConvTranspose3d, c[i], c[i - 1]) for i in reversed(range(1, len(c))))
         self.decoder = nn.ModuleList(conv_stage(n, c[i], c[i]) for n, i in zip(VNET_DECODER_CONVS, reversed(range(len(c) - 1))))
-        self.dropout = nn.Dropout3d(VNET_DROPOUT)
+        self.dropout = BatchDropout(VNET_DROPOUT, per_channel=True)
         self.head = nn.Conv3d(c[0], num_classes, 1)
 
     def forward(self, x):  # (B, in_channels, D1, D2, D3) -> logits (B, num_classes, D1, D2, D3); sizes divisible by 16
@@ -150,7 +168,7 @@ NETWORKS = {2: UNet, 3: VNet}  # by the number of spatial dimensions
 def ema_update(teacher, student, decay):
     """teacher <- decay * teacher + (1 - decay) * student over the whole state dict, BN running
     statistics included, as the authors' ACDC script averages it (their LA script averages the
-    parameters only: the same teacher, since one run in train mode never reads those statistics).
+    parameters only: the same teacher, since a teacher run in train mode never reads those statistics).
     decay 0 copies the student, decay 1 keeps the teacher."""
     pairs = [(t, s) for t, s in zip(teacher.state_dict().values(), student.state_dict().values())
              if t.is_floating_point()]  # skips BN's num_batches_tracked, unused with a set momentum
@@ -187,6 +205,7 @@ def copy_paste(base, pasted, mask):
 # -----------------------------------------------------------------------------
 # 4. The mixed loss: (Dice + CE) / 2, each summed over the two regions of M (Eq. 6).
 #    The authors' ACDC and LA scripts use two forms of soft Dice; both are here, picked by --dice-loss.
+#    Their sums run over the whole batch: whole_batch_sum is the identity in one process (section 11).
 
 ACDC_DICE_SMOOTH = 1e-10  # the authors' value; an empty region's Dice is then 1 (0/0), its loss 0
 LA_DICE_SMOOTH = 1e-5
@@ -198,8 +217,8 @@ def acdc_dice_loss(probs, one_hot, region):
     probs, one_hot (B, C, *S); region (B, *S) of 0/1."""
     dims = (0, *range(2, probs.ndim))
     region = region.unsqueeze(1)
-    intersection = (probs * one_hot * region).sum(dims)
-    denominator = (probs * probs * region).sum(dims) + (one_hot * region).sum(dims)
+    intersection = whole_batch_sum((probs * one_hot * region).sum(dims))
+    denominator = whole_batch_sum((probs * probs * region).sum(dims) + (one_hot * region).sum(dims))
     return (1 - (2 * intersection + ACDC_DICE_SMOOTH) / (denominator + ACDC_DICE_SMOOTH)).mean()
 
 
@@ -210,7 +229,8 @@ def la_dice_loss(probs, one_hot, region):
     region = region.unsqueeze(1)
     intersection = (probs * one_hot * region).sum(dims)  # (B, C)
     denominator = (probs * region).sum(dims) + (one_hot * region).sum(dims)
-    return 1 - ((2 * intersection + LA_DICE_SMOOTH) / (denominator + LA_DICE_SMOOTH)).mean()
+    dice = (2 * intersection + LA_DICE_SMOOTH) / (denominator + LA_DICE_SMOOTH)
+    return 1 - whole_batch_sum(dice.sum()) / whole_batch_sum(dice.new_tensor(dice.numel()))
 
 
 DICE_LOSSES = {"acdc": acdc_dice_loss, "la": la_dice_loss}
@@ -218,7 +238,8 @@ DICE_LOSSES = {"acdc": acdc_dice_loss, "la": la_dice_loss}
 
 def region_ce_loss(logits, target, region):
     """Cross-entropy averaged over the voxels of a region. logits (B, C, *S); target, region (B, *S)."""
-    return (F.cross_entropy(logits, target, reduction="none") * region).sum() / region.sum().clamp_min(1e-16)
+    ce = (F.cross_entropy(logits, target, reduction="none") * region).sum()
+    return whole_batch_sum(ce) / whole_batch_sum(region.sum()).clamp_min(1e-16)
 
 
 def mixed_loss(logits, target, mask, weight_base, weight_pasted, dice_loss=acdc_dice_loss):
@@ -831,6 +852,19 @@ def rescale(image, label, scale):
     return image, label[np.ix_(*[zoom_index(s, n).numpy() for s, n in zip(label.shape, size)])]
 
 
+def resample_image(image, size):
+    """A (D1, D2, D3) float tensor resampled to `size`, trilinear, corner voxels aligned (the grid
+    resample_labels uses)."""
+    return F.interpolate(image[None, None].float(), size=list(size), mode="trilinear", align_corners=True)[0, 0]
+
+
+def resample_labels(labels, size):
+    """A (D1, D2, D3) label tensor resampled to `size` by nearest neighbour, as scipy.ndimage.zoom
+    (order 0): equal sizes return it unchanged."""
+    rows, cols, slices = (zoom_index(s, n, labels.device) for s, n in zip(labels.shape, size))
+    return labels[rows[:, None, None], cols[None, :, None], slices[None, None, :]]
+
+
 def la_cases(root, labeled_count, validation_count):
     """The cases of train.list as (labeled, unlabeled, validation): labeled = the first N, as the authors
     take them; validation = the last K, held aside from training (the authors pick their checkpoint on
@@ -960,15 +994,26 @@ def window_starts(size, window, stride):
     return [min(stride * i, size - window) for i in range(math.ceil((size - window) / stride) + 1)]
 
 
+def gaussian_importance(window, device="cpu"):
+    """nnU-Net's window weights: a Gaussian centred on the window, sigma 1/8 of its size along each
+    axis, scaled to a maximum of 1, its zeros raised to the smallest positive weight."""
+    axes = [torch.exp(-0.5 * ((torch.arange(w, device=device) - (w - 1) / 2) / (w / 8)) ** 2) for w in window]
+    weights = axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
+    weights = weights / weights.max()
+    return weights.clamp_min(weights[weights > 0].min())
+
+
 @torch.no_grad()
-def sliding_window_probabilities(model, image, window, strides, batch_size=4):
+def sliding_window_probabilities(model, image, window, strides, batch_size=4, weights=None):
     """LA: (D1, D2, D3) float tensor -> (C, D1, D2, D3) softmax probabilities averaged over the windows
-    covering each voxel. A volume smaller than the window along an axis is zero-padded evenly and the
-    result cropped back."""
+    covering each voxel (the authors: a plain mean; weights (*window): a weighted one, as nnU-Net's
+    Gaussian). A volume smaller than the window along an axis is zero-padded evenly and the result
+    cropped back."""
     shortfall = [max(w - s, 0) for s, w in zip(image.shape, window)]
     padded = F.pad(image, [p for short in reversed(shortfall) for p in (short // 2, short - short // 2)])
     corners = list(itertools.product(*(window_starts(s, w, stride) for s, w, stride in zip(padded.shape, window, strides))))
     boxes = [tuple(slice(c, c + w) for c, w in zip(corner, window)) for corner in corners]
+    weights = torch.ones(window, device=image.device) if weights is None else weights
     scores, counts = None, torch.zeros(padded.shape, device=image.device)
     for start in range(0, len(boxes), batch_size):
         group = boxes[start:start + batch_size]
@@ -976,22 +1021,23 @@ def sliding_window_probabilities(model, image, window, strides, batch_size=4):
         if scores is None:
             scores = torch.zeros(probs.shape[1], *padded.shape, device=image.device)
         for box, p in zip(group, probs):
-            scores[(slice(None), *box)] += p
-            counts[box] += 1
+            scores[(slice(None), *box)] += p * weights
+            counts[box] += weights
     scores /= counts
     return scores[(slice(None), *(slice(short // 2, short // 2 + s) for short, s in zip(shortfall, image.shape)))]
 
 
-def predict_sliding_window(model, image, window, strides, scale=1.0):
+def predict_sliding_window(model, image, window, strides, scale=1.0, weights=None):
     """LA, as the authors' test script: (D1, D2, D3) float tensor -> (D1, D2, D3) long labels: the
     argmax of the window-averaged probabilities (foreground where p1 > 0.5 with two classes), then only
     the largest connected component of each class. A model trained on volumes resampled by `scale`
-    segments the volume resampled alike; its probabilities are resampled back (trilinear)."""
+    segments the volume resampled alike; its probabilities are resampled back (trilinear). weights:
+    as sliding_window_probabilities."""
     resampled = scale != 1
     if resampled:
         image_size = image.shape
         image = F.interpolate(image[None, None], size=scaled_size(image_size, scale), mode="trilinear")[0, 0]
-    probabilities = sliding_window_probabilities(model, image, window, strides)
+    probabilities = sliding_window_probabilities(model, image, window, strides, weights=weights)
     if resampled:
         probabilities = F.interpolate(probabilities[None], size=image_size, mode="trilinear")[0]
     return largest_component_per_class(probabilities.argmax(0)[None], len(probabilities))[0]
@@ -1010,13 +1056,18 @@ def default_stride(window):
     return [min(AUTHORS_STRIDE[0], *window[:2]), min(AUTHORS_STRIDE[1], window[2])]
 
 
-def segment(model, image, patch_size, stride, scale=1.0):
+def segment(model, image, patch_size, stride, scale=1.0, gaussian=False):
     """A whole volume's labels as each data set's authors infer them: ACDC (an int patch) slice by
-    slice, LA (a 3D patch) by sliding windows with --stride XY Z (and the run's --scale). The model
-    must be in eval mode."""
+    slice, LA (a 3D patch) by sliding windows with --stride XY Z (and the run's --scale). gaussian:
+    instead nnU-Net's windows, every half window, weighted by gaussian_importance. The model must be in
+    eval mode."""
     if isinstance(patch_size, int):
         return predict_volume(model, image, patch_size)
-    return predict_sliding_window(model, image, tuple(patch_size), window_strides(stride), scale)
+    window = tuple(patch_size)
+    if gaussian:
+        return predict_sliding_window(model, image, window, [w // 2 for w in window], scale,
+                                      gaussian_importance(window, image.device))
+    return predict_sliding_window(model, image, window, window_strides(stride), scale)
 
 
 # -----------------------------------------------------------------------------
@@ -1092,3 +1143,70 @@ def write_line_plot(path, curves, title, x_label, y_label, width=640, height=360
         parts.append(f'<polyline points="{points}" fill="none" stroke="{colour}" stroke-width="2"/>')
         parts.append(f'<text x="{width - margin - 200}" y="{margin + 18 * i}" fill="{colour}">{name}</text>')
     write_atomic(path, ("\n".join(parts + ["</svg>"]) + "\n").encode())
+
+
+# -----------------------------------------------------------------------------
+# 11. More than one process (torchrun): each process holds a share of every half-batch, and the step
+#     computes what one process computes. These are the identity in a single process.
+
+def process_share():
+    """(processes sharing each batch, this one's rank): (1, 0) without torchrun."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size(), torch.distributed.get_rank()
+    return 1, 0
+
+
+class AllReduceSum(torch.autograd.Function):
+    """Sum over the processes; its gradient is the sum of theirs, so that with the gradients then
+    averaged (train.average_gradients) every weight gets the single-process gradient."""
+
+    @staticmethod
+    def forward(ctx, tensor):
+        total = tensor.clone()
+        torch.distributed.all_reduce(total)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        total = grad.clone()
+        torch.distributed.all_reduce(total)
+        return total
+
+
+def whole_batch_sum(tensor):
+    """A sum over this process's share of the batch -> the sum over the whole batch, gradients
+    included (each process's loss is then the single-process loss); the identity in one process."""
+    return tensor if process_share()[0] == 1 else AllReduceSum.apply(tensor)
+
+
+class WholeBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm whose training statistics are those of the whole batch the processes share, from
+    summed moments (torch's SyncBatchNorm refuses CPU tensors, so ours serves CPU and GPU alike); the
+    running statistics are updated as BatchNorm updates them. Plain BatchNorm in one process."""
+
+    def _check_input_dim(self, x):
+        pass
+
+    def forward(self, x):  # (B, C, *S)
+        if not self.training or process_share()[0] == 1:
+            return super().forward(x)
+        dims, view = [0, *range(2, x.ndim)], (1, -1, *[1] * (x.ndim - 2))
+        count = whole_batch_sum(x.new_tensor(x.numel() // x.shape[1]))
+        mean = whole_batch_sum(x.sum(dims)) / count
+        variance = whole_batch_sum(((x - mean.view(view)) ** 2).sum(dims)) / count
+        with torch.no_grad():
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(variance * count / (count - 1), self.momentum)
+            self.num_batches_tracked += 1
+        return (x - mean.view(view)) / torch.sqrt(variance.view(view) + self.eps) * self.weight.view(view) + self.bias.view(view)
+
+
+def whole_batch_norms(model):
+    """Every BatchNorm of the model replaced by a WholeBatchNorm with its weights and statistics."""
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, nn.modules.batchnorm._BatchNorm):
+                shared = WholeBatchNorm(child.num_features, child.eps, child.momentum).to(child.weight.device)
+                shared.load_state_dict(child.state_dict())
+                setattr(module, child_name, shared)
+    return model

@@ -14,7 +14,10 @@ Rerunnable speed benchmarks (they print numbers; nothing here is a test).
                                                     # 3D largest components on a trained teacher's predictions
     python benchmark.py sliding-window --root data/LA --checkpoint P --stride 18 4 --volumes 2
                                                     # LA evaluation: seconds per volume, network and components
+                                                    # (--windows gaussian: nnU-Net's half-window steps)
     python benchmark.py memory --root data/LA       # peak memory of a 3D self-train step at the paper's crop and batch
+    python benchmark.py torchrun --root data/ACDC --processes 2   # a step under torchrun (N processes, 1 thread
+                                                    # each, gloo) beside one process of N threads; on N GPUs add --device cuda
 
 `steps` runs train.py for a few steps per phase and reads the seconds per step from its
 metrics.jsonl, beside the floor measured in the same process: the convolutions the phase cannot
@@ -24,6 +27,7 @@ import argparse
 import contextlib
 import io
 import math
+import os
 import resource
 import subprocess
 import sys
@@ -92,6 +96,10 @@ def train_seconds(flags, args):
     """Seconds per step of train.py, from the `time` column of its metrics.jsonl (warm-up excluded)."""
     with contextlib.redirect_stdout(io.StringIO()):  # train.py's own log goes to <out>/<phase>/train.log
         train.main(flags)
+    return logged_seconds(args)
+
+
+def logged_seconds(args):
     rows, _ = train.read_metrics(Path(args.out) / args.phase / "metrics.jsonl")
     loss_rows = [r for r in rows if "loss" in r]
     first, last = loss_rows[1], loss_rows[-1]  # the first window holds the warm-up
@@ -127,6 +135,30 @@ def bench_steps(args):
         print(f"{phase:12s} {seconds:16.4f} {floor:13.4f} {seconds / floor:6.2f}")
 
 
+def bench_torchrun(args):
+    """Seconds per step of each phase: train.py under torchrun (--processes N, one thread each on the
+    CPU, gloo; one GPU each with --device cuda) beside one process (N threads on the CPU), same flags."""
+    results = []
+    with tempfile.TemporaryDirectory() as out:
+        for phase in ("supervised", "pretrain", "selftrain"):
+            flags = ["--root", args.root, "--phase", phase, "--iterations", str(args.steps), "--patch-size", *map(str, args.patch_size),
+                     "--batch-size", str(args.batch_size), "--labeled-batch-size", str(args.labeled_batch_size),
+                     "--labeled-patients", str(args.labeled_patients), "--log-every", str(max(1, args.steps // 8)),
+                     "--val-every", str(10 * args.steps), *cheap_la_validation(args.root, args.patch_size), "--device", args.device]
+            seconds = []
+            for launcher, threads, run in (([sys.executable], args.processes, "one"),
+                                           ([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                             f"--nproc_per_node={args.processes}"], 1, "torchrun")):
+                command = [*launcher, "train.py", *flags, "--out", f"{out}/{run}"]
+                subprocess.run(command, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+                seconds.append(logged_seconds(train.parse_args([*flags, "--out", f"{out}/{run}"])))
+            results.append((phase, *seconds))
+    print(f"device {args.device}, patch {args.patch_size}, batch {args.batch_size} ({args.labeled_batch_size} labeled), {args.steps} steps")
+    print(f"{'phase':12s} {'1 process s/step':>17s} {f'torchrun x {args.processes} s/step':>20s} {'ratio':>6s}")
+    for phase, one, shared in results:
+        print(f"{phase:12s} {one:17.4f} {shared:20.4f} {shared / one:6.2f}")
+
+
 def bench_pseudo_labels(args):
     """Milliseconds per bcp.pseudo_label on a trained teacher's logits for real unlabeled batches."""
     if not args.checkpoint:
@@ -160,12 +192,12 @@ def bench_sliding_window(args):
     model.eval()
     flags = checkpoint["flags"]
     names = bcp.la_cases(args.root, flags["labeled_patients"], flags["val_cases"])[2][:args.volumes]
-    strides = bcp.window_strides(args.stride)
+    strides = [w // 2 for w in flags["patch_size"]] if args.windows == "gaussian" else bcp.window_strides(args.stride)
     segment_seconds, component_seconds = 0.0, 0.0
     for _, image, _ in bcp.load_la_volumes(args.root, names):
         image = torch.from_numpy(image).to(args.device)
         start = time.perf_counter()
-        labels = bcp.segment(model, image, flags["patch_size"], args.stride, flags.get("scale", 1.0))
+        labels = bcp.segment(model, image, flags["patch_size"], args.stride, flags.get("scale") or 1.0, args.windows == "gaussian")
         synchronize(image.device)
         middle = time.perf_counter()
         bcp.largest_component_per_class(labels[None], flags["num_classes"])
@@ -173,7 +205,7 @@ def bench_sliding_window(args):
         segment_seconds, component_seconds = segment_seconds + middle - start, component_seconds + time.perf_counter() - middle
     size = bcp.scaled_size(image.shape, flags.get("scale", 1.0))
     windows = math.prod(len(bcp.window_starts(s, w, t)) for s, w, t in zip(size, flags["patch_size"], strides))
-    print(f"device {args.device}, {torch.get_num_threads()} threads, window {flags['patch_size']}, strides {strides}, "
+    print(f"device {args.device}, {torch.get_num_threads()} threads, window {flags['patch_size']}, {args.windows} windows, strides {strides}, "
           f"scale {flags.get('scale', 1.0)}: {segment_seconds / len(names):.2f} s per volume ({windows} windows on the last), "
           f"of which the largest component {component_seconds / len(names):.2f} s; {len(names)} volumes")
 
@@ -252,12 +284,14 @@ def main():
     p.add_argument("--checkpoint", help="pseudo-labels: the teacher; sliding-window: the model (train.py checkpoints)")
     p.add_argument("--stride", type=int, nargs=2, default=[18, 4], metavar=("XY", "Z"), help="sliding-window strides")
     p.add_argument("--volumes", type=int, default=2, help="sliding-window: how many validation volumes")
+    p.add_argument("--processes", type=int, default=2, help="torchrun: processes (one thread, or one GPU, each)")
+    p.add_argument("--windows", choices=["authors", "gaussian"], default="authors", help="sliding-window: as evaluate.py")
     args = p.parse_args()
     BENCHMARKS[args.what](args)
 
 
 BENCHMARKS = {"steps": bench_steps, "pseudo-labels": bench_pseudo_labels, "metrics": bench_metrics,
-              "sliding-window": bench_sliding_window, "memory": bench_memory}
+              "sliding-window": bench_sliding_window, "memory": bench_memory, "torchrun": bench_torchrun}
 
 
 if __name__ == "__main__":

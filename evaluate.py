@@ -20,6 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import h5py
 import numpy as np
 import torch
 
@@ -41,8 +42,9 @@ PAPER_ROWS = {
 }
 
 
-def score_volume(prediction, label, num_classes):
-    """Per foreground class: {'dice', 'jaccard' (percent), 'hd95', 'asd' (voxels), 'empty'}."""
+def score_volume(prediction, label, num_classes, spacing=None):
+    """Per foreground class: {'dice', 'jaccard' (percent), 'hd95', 'asd' (voxels, or mm with the
+    voxel spacing), 'empty'}."""
     scores = []
     for c in range(1, num_classes):
         predicted, truth = prediction == c, label == c
@@ -51,10 +53,22 @@ def score_volume(prediction, label, num_classes):
             continue
         if not truth.any():
             raise ValueError(f"class {c} is predicted but absent from the ground truth")
-        metrics = bcp.binary_metrics(predicted, truth)
+        metrics = bcp.binary_metrics(predicted, truth, spacing)
         scores.append({"dice": 100 * metrics["dice"], "jaccard": 100 * metrics["jaccard"],
                        "hd95": metrics["hd95"], "asd": metrics["asd"], "empty": False})
     return scores
+
+
+PREDICT_WINDOWS = "gaussian"  # --predict's (and your own 3D scans') default --windows: faster; docs/own_scans.md
+
+
+def native_label(path):
+    """The label map of a scan on its own grid, which prepare_acdc.py --3d keeps beside the resampled one."""
+    try:
+        with h5py.File(path, "r") as f:
+            return f["label_native"][()]
+    except (OSError, KeyError) as error:
+        raise bcp.DataError(f"{path}: no readable 'label_native' (written by prepare_acdc.py --3d; {error})") from None
 
 
 def check_writable(folder):
@@ -94,12 +108,15 @@ def nifti_scans(path):
     return [path]
 
 
-def predict_scans(model, patch_size, stride, scale, scans, out_dir, device, png_dir=None):
+def predict_scans(model, flags, stride, gaussian, scans, out_dir, device, png_dir=None):
     """Segment each NIfTI scan as training saw its images and write <out_dir>/<name>.nii.gz, a uint8
     label map with the scan's geometry. ACDC (2D model): per-volume min-max to [0, 1], slices resized to
-    the patch, nearest back. LA (3D model): the scan z-scored as a whole (as UA-MT preprocessed LA, which
-    also cropped around the atrium), in NIfTI index order (i, j, k), sliding windows.
+    the patch, nearest back. 3D models, in NIfTI index order (i, j, k), by sliding windows: trained on
+    your own 3D scans, the training's intensities and spacing (prepare_acdc.py --3d), the labels
+    resampled back to the scan's grid (nearest); on LA, the scan z-scored as a whole (as UA-MT
+    preprocessed LA, which also cropped around the atrium).
     png_dir: a montage of each scan with the outlines read back from the written file."""
+    patch_size, preprocessing = flags["patch_size"], flags.get("preprocessing")
     targets = {scan: out_dir / f"{prepare_acdc.scan_stem(scan)}.nii.gz" for scan in scans}
     inputs = {scan.resolve() for scan in scans}
     for target in targets.values():
@@ -115,16 +132,23 @@ def predict_scans(model, patch_size, stride, scale, scans, out_dir, device, png_
             raise bcp.DataError(f"{scan}: {np.size(image) - np.isfinite(image).sum()} NaN or infinite voxels; "
                                 f"fill or mask them before segmenting")
         if volumetric:  # (k, j, i) as read -> (i, j, k), the axis order of UA-MT's LA arrays
-            volume = ((image - image.mean()) / max(float(image.std()), 1e-8)).astype(np.float32).transpose(2, 1, 0)
+            volume = image.transpose(2, 1, 0).astype(np.float64)
+            shown = volume = ((volume - volume.mean()) / max(float(volume.std()), 1e-8)).astype(np.float32)
+            if preprocessing:
+                spacing, _ = prepare_acdc.nifti_geometry(header, scan)
+                volume = prepare_acdc.preprocess_3d(image.transpose(2, 1, 0).astype(np.float64), spacing, preprocessing, scan)
         else:
-            volume = prepare_acdc.normalize(image.astype(np.float64), scan).reshape(-1, *image.shape[-2:])  # (S, H, W)
+            shown = volume = prepare_acdc.normalize(image.astype(np.float64), scan).reshape(-1, *image.shape[-2:])  # (S, H, W)
         labels = bcp.segment(model, torch.from_numpy(np.ascontiguousarray(volume)).to(device), patch_size, stride,
-                             scale).cpu().numpy()
+                             flags.get("scale") or 1.0, gaussian)
+        if preprocessing:
+            labels = bcp.resample_labels(labels, shown.shape)
+        labels = labels.cpu().numpy()
         prepare_acdc.write_nifti_labels(target, (labels.transpose(2, 1, 0) if volumetric else labels).astype(np.uint8), header)
         if png_dir:
             written = prepare_acdc.read_nifti(target)
-            written = written.transpose(2, 1, 0) if volumetric else written.reshape(volume.shape)
-            save_montage(png_dir / f"{target.name.removesuffix('.nii.gz')}.png", volume, [written], slices_last=volumetric)
+            written = written.transpose(2, 1, 0) if volumetric else written.reshape(shown.shape)
+            save_montage(png_dir / f"{target.name.removesuffix('.nii.gz')}.png", shown, [written], slices_last=volumetric)
         print(f"{scan} -> {target} ({np.bincount(labels.ravel(), minlength=2)[1:].sum()} foreground voxels)")
 
 
@@ -189,6 +213,9 @@ def main(argv=None):
     p.add_argument("--stride", type=int, nargs=2, metavar=("XY", "Z"),
                    help="3D models: sliding-window strides along the first two axes and the third "
                         "(the authors' 18 4, at most the window)")
+    p.add_argument("--windows", choices=["authors", "gaussian"],
+                   help="3D models: the authors' sliding windows (every --stride, plain mean; the default on LA) "
+                        "or nnU-Net's (every half window, Gaussian-weighted; the default for --predict and your own scans)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     if args.stride and min(args.stride) < 1:
@@ -219,8 +246,8 @@ def main(argv=None):
             p.error(f"--stride {' '.join(map(str, args.stride))}: larger than the window {patch_size}; "
                     f"voxels between windows would be left out")
     if args.predict:
-        return predict_scans(model, patch_size, args.stride, flags.get("scale", 1.0), nifti_scans(args.predict), Path(args.out), device,
-                             Path(args.save_png) if args.save_png else None)
+        return predict_scans(model, flags, args.stride, (args.windows or PREDICT_WINDOWS) == "gaussian",
+                             nifti_scans(args.predict), Path(args.out), device, Path(args.save_png) if args.save_png else None)
     bcp.check_layout(args.root)
     bcp.check_splits(args.root)
     la = bcp.is_la_layout(args.root)
@@ -241,15 +268,22 @@ def main(argv=None):
         volumes = bcp.load_volumes(args.root, args.split, num_classes)
         path_of = lambda name: Path(args.root) / "data" / f"{name}.h5"
 
+    native = own_data.get("cases")  # your own 3D scans: scored on each scan's own grid, in mm
+    gaussian = (args.windows or (PREDICT_WINDOWS if native else "authors")) == "gaussian"  # as --predict writes them
     per_volume = []
     for name, image, label in volumes:
-        prediction = bcp.segment(model, torch.from_numpy(image).to(device), patch_size, args.stride, flags.get("scale", 1.0)).cpu().numpy()
+        prediction = bcp.segment(model, torch.from_numpy(image).to(device), patch_size, args.stride,
+                                 flags.get("scale") or 1.0, gaussian)
+        if args.save_png:
+            save_montage(Path(args.save_png) / f"{name}.png", image, [label, prediction.cpu().numpy()], slices_last=la)
+        spacing = None
+        if native:
+            label, spacing = native_label(path_of(name)), native[name]["spacing"]
+            prediction = bcp.resample_labels(prediction, label.shape)
         try:
-            per_volume.append(score_volume(prediction, label, num_classes))
+            per_volume.append(score_volume(prediction.cpu().numpy(), label, num_classes, spacing))
         except ValueError as error:  # a class missing from the ground truth: HD95 and ASD are undefined
             raise bcp.DataError(f"{path_of(name)}: {error}") from None
-        if args.save_png:
-            save_montage(Path(args.save_png) / f"{name}.png", image, [label, prediction], slices_last=la)
 
     per_class = {class_names[c]: {m: float(np.mean([v[c][m] for v in per_volume])) for m in METRICS}
                  for c in range(num_classes - 1)}
@@ -269,6 +303,8 @@ def main(argv=None):
         for row_name, *row in PAPER_ROWS["la" if la else "acdc"].get(flags.get("labeled_patients"), []):
             print(f"{row_name:42s} {row[0]:8.2f} {row[1]:10.2f} {row[2]:8.2f} {row[3]:8.2f}")
     print(f"class-volumes with an empty prediction (scored 0): {empty} of {len(per_volume) * (num_classes - 1)}")
+    if native:
+        print("scored on each scan's own grid: the predictions resampled back (nearest), HD95 and ASD in mm")
 
     if args.kde:
         feature_distributions(model, args.root, flags["labeled_patients"], num_classes, patch_size, device, args.kde)

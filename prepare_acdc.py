@@ -10,6 +10,7 @@ left-atrium set in UA-MT's layout, for the 3D quick start).
         imagesTr/<case>_0000.nii.gz + labelsTr/<case>.nii.gz   labeled, split into train and val (--val-fraction)
         imagesTr/ without a label, imagesUnlabeled/            unlabeled (train, self-training only)
         imagesTs/ + labelsTs/                                  test; dataset.json 'labels' names the classes
+    python prepare_acdc.py --raw ~/Task02 --3d --out data/mine3d   # the same, as whole 3D volumes for the V-Net
 
 Layout written (and checked):
     ROOT/train.list, val.list, test.list   volume names, one a line (train.list order = labeling order)
@@ -17,6 +18,10 @@ Layout written (and checked):
     ROOT/data/<volume>.h5                  'image' float32 (S, H, W) in [0, 1], 'label' uint8 (S, H, W)
     ROOT/data/slices/<volume>_slice_<i>.h5 'image' float32 (H, W), 'label' uint8 (H, W), i from 1
     ROOT/dataset.json                      your own data only: num_classes, class_names, unlabeled volumes
+--3d and --la write UA-MT's LA layout instead, which the V-Net path reads (so LA and your 3D scans share
+one reader): ROOT/2018LA_Seg_Training Set/<case>/mri_norm2.h5 ('image' float32 (i, j, k), 'label' uint8),
+train.list (--3d: labeled, then unlabeled, then the validation cases) and test.list; --3d also writes
+dataset.json with the spacing, the intensity scheme and each case's native shape, spacing and affine.
 Everything is written into a temporary folder beside --out that is renamed to --out only when
 complete. --force replaces only a folder this script wrote (its lists and data/), never one that
 holds the current directory; the old folder is renamed aside first and deleted last, so a kill at any
@@ -36,6 +41,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import torch
 
 import bcp
 
@@ -53,10 +59,12 @@ FRAMES = ("frame01", "frame02")  # end-diastole, end-systole
 
 # ----------------------------------------------------------------------------- writing the layout
 
-def write_h5(path, image, label):
+def write_h5(path, image, label, **more_labels):
+    """'image' float32, 'label' uint8 and any further label maps (uint8), gzip-compressed."""
     with h5py.File(path, "w") as f:
         f.create_dataset("image", data=image.astype(np.float32), compression="gzip")
-        f.create_dataset("label", data=label.astype(np.uint8), compression="gzip")
+        for key, array in {"label": label, **more_labels}.items():
+            f.create_dataset(key, data=array.astype(np.uint8), compression="gzip")
 
 
 LISTS = ("train", "val", "test", "train_slices")
@@ -64,7 +72,7 @@ LISTS = ("train", "val", "test", "train_slices")
 
 def is_dataset(folder):
     """A folder this script wrote: the SYNTHETIC marker, or the lists and data/."""
-    return (folder / "SYNTHETIC").is_file() or (
+    return (folder / "SYNTHETIC").is_file() or (folder / bcp.LA_FOLDER).is_dir() and (folder / "train.list").is_file() or (
         (folder / "data").is_dir() and all((folder / f"{name}.list").is_file() for name in LISTS))
 
 
@@ -94,10 +102,11 @@ def clean_leftovers(out):
 
 
 def write_layout(out, volumes, force, marker=None, info=None, la=False):
-    """Write (split, volume name, image (S, H, W), label (S, H, W)) tuples into a temporary folder
-    beside --out, slices for the training volumes, the lists, then swap it in for --out. `volumes` may
-    be a generator: one volume is in memory at a time. info: written as dataset.json (your own data).
-    la: UA-MT's layout instead (<case>/mri_norm2.h5 under bcp.LA_FOLDER, train.list and test.list)."""
+    """Write (split, volume name, image (S, H, W), label (S, H, W)[, {name: more label maps}]) tuples
+    into a temporary folder beside --out, slices for the training volumes, the lists, then swap it in
+    for --out. `volumes` may be a generator: one volume is in memory at a time. info: written as
+    dataset.json (your own data), after the last volume. la: UA-MT's layout instead (<case>/mri_norm2.h5
+    under bcp.LA_FOLDER, train.list and test.list)."""
     out = Path(out).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     clean_leftovers(out)
@@ -109,11 +118,11 @@ def write_layout(out, volumes, force, marker=None, info=None, la=False):
     try:
         (staging / ("." if la else "data/slices")).mkdir(parents=True, exist_ok=True)
         lists = {"train": [], "val": [], "test": [], "train_slices": []}
-        for split, name, image, label in volumes:
+        for split, name, image, label, *more in volumes:
             lists[split].append(name)
             if la:
                 (staging / bcp.LA_FOLDER / name).mkdir(parents=True)
-                write_h5(staging / bcp.LA_FOLDER / name / "mri_norm2.h5", image, label)
+                write_h5(staging / bcp.LA_FOLDER / name / "mri_norm2.h5", image, label, **(more[0] if more else {}))
                 continue
             write_h5(staging / "data" / f"{name}.h5", image, label)
             if split == "train":
@@ -208,6 +217,31 @@ def write_nifti_labels(path, labels, header):
     bcp.write_atomic(path, gzip.compress(payload, compresslevel=6))
 
 
+def nifti_geometry(header, path):
+    """(voxel spacing along i, j, k in mm, 4 x 4 affine) of a header read_nifti returned: the affine of
+    the sform when its code is set, else of the qform, else the pixdim scaling, as NIfTI-1 (and nibabel)
+    choose it."""
+    raw, endian = header
+    pixdim = np.array(struct.unpack(endian + "8f", raw[76:108]), dtype=float)
+    qform_code, sform_code = struct.unpack(endian + "2h", raw[252:256])
+    spacing = np.abs(pixdim[1:4])
+    if not (np.isfinite(spacing).all() and (spacing > 0).all()):
+        raise bcp.DataError(f"{path}: voxel spacing (pixdim) must be positive, got {pixdim[1:4].tolist()}")
+    affine = np.diag([*spacing, 1.0])
+    if sform_code > 0:
+        affine[:3] = np.array(struct.unpack(endian + "12f", raw[280:328]), dtype=float).reshape(3, 4)
+    elif qform_code > 0:
+        b, c, d, *offset = struct.unpack(endian + "6f", raw[256:280])
+        a = math.sqrt(max(0.0, 1 - b * b - c * c - d * d))
+        rotation = np.array([[a * a + b * b - c * c - d * d, 2 * (b * c - a * d), 2 * (b * d + a * c)],
+                             [2 * (b * c + a * d), a * a + c * c - b * b - d * d, 2 * (c * d - a * b)],
+                             [2 * (b * d - a * c), 2 * (c * d + a * b), a * a + d * d - c * c - b * b]])
+        qfac = -1.0 if pixdim[0] < 0 else 1.0
+        affine[:3, :3] = rotation * [spacing[0], spacing[1], qfac * spacing[2]]
+        affine[:3, 3] = offset
+    return spacing, affine
+
+
 def read_info(path):
     """Info.cfg -> {'ED': int, 'ES': int}."""
     try:
@@ -296,11 +330,11 @@ def class_names_of(raw):
     return [str(by_value[c]) for c in range(1, len(by_value))]
 
 
-def own_volumes(raw, val_fraction, seed):
+def own_cases(raw, val_fraction, seed):
     """Your own scans in the nnU-Net / Medical Segmentation Decathlon layout -> (info for dataset.json,
-    a generator of (split, name, image, label)). Labeled cases are split into train and val
-    (val_fraction of them, shuffled by seed), unlabeled ones join train with an all-0 label map that is
-    never read, imagesTs with labelsTs is the test split."""
+    {case: image path}, {case: label path}, {case: split}). Labeled cases are split into train and val
+    (val_fraction of them, shuffled by seed), unlabeled ones are 'unlabeled' (training, self-training
+    only), imagesTs with labelsTs is the test split."""
     raw = Path(raw)
     images, labels = {}, {}
     for folder, split in (("imagesTr", "train"), ("imagesUnlabeled", "unlabeled"), ("imagesTs", "test")):
@@ -344,14 +378,125 @@ def own_volumes(raw, val_fraction, seed):
         print(f"{len(skipped)} imagesTs cases without labelsTs are not a test split; segment them with evaluate.py --predict")
     info = {"num_classes": num_classes, "class_names": class_names or [f"class {c}" for c in range(1, num_classes)],
             "unlabeled": unlabeled, "source": str(raw)}
+    order = ["train", "unlabeled", "val", "test"]  # train.list: labeled first (the labeling order), then unlabeled
+    splits = dict(sorted(splits.items(), key=lambda item: order.index(item[1])))
+    return info, {name: path for name, (_, path) in images.items()}, labels, splits
+
+
+def own_volumes(raw, val_fraction, seed):
+    """Your own scans as 2D slices (the ACDC layout): (info, a generator of (split, name, image (S, H, W)
+    min-max normalised, label)); unlabeled volumes join train with an all-0 label map that is never read."""
+    info, images, labels, splits = own_cases(raw, val_fraction, seed)
 
     def volumes():
-        for name, split in sorted(splits.items(), key=lambda item: ["train", "unlabeled", "val", "test"].index(item[1])):
-            image = read_scan(images[name][1])
+        for name, split in splits.items():
+            image = read_scan(images[name])
             label = read_scan(labels[name]) if name in labels else np.zeros(image.shape, np.uint8)
             if label.shape != image.shape:
                 raise bcp.DataError(f"{labels[name]}: shape {label.shape} does not match the image's {image.shape}")
-            yield ("train" if split == "unlabeled" else split), name, normalize(image.astype(np.float64), images[name][1]), label.astype(np.uint8)
+            yield ("train" if split == "unlabeled" else split), name, normalize(image.astype(np.float64), images[name]), label.astype(np.uint8)
+    return info, volumes()
+
+
+MAX_RESAMPLING = 4  # a scan whose spacing is more than this many times the target's along an axis is refused
+FOREGROUND_SAMPLES = 100_000  # CT statistics: at most this many foreground voxels of each labeled scan
+
+
+def modality_of(raw):
+    """'CT' or 'MRI' from DIR/dataset.json (nnU-Net v2 channel_names, or the Decathlon's modality);
+    MRI when it says neither."""
+    path = raw / "dataset.json"
+    fields = json.loads(path.read_text()) if path.exists() else {}
+    channels = fields.get("channel_names") or fields.get("modality") or {}
+    return "CT" if str(channels.get("0", "")).upper() == "CT" else "MRI"
+
+
+def read_scan_3d(path):
+    """(array (i, j, k) float64 in NIfTI index order, spacing, affine) of a 3D scan or label map."""
+    array, header = read_nifti(path, with_header=True)
+    if array.ndim != 3:
+        raise bcp.DataError(f"{path}: a {array.ndim}D image of shape {array.shape}; --3d takes one 3D scan per file")
+    return (array.transpose(2, 1, 0).astype(np.float64), *nifti_geometry(header, path))
+
+
+def normalize_3d(image, preprocessing):
+    """MRI: z-score over the whole scan (as UA-MT's LA arrays); CT: clipped to the window, then the
+    training foreground's mean and standard deviation (nnU-Net's CT scheme)."""
+    if preprocessing["modality"] == "CT":
+        low, high = preprocessing["window"]
+        return (np.clip(image, low, high) - preprocessing["mean"]) / preprocessing["std"]
+    return (image - image.mean()) / max(float(image.std()), 1e-8)
+
+
+def resampled_size(shape, spacing, target):
+    return [max(1, round(n * s / t)) for n, s, t in zip(shape, spacing, target)]
+
+
+def check_spacing(spacing, target, path):
+    """Refuse a scan whose spacing is more than MAX_RESAMPLING times the target's (or less than its
+    1 / MAX_RESAMPLING) along an axis: resampling would invent or drop most of its voxels there."""
+    ratio = np.asarray(spacing) / np.asarray(target)
+    if (ratio > MAX_RESAMPLING).any() or (ratio < 1 / MAX_RESAMPLING).any():
+        raise bcp.DataError(f"{path}: spacing {np.round(spacing, 4).tolist()} mm is more than {MAX_RESAMPLING} times "
+                            f"the target {target} (or less than 1/{MAX_RESAMPLING}) along an axis; give --spacing, "
+                            f"or check its header")
+
+
+def preprocess_3d(image, spacing, preprocessing, path):
+    """A scan (i, j, k) normalised, then resampled to the target spacing (trilinear) -> float32 array."""
+    check_spacing(spacing, preprocessing["spacing"], path)
+    size = resampled_size(image.shape, spacing, preprocessing["spacing"])
+    return bcp.resample_image(torch.from_numpy(normalize_3d(image, preprocessing)), size).numpy()
+
+
+def own_volumes_3d(raw, val_fraction, seed, spacing=None, ct_window=None):
+    """Your own scans as whole 3D volumes in UA-MT's layout, so that the LA path (V-Net, crops, sliding
+    window) reads them: arrays in NIfTI index order (i, j, k), resampled to one spacing (default the
+    median of the labeled training scans', as nnU-Net), intensities by modality. train.list holds the
+    labeled training cases, then the unlabeled, then the validation cases (the LA path holds the last
+    --val-cases aside); each case's native shape, spacing and affine go to dataset.json, and a test
+    or validation case's native label map to its h5 ('label_native') for scoring on the scan's own grid.
+    -> (info, a generator of (split, name, image, label[, more label maps]))."""
+    info, images, labels, splits = own_cases(raw, val_fraction, seed)
+    training = [name for name, split in splits.items() if split == "train"]
+    geometry = {}
+    for name in images:
+        _, case_spacing, affine = read_scan_3d(images[name])  # read twice: one volume in memory at a time
+        geometry[name] = (case_spacing, affine)
+    target = list(map(float, spacing)) if spacing else np.median([geometry[n][0] for n in training], axis=0).round(4).tolist()
+    for name, (case_spacing, _) in geometry.items():
+        check_spacing(case_spacing, target, images[name])
+    preprocessing = {"spacing": target, "modality": modality_of(Path(raw))}
+    if preprocessing["modality"] == "CT":
+        rng, samples = np.random.default_rng(seed), []
+        for name in training:
+            image, label = read_scan_3d(images[name])[0], read_scan_3d(labels[name])[0]
+            foreground = image[label > 0]
+            samples.append(rng.choice(foreground, min(len(foreground), FOREGROUND_SAMPLES), replace=False))
+        samples = np.concatenate(samples)
+        low, high = ct_window or np.percentile(samples, [0.5, 99.5]).tolist()
+        clipped = np.clip(samples, low, high)
+        preprocessing.update(window=[float(low), float(high)], mean=float(clipped.mean()), std=max(float(clipped.std()), 1e-8),
+                             normalization="clipped to the window, then the training foreground's mean and std")
+    else:
+        preprocessing["normalization"] = "z-score over each scan"
+    info |= {"preprocessing": preprocessing, "val_cases": sum(split == "val" for split in splits.values()), "cases": {}}
+
+    def volumes():
+        for name, split in splits.items():
+            image, case_spacing, affine = read_scan_3d(images[name])
+            label = np.zeros(image.shape)
+            if name in labels:
+                label, _, label_affine = read_scan_3d(labels[name])
+                if label.shape != image.shape or not np.allclose(label_affine, affine, atol=1e-3):
+                    raise bcp.DataError(f"{labels[name]}: shape {label.shape} and affine {np.round(label_affine, 3).tolist()} "
+                                        f"differ from the scan's {image.shape} and {np.round(affine, 3).tolist()}")
+            resampled = preprocess_3d(image, case_spacing, preprocessing, images[name])
+            label = torch.from_numpy(label.astype(np.uint8))
+            info["cases"][name] = {"shape": list(image.shape), "spacing": case_spacing.tolist(), "affine": affine.tolist(),
+                                   "resampled_shape": list(resampled.shape)}
+            more = {"label_native": label.numpy()} if split in ("val", "test") else {}
+            yield ("test" if split == "test" else "train"), name, resampled, bcp.resample_labels(label, resampled.shape).numpy(), more
     return info, volumes()
 
 
@@ -490,7 +635,11 @@ def check_la(root):
     """An LA root in UA-MT's layout: train.list and test.list, each listed case's mri_norm2.h5 readable
     with a 3D image and a 0/1 label of one shape, no case listed twice or in both lists."""
     problems, lists = [], {}
+    num_classes = bcp.dataset_info(root).get("num_classes", 2)  # your own 3D scans say theirs
     for split in ("train", "test"):
+        if split == "test" and "val_cases" in bcp.dataset_info(root) and not (root / "test.list").exists():
+            lists[split] = []  # your own 3D scans without imagesTs + labelsTs
+            continue
         try:
             lists[split] = bcp.read_list(root, f"{split}.list")
         except bcp.DataError as error:
@@ -503,7 +652,7 @@ def check_la(root):
     for name in dict.fromkeys(lists["train"] + lists["test"]):
         path = root / bcp.LA_FOLDER / name / "mri_norm2.h5"
         try:
-            bcp.read_h5(path, 3, 2) if path.exists() else problems.append(f"{path}: listed but missing")
+            bcp.read_h5(path, 3, num_classes) if path.exists() else problems.append(f"{path}: listed but missing")
         except bcp.DataError as error:
             problems.append(str(error))
     print(f"LA layout: {len(lists['train'])} train.list cases, {len(lists['test'])} test.list cases")
@@ -571,6 +720,12 @@ def main(argv=None):
     p.add_argument("--raw", help="the official ACDC download (folders patientXXX with Info.cfg and NIfTI files), "
                                  "or your own scans in the nnU-Net layout (imagesTr/, labelsTr/, ...)")
     p.add_argument("--val-fraction", type=float, default=0.2, help="your own scans: labeled cases kept for validation")
+    p.add_argument("--3d", dest="volumetric", action="store_true",
+                   help="your own scans as whole 3D volumes for the V-Net (UA-MT's layout), not 2D slices")
+    p.add_argument("--spacing", type=float, nargs=3, metavar=("X", "Y", "Z"),
+                   help="--3d: resample every scan to this spacing in mm (the median of the labeled training scans')")
+    p.add_argument("--ct-window", type=float, nargs=2, metavar=("LO", "HI"),
+                   help="--3d, CT: clip to this window (the 0.5 and 99.5 percentiles of the labeled training foreground)")
     p.add_argument("--out", default="data/ACDC", help="where to write the layout")
     p.add_argument("--check", metavar="ROOT", help="verify an existing folder instead of writing one")
     p.add_argument("--patients", type=int, help="synthetic set: number of patients (ACDC 100, split 70/10/20; "
@@ -579,6 +734,12 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=1337, help="random seed of the synthetic set and of your own val split")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     args = p.parse_args(argv)
+    if args.ct_window and args.ct_window[0] >= args.ct_window[1]:
+        p.error(f"--ct-window LO HI needs LO < HI, got {args.ct_window[0]:g} {args.ct_window[1]:g}")
+    if args.spacing and min(args.spacing) <= 0:
+        p.error(f"--spacing must be positive, got {args.spacing}")
+    if (args.volumetric or args.spacing or args.ct_window) and not (args.raw and (Path(args.raw) / "imagesTr").is_dir()):
+        p.error("--3d, --spacing and --ct-window take your own scans: --raw DIR with DIR/imagesTr")
     try:
         if args.check:
             problems = check(args.check)
@@ -587,6 +748,15 @@ def main(argv=None):
             print(f"{len(problems)} problem(s) in {args.check}" if problems else f"{args.check}: OK")
             return 1 if problems else 0
         start = time.time()
+        if args.raw and args.volumetric:
+            info, volumes = own_volumes_3d(args.raw, args.val_fraction, args.seed, args.spacing, args.ct_window)
+            lists = write_layout(args.out, volumes, args.force, info=info, la=True)
+            done = info["preprocessing"]
+            print(f"wrote {args.out}: {len(lists['train'])} train.list cases ({len(info['unlabeled'])} unlabeled, the last "
+                  f"{info['val_cases']} for validation), {len(lists['test'])} test.list cases, {info['num_classes']} classes "
+                  f"({', '.join(info['class_names'])}); {done['modality']}: {done['normalization']}; spacing {done['spacing']} mm; "
+                  f"in {time.time() - start:.0f} s")
+            return 0
         if args.raw and (Path(args.raw) / "imagesTr").is_dir():
             info, volumes = own_volumes(args.raw, args.val_fraction, args.seed)
             lists = write_layout(args.out, volumes, args.force, info=info)

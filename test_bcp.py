@@ -9,6 +9,7 @@ import gzip
 import itertools
 import json
 import math
+import os
 import re
 import shutil
 import struct
@@ -1229,7 +1230,7 @@ def test_cuda_evaluation_matches_the_cpu_voxel_by_voxel(data, synthetic_root, la
 @pytest.mark.parametrize("data", ["acdc", "la"])
 def test_cuda_selftrain_step_in_train_mode_matches_the_cpu(data, synthetic_root, la_root, tmp_path, monkeypatch):
     """One self-train step from the same weights and draws, the teacher in train mode (batch
-    statistics) as in training, fp32 without TF32, dropout at p = 0 (the devices draw different masks):
+    statistics) as in training, fp32 without TF32, dropout at p = 0 (the devices draw other masks):
     after the pseudo-labels, SGD and the EMA, CUDA's student and teacher (BN statistics included) equal
     the CPU's within 1e-4 (float sums in another order)."""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
@@ -1239,7 +1240,7 @@ def test_cuda_selftrain_step_in_train_mode_matches_the_cpu(data, synthetic_root,
     for device in ("cpu", "cuda"):
         run = step_setup(root, flags, "selftrain", tmp_path / device, device)
         for module in [*run.student.modules(), *run.teacher.modules()]:
-            if isinstance(module, (torch.nn.Dropout, torch.nn.Dropout3d)):
+            if isinstance(module, bcp.BatchDropout):
                 module.p = 0.0
         assert run.teacher.training
         train.selftrain_step(run, 3)
@@ -1573,7 +1574,7 @@ def test_la_end_to_end_on_synthetic_phantoms(la_root, tmp_path, capsys):
     _, image, _ = bcp.load_la_volumes(la_root, [case])[0]
     nibabel.save(nibabel.Nifti1Image(image, np.diag([0.625, 0.625, 0.625, 1])), tmp_path / f"{case}.nii.gz")
     evaluate.main(["--checkpoint", str(checkpoint), "--predict", str(tmp_path / f"{case}.nii.gz"),
-                   "--out", str(tmp_path / "labels"), "--stride", "16", "16"])
+                   "--out", str(tmp_path / "labels"), "--stride", "16", "16", "--windows", "authors"])
     predicted = np.asarray(nibabel.load(tmp_path / "labels" / f"{case}.nii.gz").dataobj)
     model, _ = bcp.load_model(checkpoint)
     expected = largest_connected_component(authors_sliding_window(model.eval(), image, (32, 32, 16), 16, 16).argmax(0) == 1)
@@ -1920,3 +1921,272 @@ def test_check_verifies_an_la_root(la_root, tmp_path, capsys):
         f["label"][0, 0, 0] = 2
     assert prepare_acdc.check(broken) == [f"{broken / bcp.LA_FOLDER / gone / 'mri_norm2.h5'}: listed but missing",
                                           f"{path}: label values must lie in 0..1 (--num-classes 2), got 0..2"]
+
+
+# ----------------------------------------------------------------------------- your own 3D scans (issue 26)
+
+def rotated_affine(spacing, angle, offset=(-40.0, 12.5, 30.0)):
+    """A NIfTI affine: voxel spacing (mm) along i, j, k, rotated by `angle` about the k axis."""
+    cos, sin = math.cos(angle), math.sin(angle)
+    affine = np.eye(4)
+    affine[:3, :3] = np.array([[cos, -sin, 0], [sin, cos, 0], [0, 0, 1]]) * spacing
+    affine[:3, 3] = offset
+    return affine
+
+
+def save_scan(path, array, affine):
+    """Written by nibabel with the qform and the sform set, as scanners' converters write them."""
+    scan = nibabel.Nifti1Image(array, affine)
+    scan.set_qform(affine, code=1)
+    scan.set_sform(affine, code=2)
+    nibabel.save(scan, path)
+
+
+OWN_3D_CASES = [("imagesTr", "labelsTr", f"atrium_{i:03d}") for i in range(4)] + [
+    ("imagesTr", None, "atrium_004"), ("imagesUnlabeled", None, "extra_000"),
+    ("imagesTs", "labelsTs", "atrium_005"), ("imagesTs", "labelsTs", "atrium_006")]
+
+
+def own_3d_folder(root, modality="MRI"):
+    """A tiny nnU-Net folder of 3D phantom scans with three classes (background, atrium, its roof):
+    4 labeled, 2 unlabeled (imagesTr without a label, imagesUnlabeled), 2 test; rotated affines, and
+    every other scan with 2 mm slices (half the slices, the same field) instead of 1 mm."""
+    for folder in ("imagesTr", "labelsTr", "imagesUnlabeled", "imagesTs", "labelsTs"):
+        (root / folder).mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for index, (images, labels, case) in enumerate(OWN_3D_CASES):
+        image, atrium = prepare_acdc.la_phantom(rng, (48, 44, 32))
+        label = atrium.copy()
+        label[(atrium == 1) & (np.arange(48)[:, None, None] < np.flatnonzero(atrium.any((1, 2))).mean())] = 2
+        thick = index % 2 == 1
+        if thick:
+            image, label = image[:, :, ::2], label[:, :, ::2]
+        scale = 400.0 if modality == "CT" else 100.0  # CT in Hounsfield-like units
+        affine = rotated_affine((1.0, 1.0, 2.0 if thick else 1.0), 0.2 * index)
+        save_scan(root / images / f"{case}_0000.nii.gz", (image * scale).astype(np.float32), affine)
+        if labels:
+            save_scan(root / labels / f"{case}.nii.gz", label.astype(np.uint8), affine)
+    (root / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "atrium": 1, "roof": 2},
+                                                   "channel_names": {"0": modality}}))
+
+
+def test_resampled_labels_keep_their_values_at_equal_size_and_their_geometry_there_and_back():
+    """Nearest neighbour as scipy's zoom (order 0), the identity at equal size; a ball and a smaller one
+    beside it, resampled coarser and back, keep their place (Dice > 0.8 against the original)."""
+    rng = np.random.default_rng(0)
+    grid = np.indices((30, 26, 14))
+    label = torch.from_numpy((((grid - np.array([14, 12, 7])[:, None, None, None]) ** 2).sum(0) < 36).astype(np.uint8))
+    label[(((grid - np.array([4, 20, 7])[:, None, None, None]) ** 2).sum(0) < 9)] = 2
+    assert torch.equal(bcp.resample_labels(label, label.shape), label)
+    coarse = bcp.resample_labels(label, (24, 21, 11))
+    np.testing.assert_array_equal(coarse.numpy(), ndimage.zoom(label.numpy(), [24 / 30, 21 / 26, 11 / 14], order=0))
+    back = bcp.resample_labels(coarse, label.shape)
+    assert back.shape == label.shape
+    for c in (1, 2):
+        assert bcp.dice(back.numpy() == c, label.numpy() == c) > 0.8
+    image = torch.from_numpy(rng.random((5, 4, 3)).astype(np.float32))
+    torch.testing.assert_close(bcp.resample_image(image, (5, 4, 3)), image)
+    torch.testing.assert_close(bcp.resample_image(image, (9, 7, 5))[::2, ::2, ::2], image)  # corners aligned
+
+
+def test_nifti_geometry_matches_nibabel(tmp_path):
+    """Our reading of the spacing and the affine (sform, else qform) against nibabel's; with neither,
+    the pixdim scaling (NIfTI-1's method 1; nibabel falls back to an Analyze-style centred affine)."""
+    affine = rotated_affine((0.8, 1.1, 3.0), 0.7)
+    for qform, sform in ((1, 2), (1, 0), (0, 0)):
+        scan = nibabel.Nifti1Image(np.zeros((4, 5, 6), np.float32), affine)
+        scan.set_qform(affine, code=qform)
+        scan.set_sform(affine, code=sform)
+        nibabel.save(scan, tmp_path / "scan.nii.gz")
+        loaded = nibabel.load(tmp_path / "scan.nii.gz")
+        spacing, ours = prepare_acdc.nifti_geometry(prepare_acdc.read_nifti(tmp_path / "scan.nii.gz", with_header=True)[1], "scan")
+        np.testing.assert_allclose(spacing, loaded.header.get_zooms(), rtol=1e-6)
+        np.testing.assert_allclose(ours, loaded.affine if qform or sform else np.diag([0.8, 1.1, 3.0, 1]), atol=1e-5)
+
+
+@pytest.mark.parametrize("modality", ["MRI", "CT"])
+def test_own_3d_intensities_and_geometry_by_hand(modality, tmp_path):
+    """--3d at the 1 mm scans' own spacing: their arrays in NIfTI index order (i, j, k), unresampled, the
+    label exactly the scan's; MRI z-scored over each scan; CT clipped to the 0.5 and 99.5 percentiles of
+    the foreground of the labeled training (not validation) scans, then their clipped mean and std.
+    The 2 mm scans are resampled to twice their slices; dataset.json keeps each scan's geometry."""
+    own_3d_folder(tmp_path / "raw", modality)
+    root = tmp_path / "mine"
+    assert prepare_acdc.main(["--raw", str(tmp_path / "raw"), "--3d", "--spacing", "1", "1", "1", "--out", str(root),
+                              "--val-fraction", "0.25"]) == 0
+    info = bcp.dataset_info(root)
+    assert prepare_acdc.check(root) == []
+    train_list = bcp.read_list(root, "train.list")
+    assert info["val_cases"] == 1 and sorted(train_list[-3:-1]) == ["atrium-004", "extra-000"] == sorted(info["unlabeled"])
+    assert bcp.read_list(root, "test.list") == ["atrium-005", "atrium-006"]
+    raw = {case.replace("_", "-"): (images, labels, case) for images, labels, case in OWN_3D_CASES}
+    training = train_list[:3]  # the labeled training cases: 4 labeled, 1 of them for validation
+    scans = {name: nibabel.load(tmp_path / "raw" / raw[name][0] / f"{raw[name][2]}_0000.nii.gz").get_fdata() for name in raw}
+    truth = {name: np.asarray(nibabel.load(tmp_path / "raw" / raw[name][1] / f"{raw[name][2]}.nii.gz").dataobj)
+             for name in raw if raw[name][1]}
+    if modality == "CT":
+        foreground = np.concatenate([scans[n][truth[n] > 0] for n in training])
+        low, high = np.percentile(foreground, [0.5, 99.5])
+        clipped = np.clip(foreground, low, high)
+        expected = {n: (np.clip(s, low, high) - clipped.mean()) / clipped.std() for n, s in scans.items()}
+        assert info["preprocessing"]["window"] == pytest.approx([low, high])
+    else:
+        expected = {n: (s - s.mean()) / s.std() for n, s in scans.items()}
+    for name in raw:
+        image, label = bcp.read_h5(root / bcp.LA_FOLDER / name / "mri_norm2.h5", 3, 3)
+        if scans[name].shape[2] == 32:  # 1 mm: as it is
+            np.testing.assert_allclose(image, expected[name], atol=1e-4)
+            if name in truth:
+                np.testing.assert_array_equal(label, truth[name])
+        else:  # 2 mm: resampled to 1 mm, round(16 * 2 / 1) slices as nnU-Net counts them
+            assert image.shape == (48, 44, 32)
+        assert info["cases"][name]["shape"] == list(scans[name].shape)
+        affine = nibabel.load(tmp_path / "raw" / raw[name][0] / f"{raw[name][2]}_0000.nii.gz").affine
+        np.testing.assert_allclose(info["cases"][name]["affine"], affine, atol=1e-5)
+
+
+def test_own_3d_scans_end_to_end(tmp_path, capsys):
+    """The issue's commands as written (crops 32 x 32 x 16 here): prepare --3d at 1.25 mm, pretrain,
+    selftrain with three classes, evaluate the test split on the scans' own grids, --predict their
+    NIfTI files: each label map has its scan's shape and affine, and its Dice against labelsTs is what
+    evaluate.py reported."""
+    own_3d_folder(tmp_path / "raw")
+    root, run = tmp_path / "mine", tmp_path / "run"
+    assert prepare_acdc.main(["--raw", str(tmp_path / "raw"), "--3d", "--spacing", "1.25", "1.25", "1.25", "--out", str(root)]) == 0
+    assert "MRI: z-score over each scan; spacing [1.25, 1.25, 1.25] mm" in capsys.readouterr().out
+    flags = ["--root", str(root), "--out", str(run), "--patch-size", "48", "32", "16", "--batch-size", "4",
+             "--labeled-batch-size", "2", "--iterations", "2", "--val-every", "2"]
+    for phase in ("pretrain", "selftrain"):
+        train.main([*flags, "--phase", phase])
+    assert "crops of 32 x 32 x 16" in capsys.readouterr().out  # the 48 is cut to the smallest resampled volume
+    checkpoint = bcp.load_checkpoint(run / "selftrain" / "best.pt")
+    assert checkpoint["flags"]["patch_size"] == [32, 32, 16] and checkpoint["flags"]["num_classes"] == 3
+    assert checkpoint["flags"]["labeled_patients"] == 3 and checkpoint["flags"]["val_cases"] == 1
+    rows, _ = train.read_metrics(run / "selftrain" / "metrics.jsonl")
+    assert len([r for r in rows if "val_dice_per_class" in r][-1]["val_dice_per_class"]) == 2
+    assert "pseudo_dice" not in rows[0]  # the unlabeled scans have no labels
+    evaluate.main(["--root", str(root), "--checkpoint", str(run / "selftrain" / "best.pt"), "--json", str(tmp_path / "s.json")])
+    scores = json.loads((tmp_path / "s.json").read_text())
+    assert list(scores["per_class"]) == ["atrium", "roof"] and scores["volumes"] == 2
+    assert "HD95 and ASD in mm" in capsys.readouterr().out
+    evaluate.main(["--checkpoint", str(run / "selftrain" / "best.pt"), "--predict", str(tmp_path / "raw" / "imagesTs"),
+                   "--out", str(tmp_path / "labels")])
+    dice = {c: [] for c in (1, 2)}
+    for case in ("atrium_005", "atrium_006"):
+        scan = nibabel.load(tmp_path / "raw" / "imagesTs" / f"{case}_0000.nii.gz")
+        written = nibabel.load(tmp_path / "labels" / f"{case}_0000.nii.gz")
+        assert written.shape == scan.shape
+        np.testing.assert_allclose(written.affine, scan.affine, atol=1e-5)
+        predicted = np.asarray(written.dataobj)
+        truth = np.asarray(nibabel.load(tmp_path / "raw" / "labelsTs" / f"{case}.nii.gz").dataobj)
+        for c in dice:
+            dice[c].append(100 * bcp.dice(predicted == c, truth == c) if (predicted == c).any() else 0.0)
+    for c, name in ((1, "atrium"), (2, "roof")):
+        assert np.mean(dice[c]) == pytest.approx(scores["per_class"][name]["dice"], abs=1e-6)
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda raw: save_scan(raw / "imagesTr" / "atrium_000_0000.nii.gz", np.zeros((8, 8, 4, 2), np.float32), np.eye(4)),
+     r"atrium_000_0000.nii.gz: a 4D image of shape \(2, 4, 8, 8\); --3d takes one 3D scan per file"),
+    (lambda raw: save_scan(raw / "imagesTr" / "atrium_000_0000.nii.gz", np.zeros((8, 8), np.float32), np.eye(4)),
+     r"atrium_000_0000.nii.gz: a 2D image"),
+    (lambda raw: save_scan(raw / "imagesTr" / "atrium_002_0000.nii.gz", np.zeros((48, 44, 3), np.float32),
+                           rotated_affine((1.0, 1.0, 10.0), 0.4)), r"atrium_002_0000.nii.gz: spacing \[1.0, 1.0, 10.0\] mm is more than 4 times"),
+    (lambda raw: save_scan(raw / "labelsTr" / "atrium_001.nii.gz", np.zeros((48, 44, 16), np.uint8), np.eye(4)),
+     r"atrium_001.nii.gz: shape \(48, 44, 16\) and affine .* differ from the scan's"),
+    (lambda raw: save_scan(raw / "labelsTr" / "atrium_000.nii.gz", np.zeros((48, 44, 32), np.uint8), np.eye(4)),
+     r"atrium_000.nii.gz: shape \(48, 44, 32\) and affine .* differ"),
+    (lambda raw: [p.unlink() for p in (raw / "labelsTr").iterdir()], "no labeled training cases"),
+])
+def test_own_3d_bad_input_is_named_and_nothing_is_written(tmp_path, capsys, damage, message):
+    own_3d_folder(tmp_path / "raw")
+    damage(tmp_path / "raw")
+    assert prepare_acdc.main(["--raw", str(tmp_path / "raw"), "--3d", "--spacing", "1", "1", "1", "--out", str(tmp_path / "mine")]) == 1
+    error = capsys.readouterr().err
+    assert re.search(message, error) and error.count("\n") == 1, error
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"]
+
+
+def test_a_ct_window_must_be_low_then_high(tmp_path, capsys):
+    own_3d_folder(tmp_path / "raw", "CT")
+    with pytest.raises(SystemExit) as stop:
+        prepare_acdc.main(["--raw", str(tmp_path / "raw"), "--3d", "--ct-window", "400", "-100", "--out", str(tmp_path / "mine")])
+    assert stop.value.code == 2 and "--ct-window LO HI needs LO < HI, got 400 -100" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- more than one process (issue 29)
+
+TORCHRUN = ["--batch-size", "8", "--labeled-batch-size", "4", "--patch-size", "32", "--labeled-patients", "2",
+            "--log-every", "1", "--device", "cpu"]
+
+
+def torchrun(arguments, processes=2, cwd=Path(__file__).parent, env=None):
+    """train.py under torchrun on the CPU (gloo), one thread a process; the exit status is checked."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+               "train.py", *arguments]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=cwd, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def assert_same_runs(one, two, phase, parts=("model",)):
+    """Losses row by row, and the last weights, within 1e-5 (relative; float sums in another order)."""
+    losses = [[r["loss"] for r in train.read_metrics(run / phase / "metrics.jsonl")[0] if "loss" in r] for run in (one, two)]
+    assert len(losses[0]) == len(losses[1]) > 0
+    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
+    first, second = (bcp.load_checkpoint(run / phase / "last.pt") for run in (one, two))
+    for part in parts:
+        for key, value in first[part].items():
+            if value.is_floating_point():
+                torch.testing.assert_close(second[part][key], value, rtol=1e-5, atol=1e-6, msg=f"{phase} {part} {key}")
+
+
+def test_two_processes_under_torchrun_train_as_one(synthetic_root, tmp_path):
+    """Pre-train then self-train 3 steps, by one process and by two under torchrun (gloo), the same
+    flags: each half-batch shared, BN statistics and the loss's sums over the whole batch, dropout masks
+    drawn for the whole batch, gradients averaged. The same losses and weights, and one run folder:
+    the same files as the single process's, each log line once."""
+    common = ["--root", str(synthetic_root), *TORCHRUN, "--iterations", "3", "--val-every", "3"]
+    for phase in ("pretrain", "selftrain"):
+        train.main([*common, "--out", str(tmp_path / "one"), "--phase", phase])
+        torchrun([*common, "--out", str(tmp_path / "two"), "--phase", phase])
+        assert_same_runs(tmp_path / "one", tmp_path / "two", phase, ("model", "teacher") if phase == "selftrain" else ("model",))
+        files = [sorted(str(p.relative_to(run)) for p in (run / phase).rglob("*")) for run in (tmp_path / "one", tmp_path / "two")]
+        assert files[0] == files[1]
+        log = (tmp_path / "two" / phase / "train.log").read_text().splitlines()
+        assert len(log) == len(set(log)) and sum(line.startswith("iter 3 | val Dice") for line in log) == 1
+
+
+def test_a_run_cut_by_the_time_limit_under_torchrun_resumes_to_the_straight_runs_weights(synthetic_root, tmp_path):
+    """A clock that advances 10 s at each reading (in the worker processes) and a 1-minute limit cut an
+    8-step pre-training under torchrun: every process stops at the step rank 0 chose. Resumed under
+    torchrun, it ends with the losses and weights of an uninterrupted torchrun run. (Against one
+    process, float sums in another order grow past 1e-5 by step 8 at these 2-image BN batches; after
+    3 steps they are within 1e-7, as the test above checks at 1e-5.)"""
+    clock = tmp_path / "clock" / "sitecustomize.py"
+    clock.parent.mkdir()
+    clock.write_text("import itertools, os, time\n"
+                     "if os.environ.get('LOCAL_RANK') is not None and os.environ.get('FAKE_CLOCK'):\n"
+                     "    ticks = itertools.count(0, 10)\n"
+                     "    time.time = lambda: float(next(ticks))\n")
+    common = ["--root", str(synthetic_root), *TORCHRUN, "--phase", "pretrain", "--iterations", "8", "--val-every", "4"]
+    torchrun([*common, "--out", str(tmp_path / "straight")])
+    cut = torchrun([*common, "--out", str(tmp_path / "cut"), "--time-limit", "1"],
+                   env={"PYTHONPATH": f"{clock.parent}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "FAKE_CLOCK": "1"})
+    stopped = bcp.load_checkpoint(tmp_path / "cut" / "pretrain" / "last.pt")["iteration"]
+    assert 1 <= stopped < 8 and f"time limit: stopped at iteration {stopped} of 8" in cut.stdout
+    torchrun([*common, "--out", str(tmp_path / "cut"), "--resume"])
+    assert bcp.load_checkpoint(tmp_path / "cut" / "pretrain" / "last.pt")["iteration"] == 8
+    assert_same_runs(tmp_path / "straight", tmp_path / "cut", "pretrain")
+
+
+@pytest.mark.parametrize("phase,flags,message", [
+    ("pretrain", ["--labeled-batch-size", "6"], "--labeled-batch-size: 3 images a half-batch cannot be shared by 2 processes"),
+    ("selftrain", ["--batch-size", "10", "--labeled-batch-size", "4"], "--batch-size: 3 images a half-batch cannot be shared"),
+    ("supervised", ["--batch-size", "5"], "--batch-size: 5 images a step cannot be shared by 2 processes"),
+])
+def test_a_batch_that_the_processes_cannot_share_is_refused(phase, flags, message, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit):
+        train.parse_args(["--phase", phase, *flags])
+    assert message in capsys.readouterr().err

@@ -17,6 +17,7 @@ A phase folder that holds a run is never started over unless --overwrite says so
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from contextlib import nullcontext
@@ -30,7 +31,7 @@ import bcp
 
 # The authors' settings for each data set (their ACDC and LA scripts differ); a flag left unset takes
 # its data set's value. Per-phase values are dicts. batch_size is the images of a supervised or
-# selftrain step; pretrain draws labeled_batch_size images only.
+# selftrain step; pretrain draws labeled_batch_size images only (its batch_size is unused).
 DEFAULTS = {
     "acdc": {"labeled_patients": 7, "batch_size": 24, "labeled_batch_size": 12, "patch_size": [256], "num_classes": 4,
              "iterations": {"supervised": 10000, "pretrain": 10000, "selftrain": 30000}, "lr_step": 0,
@@ -121,8 +122,16 @@ def parse_args(argv=None):
     args.dataset = "la" if bcp.is_la_layout(args.root) else "acdc"
     own_data = bcp.dataset_info(args.root)  # written by prepare_acdc.py --raw for your own scans
     defaults = dict(DEFAULTS[args.dataset], num_classes=own_data.get("num_classes", DEFAULTS[args.dataset]["num_classes"]))
-    if own_data:
-        defaults["labeled_patients"] = len(bcp.labeled_patients(args.root))
+    own_labeled = None
+    if own_data and args.dataset == "la":  # your own 3D scans: train.list = labeled, unlabeled, validation cases
+        defaults["val_cases"] = own_data["val_cases"]
+        own_labeled = len(bcp.read_list(args.root, "train.list")) - len(own_data["unlabeled"]) - own_data["val_cases"]
+    elif own_data:
+        own_labeled = len(bcp.labeled_patients(args.root))
+    if own_labeled is not None:
+        defaults["labeled_patients"] = own_labeled
+        if (args.labeled_patients or 0) > own_labeled:
+            p.error(f"--labeled-patients {args.labeled_patients}: {args.root} has {own_labeled} labeled training cases")
     for key in LA_ONLY:
         if args.dataset != "la" and getattr(args, key) is not None:
             p.error(f"--{key.replace('_', '-')} applies to LA (3D) only; {args.root} holds 2D slices (the ACDC layout)")
@@ -140,6 +149,9 @@ def parse_args(argv=None):
         p.error(f"--beta must lie between 0 and 1, got {args.beta}")
     if not 0 <= args.ema_decay <= 1:
         p.error(f"--ema-decay must lie in [0, 1], got {args.ema_decay}")
+    args.preprocessing = own_data.get("preprocessing")  # your own 3D scans: what --predict repeats
+    if dims == 3 and own_data:
+        args.patch_size = clamped_patch(args.patch_size, args.root, own_data)
     if dims == 3:
         if not 0 < args.scale <= 1:
             p.error(f"--scale must lie in (0, 1], got {args.scale}")
@@ -156,7 +168,28 @@ def parse_args(argv=None):
     half_batches = [args.labeled_batch_size] + ([args.batch_size - args.labeled_batch_size] if args.phase == "selftrain" else [])
     if args.phase != "supervised" and any(n < 2 or n % 2 for n in half_batches):
         p.error(f"--phase {args.phase} splits each half of the batch in two: got {half_batches} images")
+    processes = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun: each process takes a share of every half
+    shared = [("--batch-size", args.batch_size)] if args.phase == "supervised" else \
+        [("--labeled-batch-size", args.labeled_batch_size // 2)] + \
+        ([("--batch-size", (args.batch_size - args.labeled_batch_size) // 2)] if args.phase == "selftrain" else [])
+    for flag, size in shared:
+        if size % processes:
+            p.error(f"{flag}: {size} images a {'step' if args.phase == 'supervised' else 'half-batch'} cannot be shared "
+                    f"by {processes} processes")
+    if processes > 1 and args.device == "cuda":
+        args.device = f"cuda:{os.environ['LOCAL_RANK']}"  # one GPU per process
     return args
+
+
+def clamped_patch(patch_size, root, own_data):
+    """Your own 3D scans: the crop cut to the smallest resampled training volume along each axis (to
+    a multiple of 16), said in one line; the mask's box follows the crop."""
+    smallest = np.min([own_data["cases"][name]["resampled_shape"] for name in bcp.read_list(root, "train.list")], axis=0)
+    clamped = [int(min(p, max(16, s // 16 * 16))) for p, s in zip(patch_size, smallest)]
+    if clamped != list(patch_size):
+        print(f"--patch-size {' '.join(map(str, patch_size))} is larger than the smallest resampled training volume "
+              f"({' x '.join(map(str, smallest))}): crops of {' x '.join(map(str, clamped))}")
+    return clamped
 
 
 # ----------------------------------------------------------------------------- random streams
@@ -183,19 +216,23 @@ def shuffled_indices(n, iteration, count, keys):
     return torch.tensor(picked)
 
 
-def draw_batch(bank, iteration, count, args, stream):
+def draw_batch(bank, iteration, count, args, stream, parts=1):
     """(images (B, 1, *patch), labels (B, *patch)) for one step, on the training device: `count` images
     from an endless run of shuffled epochs of the bank, each with the authors' random augmentation
-    (bank.random_augmentation: ACDC rot90/flip or rotation, then the resize; LA rot90, flip, crop)."""
+    (bank.random_augmentation: ACDC rot90/flip or rotation, then the resize; LA rot90, flip, crop).
+    Under torchrun every process draws the same and keeps its share of each of the batch's `parts`."""
     keys = (args.seed, PHASE_STREAMS[args.phase], stream)
     index = shuffled_indices(len(bank), iteration, count, keys)
     augmentation = bank.random_augmentation(count, step_generator(*keys, AUGMENTATION_KEY + iteration))
-    return bank.batch(index, args.patch_size, augmentation)
+    processes, rank = bcp.process_share()
+    share = count // parts // processes
+    kept = torch.cat([torch.arange(share) + part * (count // parts) + rank * share for part in range(parts)])
+    return bank.batch(index[kept], args.patch_size, {key: choice[kept] for key, choice in augmentation.items()})
 
 
 def draw_halves(bank, iteration, count, args, stream):
     """One step's batch split into its halves a and b: ((images_a, images_b), (labels_a, labels_b))."""
-    images, labels = draw_batch(bank, iteration, count, args, stream)
+    images, labels = draw_batch(bank, iteration, count, args, stream, parts=2)
     return images.chunk(2), labels.chunk(2)
 
 
@@ -215,7 +252,21 @@ def draw_mask(iteration, args, device):
 def sgd_update(run, loss):
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    average_gradients(run.student)
     run.optimizer.step()
+
+
+def average_gradients(model):
+    """Under torchrun: each gradient averaged over the processes, as DistributedDataParallel averages
+    them (DDP itself expects one forward per backward; the BCP step has two). Nothing in one process."""
+    processes, _ = bcp.process_share()
+    if processes == 1:
+        return
+    grads = [weight.grad for weight in model.parameters() if weight.grad is not None]
+    flat = torch.cat([grad.flatten() for grad in grads])  # one all-reduce, as DDP's buckets
+    torch.distributed.all_reduce(flat)
+    for grad, average in zip(grads, (flat / processes).split([grad.numel() for grad in grads])):
+        grad.copy_(average.view_as(grad))
 
 
 def whole_image_loss(run, logits, target):
@@ -308,8 +359,8 @@ def load_data(args, device):
 
 @torch.no_grad()
 def validate(model, volumes, args, autocast):
-    """Mean Dice over the validation volumes and the foreground classes (a class the model does not
-    predict scores 0, as in the authors' evaluation). ACDC: each volume's slices as one batch; LA: the
+    """Mean Dice over the validation volumes of each foreground class (a class the model does not
+    predict scores 0, as in the authors' evaluation) -> a list, one per class. ACDC: each volume's slices as one batch; LA: the
     sliding window and largest component of the evaluation (the authors' in-training LA validation
     skips the largest component)."""
     model.eval()
@@ -317,7 +368,7 @@ def validate(model, volumes, args, autocast):
         scores = [bcp.dice_per_class(bcp.segment(model, image, args.patch_size, args.stride, args.scale), label,
                                      args.num_classes) for image, label in volumes]
     model.train()
-    return torch.stack(scores).mean().item()
+    return torch.stack(scores).mean(0).tolist()
 
 
 def float_tensors(state):
@@ -453,8 +504,10 @@ class RunFolder:
         if not all_finite(state):
             self.stop(f"the weights became NaN or infinite by iteration {progress['iteration']}")
         cuda = torch.cuda.get_rng_state() if run.device.type == "cuda" else None
-        bcp.write_atomic(path, lambda f: torch.save({**state, **progress, "flags": vars(self.args),
-                                                     "rng": {"torch": torch.get_rng_state(), "cuda": cuda}}, f))
+        self.write_checkpoint(path, {**state, **progress, "flags": vars(self.args), "rng": {"torch": torch.get_rng_state(), "cuda": cuda}})
+
+    def write_checkpoint(self, path, state):
+        bcp.write_atomic(path, lambda f: torch.save(state, f))
 
     def save_curves(self):
         """curves.svg: the validation Dice and, in selftrain, the pseudo-labels' Dice, against the step."""
@@ -475,13 +528,39 @@ class RunFolder:
             self.log(f"could not write the step picture ({error}); training goes on")
 
 
+class QuietFolder(RunFolder):
+    """What the other processes under torchrun hold instead of the run folder: rank 0 alone writes.
+    They check the weights before each checkpoint as rank 0 does, so that a NaN stops every process."""
+
+    def __init__(self, args):
+        self.args, self.dir = args, Path(args.out) / args.phase
+        self.last_path, self.best_path = self.dir / "last.pt", self.dir / "best.pt"
+
+    def log(self, message):
+        pass
+
+    def write_metrics(self, row):
+        pass
+
+    def write_checkpoint(self, path, state):
+        pass
+
+    def save_curves(self):
+        pass
+
+    def save_picture(self, iteration, views):
+        pass
+
+
 def build_models(args, device, memory_format, checkpoint, folder):
     """Student, teacher (selftrain only) and SGD: from last.pt on --resume; self-training otherwise
     starts from the pre-training's best weights (and its SGD momentum with --selftrain-sgd pretrain).
     -> (student, teacher, optimizer, progress: iteration, best_dice, best_iteration, elapsed)."""
-    network = bcp.NETWORKS[len(bcp.patch_shape(args.patch_size))]
-    student = network(num_classes=args.num_classes).to(device, memory_format=memory_format)
-    teacher = network(num_classes=args.num_classes).to(device, memory_format=memory_format) if args.phase == "selftrain" else None
+    architecture = bcp.NETWORKS[len(bcp.patch_shape(args.patch_size))]
+    whole_batch = bcp.whole_batch_norms if bcp.process_share()[0] > 1 else (lambda model: model)  # torchrun: BN over the whole batch
+    network = lambda: whole_batch(architecture(num_classes=args.num_classes)).to(device, memory_format=memory_format)
+    student = network()
+    teacher = network() if args.phase == "selftrain" else None
     optimizer = torch.optim.SGD(student.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     progress = {"iteration": 0, "best_dice": -1.0, "best_iteration": 0, "elapsed": 0.0}
     if checkpoint is not None:
@@ -526,6 +605,7 @@ def train(run, volumes, folder, progress):
     """The loop: a step, a progress line and metrics row every --log-every steps, validation and the
     checkpoints every --val-every steps, a clean stop before --time-limit."""
     args, device = run.args, run.device
+    writer = not isinstance(folder, QuietFolder)  # rank 0 under torchrun validates and writes
     start = progress["iteration"]
     take_step = STEPS[args.phase]
     run.student.train()
@@ -552,6 +632,8 @@ def train(run, volumes, folder, progress):
         now = time.time()
         seconds_per_step = (now - invocation_start) / (iteration - start)  # validations included
         out_of_time = iteration < args.iterations and now + validating * validation_seconds + seconds_per_step > deadline
+        if args.time_limit and bcp.process_share()[0] > 1:  # rank 0's clock decides for every process
+            out_of_time = bool(bcp.whole_batch_sum(torch.tensor(float(out_of_time and writer), device=device)) > 0)
         if iteration % args.log_every == 0 or validating or out_of_time:  # the loss is checked before every checkpoint
             mean_loss = loss_sum.item() / window_steps  # the one host sync every --log-every steps
             if not math.isfinite(mean_loss):
@@ -569,17 +651,21 @@ def train(run, volumes, folder, progress):
                        f"ETA {format_seconds((args.iterations - iteration) / speed)} | {validation}")
             loss_sum, pseudo_sum, window_steps, window_start = torch.zeros((), device=device), torch.zeros((), device=device), 0, now
 
-        if validating:
+        if validating and not writer:
+            save(folder.last_path, iteration)  # checks the weights as rank 0 does; QuietFolder writes nothing
+        elif validating:
             validation_start = time.time()
-            last_dice = validate(run.student, volumes, args, run.autocast)
-            folder.write_metrics({"iter": iteration, "val_dice": last_dice})
+            per_class = validate(run.student, volumes, args, run.autocast)
+            last_dice = sum(per_class) / len(per_class)  # the mean over classes picks the best checkpoint
+            folder.write_metrics({"iter": iteration, "val_dice": last_dice, "val_dice_per_class": per_class})
             if last_dice > progress["best_dice"]:
                 progress.update(best_dice=last_dice, best_iteration=iteration)
                 save(folder.best_path, iteration)
             save(folder.last_path, iteration)
             folder.save_picture(iteration, views)
             folder.save_curves()
-            folder.log(f"iter {iteration} | val Dice {last_dice:.4f} | best {progress['best_dice']:.4f} @ {progress['best_iteration']}")
+            classes = f" ({', '.join(f'{d:.4f}' for d in per_class)} per class)" if len(per_class) > 1 else ""
+            folder.log(f"iter {iteration} | val Dice {last_dice:.4f}{classes} | best {progress['best_dice']:.4f} @ {progress['best_iteration']}")
             validation_seconds = time.time() - validation_start
             window_start += validation_seconds  # it/s counts training steps only
         if out_of_time:
@@ -594,9 +680,12 @@ def main(argv=None):
     args = parse_args(argv)
     checkpoint = checkpoint_to_resume(args, Path(args.out) / args.phase)
     device, autocast, memory_format, compiled = runtime(args)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():  # under torchrun
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
     torch.manual_seed(args.seed)
     labeled, unlabeled, volumes, summary, unlabeled_truth = load_data(args, device)  # bad data stops here, before anything is written
-    folder = RunFolder(args, resume_iteration=checkpoint["iteration"] if checkpoint else 0)
+    resume_iteration = checkpoint["iteration"] if checkpoint else 0
+    folder = RunFolder(args, resume_iteration) if bcp.process_share()[1] == 0 else QuietFolder(args)
     folder.log(summary)
     if (Path(args.root) / "SYNTHETIC").exists():
         folder.log(f"{args.root} holds SYNTHETIC phantoms, not real scans (see prepare_acdc.py)")
@@ -607,6 +696,8 @@ def main(argv=None):
                           labeled=labeled, unlabeled=unlabeled, unlabeled_truth=unlabeled_truth,
                           dice_loss=bcp.DICE_LOSSES[args.dice_loss])
     train(run, volumes, folder, progress)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -17,7 +17,8 @@ and the data banks are per dimension. Read top to bottom, this file follows one 
   6. the BCP step: all of the above in the order it runs (bcp_loss)
 then what serves it: 7. the connected-component algorithm behind the pseudo-labels, 8. metrics (Dice,
 Jaccard, HD95, ASD on an exact Euclidean distance transform), 9. the data (ACDC slices, LA volumes),
-their augmentation, checkpoints and whole-volume inference, 10. pictures.
+their augmentation, checkpoints and whole-volume inference, 10. pictures, 11. more than one process
+(torchrun: whole-batch sums and BatchNorm, the identity in one process).
 
 Symbols, the same in the README and the code: L_a, L_b labeled images (labeled_a, labeled_b) with
 ground truth G_a, G_b (truth_a, truth_b); U_a, U_b unlabeled images (unlabeled_a, unlabeled_b) with

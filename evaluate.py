@@ -59,9 +59,6 @@ def score_volume(prediction, label, num_classes, spacing=None):
     return scores
 
 
-PREDICT_WINDOWS = "gaussian"  # --predict's (and your own 3D scans') default --windows: faster; docs/own_scans.md
-
-
 def native_label(path):
     """The label map of a scan on its own grid, which prepare_acdc.py --3d keeps beside the resampled one."""
     try:
@@ -213,9 +210,9 @@ def main(argv=None):
     p.add_argument("--stride", type=int, nargs=2, metavar=("XY", "Z"),
                    help="3D models: sliding-window strides along the first two axes and the third "
                         "(the authors' 18 4, at most the window)")
-    p.add_argument("--windows", choices=["authors", "gaussian"],
-                   help="3D models: the authors' sliding windows (every --stride, plain mean; the default on LA) "
-                        "or nnU-Net's (every half window, Gaussian-weighted; the default for --predict and your own scans)")
+    p.add_argument("--windows", choices=["authors", "gaussian"], default="authors",
+                   help="3D models: the authors' sliding windows (every --stride, a plain mean) or nnU-Net's "
+                        "(every half window, Gaussian-weighted: about twice as fast here; docs/own_scans.md)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     if args.stride and min(args.stride) < 1:
@@ -246,7 +243,7 @@ def main(argv=None):
             p.error(f"--stride {' '.join(map(str, args.stride))}: larger than the window {patch_size}; "
                     f"voxels between windows would be left out")
     if args.predict:
-        return predict_scans(model, flags, args.stride, (args.windows or PREDICT_WINDOWS) == "gaussian",
+        return predict_scans(model, flags, args.stride, args.windows == "gaussian",
                              nifti_scans(args.predict), Path(args.out), device, Path(args.save_png) if args.save_png else None)
     bcp.check_layout(args.root)
     bcp.check_splits(args.root)
@@ -269,11 +266,10 @@ def main(argv=None):
         path_of = lambda name: Path(args.root) / "data" / f"{name}.h5"
 
     native = own_data.get("cases")  # your own 3D scans: scored on each scan's own grid, in mm
-    gaussian = (args.windows or (PREDICT_WINDOWS if native else "authors")) == "gaussian"  # as --predict writes them
     per_volume = []
     for name, image, label in volumes:
         prediction = bcp.segment(model, torch.from_numpy(image).to(device), patch_size, args.stride,
-                                 flags.get("scale") or 1.0, gaussian)
+                                 flags.get("scale") or 1.0, args.windows == "gaussian")
         if args.save_png:
             save_montage(Path(args.save_png) / f"{name}.png", image, [label, prediction.cpu().numpy()], slices_last=la)
         spacing = None

@@ -1,6 +1,6 @@
 #!/bin/bash
 # The own-3D-scans path against the LA path on the same 80 LA cases, at one short CPU schedule (600 + 900 steps)
-# (README, "Your own 3D scans"; about 35 minutes on 2 cores). From the repository root, with
+# (docs/own_scans.md; about 35 minutes on 2 cores; add --seed S to both train.py lines for another seed). From the repository root, with
 # data/LA in UA-MT's layout:
 set -euo pipefail
 python checkpoints/la_nifti_check/export_la_nifti.py data/LA data/LA_nifti

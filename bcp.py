@@ -231,7 +231,7 @@ def la_dice_loss(probs, one_hot, region):
     intersection = (probs * one_hot * region).sum(dims)  # (B, C)
     denominator = (probs * region).sum(dims) + (one_hot * region).sum(dims)
     dice = (2 * intersection + LA_DICE_SMOOTH) / (denominator + LA_DICE_SMOOTH)
-    return 1 - whole_batch_sum(dice.sum()) / whole_batch_sum(dice.new_tensor(dice.numel()))
+    return 1 - whole_batch_sum(dice.sum()) / (dice.numel() * process_share()[0])  # equal shares: the mean
 
 
 DICE_LOSSES = {"acdc": acdc_dice_loss, "la": la_dice_loss}
@@ -850,7 +850,7 @@ def rescale(image, label, scale):
         return image, label
     size = scaled_size(image.shape, scale)
     image = F.interpolate(torch.from_numpy(image)[None, None], size=size, mode="trilinear")[0, 0].numpy()
-    return image, label[np.ix_(*[zoom_index(s, n).numpy() for s, n in zip(label.shape, size)])]
+    return image, resample_labels(torch.from_numpy(label), size).numpy()
 
 
 def resample_image(image, size):
@@ -1192,7 +1192,7 @@ class WholeBatchNorm(nn.modules.batchnorm._BatchNorm):
         if not self.training or process_share()[0] == 1:
             return super().forward(x)
         dims, view = [0, *range(2, x.ndim)], (1, -1, *[1] * (x.ndim - 2))
-        count = whole_batch_sum(x.new_tensor(x.numel() // x.shape[1]))
+        count = x.numel() // x.shape[1] * process_share()[0]  # every process holds an equal share
         mean = whole_batch_sum(x.sum(dims)) / count
         variance = whole_batch_sum(((x - mean.view(view)) ** 2).sum(dims)) / count
         with torch.no_grad():
@@ -1204,7 +1204,7 @@ class WholeBatchNorm(nn.modules.batchnorm._BatchNorm):
 
 def whole_batch_norms(model):
     """Every BatchNorm of the model replaced by a WholeBatchNorm with its weights and statistics."""
-    for name, module in list(model.named_modules()):
+    for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, nn.modules.batchnorm._BatchNorm):
                 shared = WholeBatchNorm(child.num_features, child.eps, child.momentum).to(child.weight.device)

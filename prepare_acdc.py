@@ -162,21 +162,28 @@ NIFTI_COMPLEX = {32, 1792, 2048}
 NIFTI_HEADER = 348  # bytes; a single-file NIfTI-1 (.nii) then has 4 extension bytes, data from byte 352
 
 
+def read_nifti_header(path, whole=False):
+    """(the file's bytes: its header only, or whole; byte order) of a NIfTI-1 file, checked to be one.
+    A gzipped file is decompressed only as far as it is read."""
+    try:
+        with (gzip.open if str(path).endswith(".gz") else open)(path, "rb") as f:
+            raw = f.read() if whole else f.read(NIFTI_HEADER)
+    except (OSError, EOFError) as error:
+        raise bcp.DataError(f"{path}: cannot read ({error})") from None
+    if len(raw) < NIFTI_HEADER:
+        raise bcp.DataError(f"{path}: too short for a NIfTI-1 header ({len(raw)} bytes)")
+    endian = next((e for e in "<>" if struct.unpack(e + "i", raw[:4])[0] == NIFTI_HEADER), None)
+    if endian is None or raw[344:347] not in (b"n+1", b"ni1"):
+        raise bcp.DataError(f"{path}: not a NIfTI-1 file")
+    return raw, endian
+
+
 def read_nifti(path, with_header=False):
     """A NIfTI-1 file (.nii or .nii.gz) -> numpy array in (slice, row, col) order, as SimpleITK's
     GetArrayFromImage gives it: the reverse of the NIfTI index order (i, j, k). scl_slope/scl_inter
     are applied when set (the result is then float). with_header: also (header bytes, byte order),
     for write_nifti_labels."""
-    try:
-        with (gzip.open if str(path).endswith(".gz") else open)(path, "rb") as f:
-            raw = f.read()
-    except (OSError, EOFError) as error:
-        raise bcp.DataError(f"{path}: cannot read ({error})") from None
-    if len(raw) < 348:
-        raise bcp.DataError(f"{path}: too short for a NIfTI-1 header ({len(raw)} bytes)")
-    endian = next((e for e in "<>" if struct.unpack(e + "i", raw[:4])[0] == 348), None)
-    if endian is None or raw[344:347] not in (b"n+1", b"ni1"):
-        raise bcp.DataError(f"{path}: not a NIfTI-1 file")
+    raw, endian = read_nifti_header(path, whole=True)
     dims = struct.unpack(endian + "8h", raw[40:56])
     datatype = struct.unpack(endian + "h", raw[70:72])[0]
     offset = int(struct.unpack(endian + "f", raw[108:112])[0])
@@ -459,12 +466,9 @@ def own_volumes_3d(raw, val_fraction, seed, spacing=None, ct_window=None):
     -> (info, a generator of (split, name, image, label[, more label maps]))."""
     info, images, labels, splits = own_cases(raw, val_fraction, seed)
     training = [name for name, split in splits.items() if split == "train"]
-    geometry = {}
-    for name in images:
-        _, case_spacing, affine = read_scan_3d(images[name])  # read twice: one volume in memory at a time
-        geometry[name] = (case_spacing, affine)
-    target = list(map(float, spacing)) if spacing else np.median([geometry[n][0] for n in training], axis=0).round(4).tolist()
-    for name, (case_spacing, _) in geometry.items():
+    spacings = {name: nifti_geometry(read_nifti_header(path), path)[0] for name, path in images.items()}  # headers only
+    target = list(map(float, spacing)) if spacing else np.median([spacings[n] for n in training], axis=0).round(4).tolist()
+    for name, case_spacing in spacings.items():
         check_spacing(case_spacing, target, images[name])
     preprocessing = {"spacing": target, "modality": modality_of(Path(raw))}
     if preprocessing["modality"] == "CT":

@@ -586,14 +586,20 @@ def binary_metrics(pred, gt, spacing=None):
             "asd": float(pred_to_gt.mean())}
 
 
-def dice_per_class(prediction, label, num_classes):
+SCORINGS = ("paper", "nnunet")  # how a class missing from a prediction counts; evaluate.py's table says which
+
+
+def dice_per_class(prediction, label, num_classes, scoring="paper"):
     """Dice of each foreground class 1..C-1 between two label volumes (torch, on their device) ->
-    (C-1,) tensor. A class absent from the prediction scores 0 (the authors' convention)."""
+    (C-1,) tensor. scoring "paper": a class absent from the prediction scores 0 (the authors'
+    convention, on ACDC and LA); "nnunet": a class absent from both scores NaN, left out of the means
+    (your own scans), and one absent from either alone scores 0."""
     classes = torch.arange(1, num_classes, device=prediction.device).view(-1, *[1] * prediction.ndim)
     predicted, truth = prediction.unsqueeze(0) == classes, label.unsqueeze(0) == classes
     overlap = (predicted & truth).flatten(1).sum(1)
     predicted_size, truth_size = predicted.flatten(1).sum(1), truth.flatten(1).sum(1)
-    return torch.where(predicted_size > 0, 2 * overlap / (predicted_size + truth_size).clamp_min(1), 0.0)
+    dice = 2 * overlap / (predicted_size + truth_size)  # 0 / 0 = NaN where the class is absent from both
+    return torch.where(predicted_size > 0, dice, 0.0) if scoring == "paper" else dice
 
 
 # -----------------------------------------------------------------------------
@@ -878,41 +884,103 @@ def la_cases(root, labeled_count, validation_count):
     return cases[:labeled_count], cases[labeled_count:len(cases) - validation_count], cases[len(cases) - validation_count:]
 
 
-class VolumeBank:
-    """Training volumes of different sizes on one device; batches of random crops with the authors' LA
-    augmentation (UA-MT's RandomRotFlip, RandomCrop), per volume: rot90 by k in 0..3 over the first two
-    axes, a flip along axis 0 or 1 (always), then a random crop of the patch, its corner drawn as
-    np.random.randint(0, size - patch). A volume no larger than the patch along an axis is first
-    zero-padded by (patch - size) // 2 + 3 on each side of that axis. (The authors' rule, once any axis
-    is that small, pads every axis by max((patch - size) // 2 + 3, 0), so also an axis up to 4 voxels
-    larger than the patch; real LA volumes are all larger than the crop, where the two agree.)"""
+LOCATIONS_PER_CLASS = 10_000  # foreground voxels remembered per class and volume for centred crops (nnU-Net's number)
 
-    def __init__(self, images, labels, device):
-        self.images = [torch.from_numpy(image).to(device) for image in images]
-        self.labels = [torch.from_numpy(label).to(device) for label in labels]
+
+def class_locations(label, num_classes, seed=1234):
+    """[(K, 3) long tensor or None] for classes 1..C-1: up to LOCATIONS_PER_CLASS voxels of each class
+    present in a (D1, D2, D3) label array, drawn once with a fixed seed (as nnU-Net keeps them)."""
+    rng, locations = np.random.default_rng(seed), []
+    for c in range(1, num_classes):
+        voxels = np.argwhere(label == c)
+        if len(voxels) > LOCATIONS_PER_CLASS:
+            voxels = voxels[np.sort(rng.choice(len(voxels), LOCATIONS_PER_CLASS, replace=False))]
+        locations.append(torch.from_numpy(voxels) if len(voxels) else None)
+    return locations
+
+
+def rot90_flip_point(point, shape, k, axis):
+    """Where voxel `point` of a (D1, D2, D3) volume goes under torch.rot90(volume, k, (0, 1)) then
+    .flip(axis), and the new shape."""
+    (i, j, l), shape = point, list(shape)
+    for _ in range(k % 4):  # one rot90 over (0, 1): new[i, j] = old[j, D2 - 1 - i]
+        i, j = shape[1] - 1 - j, i
+        shape[0], shape[1] = shape[1], shape[0]
+    point = [i, j, l]
+    point[axis] = shape[axis] - 1 - point[axis]
+    return point, shape
+
+
+class VolumeBank:
+    """Training volumes of different sizes in host memory (on a GPU when they all fit in a quarter of
+    its free memory); batches of random crops with the authors' LA augmentation (UA-MT's RandomRotFlip,
+    RandomCrop), per volume: rot90 by k in 0..3 over the first two axes, a flip along axis 0 or 1
+    (always), then a random crop of the patch, its corner drawn as np.random.randint(0, size - patch).
+    A volume no larger than the patch along an axis is first zero-padded by (patch - size) // 2 + 3 on
+    each side of that axis. (The authors' rule, once any axis is that small, pads every axis by
+    max((patch - size) // 2 + 3, 0), so also an axis up to 4 voxels larger than the patch; real LA
+    volumes are all larger than the crop, where the two agree.) Only the batch's crops go to `device`.
+
+    foreground (nnU-Net's oversampling, for whole scans where most random crops miss the organ): each
+    crop is, with this probability, centred on a voxel of a foreground class present in its volume
+    (class and voxel chosen at random among class_locations) instead of placed uniformly, clipped to
+    the volume. 0 (the authors' LA crops) draws exactly the choices it drew before."""
+
+    def __init__(self, images, labels, device, foreground=0.0, num_classes=2):
+        device = torch.device(device)
+        size = sum(image.nbytes + label.nbytes for image, label in zip(images, labels))
+        fits = device.type == "cuda" and size < torch.cuda.mem_get_info(device)[0] / 4
+        held = device if fits else torch.device("cpu")
+        self.images = [torch.from_numpy(image).to(held) for image in images]
+        self.labels = [torch.from_numpy(label).to(held) for label in labels]
+        self.device, self.foreground = device, foreground
+        self.locations = [class_locations(label, num_classes) for label in labels] if foreground else None
 
     def __len__(self):
         return len(self.images)
 
-    @staticmethod
-    def random_augmentation(batch_size, generator):
-        """The random choices per volume, drawn on the CPU; the crop's corner as a fraction of the room."""
-        return {"k": torch.randint(4, (batch_size,), generator=generator),
-                "flip_axis": torch.randint(2, (batch_size,), generator=generator),
-                "corner": torch.rand(batch_size, 3, generator=generator)}
+    def random_augmentation(self, batch_size, generator):
+        """The random choices per volume, drawn on the CPU; the crop's corner as a fraction of the room.
+        With foreground crops, also whether each is centred and where (class, voxel) as fractions,
+        drawn after the authors' choices so that those stay as they were."""
+        choices = {"k": torch.randint(4, (batch_size,), generator=generator),
+                   "flip_axis": torch.randint(2, (batch_size,), generator=generator),
+                   "corner": torch.rand(batch_size, 3, generator=generator)}
+        if self.foreground:
+            choices |= {"centred": torch.rand(batch_size, generator=generator) < self.foreground,
+                        "location": torch.rand(batch_size, 2, generator=generator)}
+        return choices
+
+    def centre(self, i, pick):
+        """A voxel of volume i for a centred crop: class, then voxel, chosen by two fractions in [0, 1);
+        None when the volume has no foreground."""
+        present = [voxels for voxels in self.locations[i] if voxels is not None]
+        if not present:
+            return None
+        voxels = present[int(pick[0] * len(present))]
+        return voxels[int(pick[1] * len(voxels))].tolist()
 
     def batch(self, index, patch_size, augmentation):
-        """-> images (B, 1, *patch) float, labels (B, *patch) long for volume indices (B,)."""
+        """-> images (B, 1, *patch) float, labels (B, *patch) long on the device, for volume indices (B,)."""
         images, labels = [], []
-        for i, k, axis, corner in zip(index.tolist(), *(augmentation[key].tolist() for key in ("k", "flip_axis", "corner"))):
+        centred = augmentation.get("centred", torch.zeros(len(index), dtype=torch.bool)).tolist()
+        picks = augmentation.get("location", torch.zeros(len(index), 2)).tolist()
+        for i, k, axis, corner, centre, pick in zip(index.tolist(), *(augmentation[key].tolist() for key in ("k", "flip_axis", "corner")),
+                                                     centred, picks):
             image, label = (torch.rot90(t, k, (0, 1)).flip(axis) for t in (self.images[i], self.labels[i]))
             shortfall = [(p - s) // 2 + 3 if s <= p else 0 for s, p in zip(image.shape, patch_size)]
             padding = [side for short in reversed(shortfall) for side in (short, short)]
             image, label = F.pad(image, padding), F.pad(label, padding)
-            box = tuple(slice(int(f * (s - p)), int(f * (s - p)) + p) for f, s, p in zip(corner, image.shape, patch_size))
+            voxel = self.centre(i, pick) if centre else None
+            if voxel is None:
+                start = [int(f * (s - p)) for f, s, p in zip(corner, image.shape, patch_size)]
+            else:  # the voxel moved with the rotation, flip and padding; the crop around it stays inside
+                voxel, _ = rot90_flip_point(voxel, self.images[i].shape, k, axis)
+                start = [min(max(v + short - p // 2, 0), s - p) for v, short, p, s in zip(voxel, shortfall, patch_size, image.shape)]
+            box = tuple(slice(b, b + p) for b, p in zip(start, patch_size))
             images.append(image[box])
             labels.append(label[box])
-        return torch.stack(images).unsqueeze(1), torch.stack(labels).long()
+        return torch.stack(images).unsqueeze(1).to(self.device), torch.stack(labels).long().to(self.device)
 
 
 def write_atomic(path, data):
@@ -1028,20 +1096,31 @@ def sliding_window_probabilities(model, image, window, strides, batch_size=4, we
     return scores[(slice(None), *(slice(short // 2, short // 2 + s) for short, s in zip(shortfall, image.shape)))]
 
 
-def predict_sliding_window(model, image, window, strides, scale=1.0, weights=None):
-    """LA, as the authors' test script: (D1, D2, D3) float tensor -> (D1, D2, D3) long labels: the
-    argmax of the window-averaged probabilities (foreground where p1 > 0.5 with two classes), then only
-    the largest connected component of each class. A model trained on volumes resampled by `scale`
-    segments the volume resampled alike; its probabilities are resampled back (trilinear). weights:
-    as sliding_window_probabilities."""
-    resampled = scale != 1
-    if resampled:
-        image_size = image.shape
-        image = F.interpolate(image[None, None], size=scaled_size(image_size, scale), mode="trilinear")[0, 0]
-    probabilities = sliding_window_probabilities(model, image, window, strides, weights=weights)
-    if resampled:
-        probabilities = F.interpolate(probabilities[None], size=image_size, mode="trilinear")[0]
-    return largest_component_per_class(probabilities.argmax(0)[None], len(probabilities))[0]
+def resample_argmax(probabilities, size, slab=8):
+    """(C, D1, D2, D3) probabilities -> (size) uint8 labels: resampled trilinearly to `size` (corners
+    aligned, as resample_image), then the argmax, `slab` output slices along the last axis at a time,
+    so the probabilities are never held at full size (trilinear = linear along the last axis, then
+    bilinear in-plane). A thin structure survives that nearest-neighbour labels would cut."""
+    depth = probabilities.shape[-1]
+    positions = torch.linspace(0, depth - 1, size[2], device=probabilities.device)
+    labels = torch.empty(size, dtype=torch.uint8, device=probabilities.device)
+    for start in range(0, size[2], slab):
+        position = positions[start:start + slab]
+        below = position.floor().long()
+        above, fraction = (below + 1).clamp_max(depth - 1), position - below
+        along_depth = probabilities[..., below] * (1 - fraction) + probabilities[..., above] * fraction  # (C, D1, D2, s)
+        in_plane = F.interpolate(along_depth.permute(3, 0, 1, 2), size=list(size[:2]), mode="bilinear", align_corners=True)
+        labels[..., start:start + len(position)] = in_plane.argmax(1).permute(1, 2, 0)
+    return labels
+
+
+def keep_largest_component(labels, classes):
+    """A label map with only the largest connected component of each class in `classes` (the rest of
+    that class becomes background); the other classes as they are."""
+    for c in classes:
+        voxels = labels == c
+        labels = torch.where(voxels & ~largest_component(voxels[None])[0], 0, labels)
+    return labels
 
 
 AUTHORS_STRIDE = (18, 4)  # UA-MT's and BCP's LA test strides (XY, Z) for a 112 x 112 x 80 window
@@ -1057,18 +1136,27 @@ def default_stride(window):
     return [min(AUTHORS_STRIDE[0], *window[:2]), min(AUTHORS_STRIDE[1], window[2])]
 
 
-def segment(model, image, patch_size, stride, scale=1.0, gaussian=False):
-    """A whole volume's labels as each data set's authors infer them: ACDC (an int patch) slice by
-    slice, LA (a 3D patch) by sliding windows with --stride XY Z (and the run's --scale). gaussian:
-    instead nnU-Net's windows, every half window, weighted by gaussian_importance. The model must be in
-    eval mode."""
+def segment(model, image, patch_size, stride, scale=1.0, gaussian=False, keep_largest=None, size=None):
+    """A whole volume's labels. ACDC (an int patch): slice by slice, as the authors. 3D (a patch of
+    three): sliding windows, every --stride XY Z with the probabilities averaged (the authors' LA test),
+    or with gaussian nnU-Net's, every half window weighted by gaussian_importance; a model trained at
+    --scale segments the volume resampled alike and its probabilities come back (trilinear). Then the
+    argmax (two classes: foreground where p1 > 0.5), on the volume's grid or resampled to `size` (your
+    own scans: each scan's own grid, resample_argmax), and the largest connected component of each
+    class in keep_largest (None: every class, the authors' LA protocol; your own scans: those that
+    validation chose). The model must be in eval mode."""
     if isinstance(patch_size, int):
         return predict_volume(model, image, patch_size)
     window = tuple(patch_size)
-    if gaussian:
-        return predict_sliding_window(model, image, window, [w // 2 for w in window], scale,
-                                      gaussian_importance(window, image.device))
-    return predict_sliding_window(model, image, window, window_strides(stride), scale)
+    strides, weights = (([w // 2 for w in window], gaussian_importance(window, image.device)) if gaussian
+                        else (window_strides(stride), None))
+    resampled = F.interpolate(image[None, None], size=scaled_size(image.shape, scale), mode="trilinear")[0, 0] \
+        if scale != 1 else image
+    probabilities = sliding_window_probabilities(model, resampled, window, strides, weights=weights)
+    if scale != 1:
+        probabilities = F.interpolate(probabilities[None], size=image.shape, mode="trilinear")[0]
+    labels = probabilities.argmax(0) if size is None else resample_argmax(probabilities, size)
+    return keep_largest_component(labels, range(1, len(probabilities)) if keep_largest is None else keep_largest)
 
 
 # -----------------------------------------------------------------------------

@@ -13,11 +13,22 @@ class on the 3D volume, in voxels: Dice and Jaccard (percent), HD95 and ASD. A c
 prediction scores 0 on all four (counted and reported). That convention gives a missed class an HD95
 and ASD of 0, the best possible: it flatters those two numbers, so read them with the count of empty
 predictions. Mean over volumes, then over the classes.
+
+Your own scans (a --root that prepare_acdc.py --raw wrote) are scored as nnU-Net scores them: 3D
+models segment with nnU-Net's windows (every half window, Gaussian weights; --windows authors for
+the others), the probabilities resampled to each scan's own grid and then the argmax, the largest
+component kept only for the classes where validation chose it (train.py decides after the last
+step); Dice, Jaccard, HD95 and ASD on that grid in mm. A class absent from both reference and
+prediction is left out of that case's means; one absent from either alone scores Dice 0, its HD95
+and ASD left out (undefined); each kind is counted.
 """
 import argparse
 import json
+import math
 import sys
 import tempfile
+import time
+import warnings
 from pathlib import Path
 
 import h5py
@@ -42,21 +53,30 @@ PAPER_ROWS = {
 }
 
 
-def score_volume(prediction, label, num_classes, spacing=None):
+def score_volume(prediction, label, num_classes, spacing=None, scoring="paper"):
     """Per foreground class: {'dice', 'jaccard' (percent), 'hd95', 'asd' (voxels, or mm with the
-    voxel spacing), 'empty'}."""
+    voxel spacing), 'case'}, 'case' one of CASES. A class absent from the prediction: scoring "paper"
+    scores 0 on all four (the authors' convention), "nnunet" Dice and Jaccard 0 with HD95 and ASD NaN
+    (undefined; left out of the means), and NaN on all four when the reference lacks it too. A class
+    absent from the reference alone: Dice and Jaccard 0, HD95 and ASD NaN, under both."""
     scores = []
     for c in range(1, num_classes):
         predicted, truth = prediction == c, label == c
-        if not predicted.any():  # the authors' convention: a missed class scores 0 on every metric
-            scores.append({**dict.fromkeys(METRICS, 0.0), "empty": True})
-            continue
-        if not truth.any():
-            raise ValueError(f"class {c} is predicted but absent from the ground truth")
-        metrics = bcp.binary_metrics(predicted, truth, spacing)
-        scores.append({"dice": 100 * metrics["dice"], "jaccard": 100 * metrics["jaccard"],
-                       "hd95": metrics["hd95"], "asd": metrics["asd"], "empty": False})
+        if predicted.any() and truth.any():
+            metrics = bcp.binary_metrics(predicted, truth, spacing)
+            scores.append({"dice": 100 * metrics["dice"], "jaccard": 100 * metrics["jaccard"],
+                           "hd95": metrics["hd95"], "asd": metrics["asd"], "case": "scored"})
+        elif not predicted.any() and scoring == "paper":
+            scores.append({**dict.fromkeys(METRICS, 0.0), "case": "empty prediction"})
+        elif not predicted.any() and not truth.any():
+            scores.append({**dict.fromkeys(METRICS, math.nan), "case": "absent from both"})
+        else:
+            scores.append({"dice": 0.0, "jaccard": 0.0, "hd95": math.nan, "asd": math.nan,
+                           "case": "empty prediction" if truth.any() else "empty reference"})
     return scores
+
+
+CASES = ("scored", "empty prediction", "empty reference", "absent from both")
 
 
 def native_label(path):
@@ -105,13 +125,52 @@ def nifti_scans(path):
     return [path]
 
 
+def largest_component_classes(flags):
+    """The classes whose largest connected component is kept: every class under the LA protocol (None);
+    for a model of your own 3D scans, those validation chose (train.py stores them as keep_largest),
+    none before a choice."""
+    return flags.get("keep_largest", []) if flags.get("preprocessing") else None
+
+
+def classes_helped_by_largest_component(predictions, labels, num_classes):
+    """nnU-Net's post-processing rule: keep only the largest connected component of a class where that
+    raises the class's mean Dice over the validation cases (label tensors; a class absent from both
+    left out). -> (those classes, [(class, mean Dice as predicted, with its largest component only)])."""
+    as_predicted = torch.stack([bcp.dice_per_class(p, l, num_classes, "nnunet") for p, l in zip(predictions, labels)])
+    largest_only = torch.stack([torch.stack([bcp.dice_per_class(bcp.keep_largest_component(p, [c]), l, num_classes,
+                                                                "nnunet")[c - 1] for c in range(1, num_classes)])
+                                for p, l in zip(predictions, labels)])
+    before, after = as_predicted.nanmean(0).tolist(), largest_only.nanmean(0).tolist()
+    return [c for c in range(1, num_classes) if after[c - 1] > before[c - 1]], list(zip(range(1, num_classes), before, after))
+
+
+def choose_largest_component_classes(checkpoint_path, root, device):
+    """After training on your own 3D scans: segment the validation cases on their own grids without
+    post-processing, choose the classes by classes_helped_by_largest_component, and store them in the
+    checkpoint's flags (keep_largest), which evaluation and --predict follow. -> what that returns."""
+    model, checkpoint = bcp.load_model(checkpoint_path, device)
+    model.eval()
+    flags = checkpoint["flags"]
+    predictions, labels = [], []
+    for name, image, _ in bcp.load_la_volumes(root, bcp.la_cases(root, flags["labeled_patients"], flags["val_cases"])[2],
+                                              flags["num_classes"]):
+        labels.append(torch.from_numpy(native_label(Path(root) / bcp.LA_FOLDER / name / "mri_norm2.h5")).to(device))
+        predictions.append(bcp.segment(model, torch.from_numpy(image).to(device), flags["patch_size"], flags["stride"],
+                                       flags.get("scale") or 1.0, gaussian=True, keep_largest=[], size=labels[-1].shape))
+    classes, table = classes_helped_by_largest_component(predictions, labels, flags["num_classes"])
+    checkpoint["flags"] = {**flags, "keep_largest": classes}
+    bcp.write_atomic(checkpoint_path, lambda f: torch.save(checkpoint, f))
+    return classes, table
+
+
 def predict_scans(model, flags, stride, gaussian, scans, out_dir, device, png_dir=None):
     """Segment each NIfTI scan as training saw its images and write <out_dir>/<name>.nii.gz, a uint8
     label map with the scan's geometry. ACDC (2D model): per-volume min-max to [0, 1], slices resized to
     the patch, nearest back. 3D models, in NIfTI index order (i, j, k), by sliding windows: trained on
-    your own 3D scans, the training's intensities and spacing (prepare_acdc.py --3d), the labels
-    resampled back to the scan's grid (nearest); on LA, the scan z-scored as a whole (as UA-MT
-    preprocessed LA, which also cropped around the atrium).
+    your own 3D scans, the training's intensities and spacing (prepare_acdc.py --3d), the probabilities
+    resampled back to the scan's grid, then the argmax and the post-processing validation chose; on LA,
+    the scan z-scored as a whole (as UA-MT preprocessed LA, which also cropped around the atrium) and
+    the authors' largest component. One scan is in memory at a time, as float32.
     png_dir: a montage of each scan with the outlines read back from the written file."""
     patch_size, preprocessing = flags["patch_size"], flags.get("preprocessing")
     targets = {scan: out_dir / f"{prepare_acdc.scan_stem(scan)}.nii.gz" for scan in scans}
@@ -120,6 +179,7 @@ def predict_scans(model, flags, stride, gaussian, scans, out_dir, device, png_di
         if target.resolve() in inputs:
             raise bcp.DataError(f"{target}: is one of the scans to segment; give another --out")
     for scan, target in targets.items():
+        start = time.time()
         image, header = prepare_acdc.read_nifti(scan, with_header=True)
         volumetric = not isinstance(patch_size, int)
         if image.ndim not in ((3,) if volumetric else (2, 3)):
@@ -129,24 +189,21 @@ def predict_scans(model, flags, stride, gaussian, scans, out_dir, device, png_di
             raise bcp.DataError(f"{scan}: {np.size(image) - np.isfinite(image).sum()} NaN or infinite voxels; "
                                 f"fill or mask them before segmenting")
         if volumetric:  # (k, j, i) as read -> (i, j, k), the axis order of UA-MT's LA arrays
-            volume = image.transpose(2, 1, 0).astype(np.float64)
-            shown = volume = ((volume - volume.mean()) / max(float(volume.std()), 1e-8)).astype(np.float32)
-            if preprocessing:
-                spacing, _ = prepare_acdc.nifti_geometry(header, scan)
-                volume = prepare_acdc.preprocess_3d(image.transpose(2, 1, 0).astype(np.float64), spacing, preprocessing, scan)
+            shown = image.transpose(2, 1, 0).astype(np.float32)
+            del image
+            volume = (prepare_acdc.preprocess_3d(shown, prepare_acdc.nifti_geometry(header, scan)[0], preprocessing, scan)
+                      if preprocessing else prepare_acdc.zscore(shown))  # both normalise `shown` in place
         else:
             shown = volume = prepare_acdc.normalize(image.astype(np.float64), scan).reshape(-1, *image.shape[-2:])  # (S, H, W)
         labels = bcp.segment(model, torch.from_numpy(np.ascontiguousarray(volume)).to(device), patch_size, stride,
-                             flags.get("scale") or 1.0, gaussian)
-        if preprocessing:
-            labels = bcp.resample_labels(labels, shown.shape)
-        labels = labels.cpu().numpy()
+                             flags.get("scale") or 1.0, gaussian, largest_component_classes(flags),
+                             size=shown.shape if preprocessing else None).cpu().numpy()
         prepare_acdc.write_nifti_labels(target, (labels.transpose(2, 1, 0) if volumetric else labels).astype(np.uint8), header)
         if png_dir:
             written = prepare_acdc.read_nifti(target)
             written = written.transpose(2, 1, 0) if volumetric else written.reshape(shown.shape)
             save_montage(png_dir / f"{target.name.removesuffix('.nii.gz')}.png", shown, [written], slices_last=volumetric)
-        print(f"{scan} -> {target} ({np.bincount(labels.ravel(), minlength=2)[1:].sum()} foreground voxels)")
+        print(f"{scan} -> {target} ({np.count_nonzero(labels)} foreground voxels, {time.time() - start:.1f} s)")
 
 
 def embed_slices(model, bank, patch_size, batch_size=32):
@@ -210,9 +267,9 @@ def main(argv=None):
     p.add_argument("--stride", type=int, nargs=2, metavar=("XY", "Z"),
                    help="3D models: sliding-window strides along the first two axes and the third "
                         "(the authors' 18 4, at most the window)")
-    p.add_argument("--windows", choices=["authors", "gaussian"], default="authors",
-                   help="3D models: the authors' sliding windows (every --stride, a plain mean) or nnU-Net's "
-                        "(every half window, Gaussian-weighted: about twice as fast here; docs/own_scans.md)")
+    p.add_argument("--windows", choices=["authors", "gaussian"],
+                   help="3D models: the authors' sliding windows (every --stride, a plain mean; LA's default) or "
+                        "nnU-Net's (every half window, Gaussian-weighted; your own scans' default; docs/own_scans.md)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     if args.stride and min(args.stride) < 1:
@@ -242,6 +299,12 @@ def main(argv=None):
         if args.stride[0] > min(patch_size[:2]) or args.stride[1] > patch_size[2]:
             p.error(f"--stride {' '.join(map(str, args.stride))}: larger than the window {patch_size}; "
                     f"voxels between windows would be left out")
+    args.windows = args.windows or ("gaussian" if flags.get("preprocessing") else "authors")
+    keep_largest = largest_component_classes(flags)
+    if keep_largest is not None:
+        print(f"post-processing (chosen on validation): the largest component kept for "
+              f"{'classes ' + ', '.join(map(str, keep_largest)) if keep_largest else 'no class'}"
+              if "keep_largest" in flags else "post-processing: none (train.py chooses it after a phase's last step)")
     if args.predict:
         return predict_scans(model, flags, args.stride, args.windows == "gaussian",
                              nifti_scans(args.predict), Path(args.out), device, Path(args.save_png) if args.save_png else None)
@@ -266,25 +329,26 @@ def main(argv=None):
         path_of = lambda name: Path(args.root) / "data" / f"{name}.h5"
 
     native = own_data.get("cases")  # your own 3D scans: scored on each scan's own grid, in mm
+    scoring = "nnunet" if own_data else "paper"
     per_volume = []
     for name, image, label in volumes:
-        prediction = bcp.segment(model, torch.from_numpy(image).to(device), patch_size, args.stride,
-                                 flags.get("scale") or 1.0, args.windows == "gaussian")
-        if args.save_png:
-            save_montage(Path(args.save_png) / f"{name}.png", image, [label, prediction.cpu().numpy()], slices_last=la)
-        spacing = None
+        spacing, size = None, None
         if native:
-            label, spacing = native_label(path_of(name)), native[name]["spacing"]
-            prediction = bcp.resample_labels(prediction, label.shape)
-        try:
-            per_volume.append(score_volume(prediction.cpu().numpy(), label, num_classes, spacing))
-        except ValueError as error:  # a class missing from the ground truth: HD95 and ASD are undefined
-            raise bcp.DataError(f"{path_of(name)}: {error}") from None
+            native_truth, spacing = native_label(path_of(name)), native[name]["spacing"]
+            size = native_truth.shape
+        prediction = bcp.segment(model, torch.from_numpy(image).to(device), patch_size, args.stride,
+                                 flags.get("scale") or 1.0, args.windows == "gaussian", keep_largest, size).cpu()
+        if args.save_png:  # on the grid the model saw
+            shown = bcp.resample_labels(prediction, image.shape) if native else prediction
+            save_montage(Path(args.save_png) / f"{name}.png", image, [label, shown.numpy()], slices_last=la)
+        per_volume.append(score_volume(prediction.numpy(), native_truth if native else label, num_classes, spacing, scoring))
 
-    per_class = {class_names[c]: {m: float(np.mean([v[c][m] for v in per_volume])) for m in METRICS}
-                 for c in range(num_classes - 1)}
-    mean = {m: float(np.mean([per_class[n][m] for n in class_names])) for m in METRICS}
-    empty = sum(s["empty"] for v in per_volume for s in v)
+    with warnings.catch_warnings():  # a metric left out of every volume is NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        per_class = {class_names[c]: {m: float(np.nanmean([v[c][m] for v in per_volume])) for m in METRICS}
+                     for c in range(num_classes - 1)}
+        mean = {m: float(np.nanmean([per_class[n][m] for n in class_names])) for m in METRICS}
+    counts = {case: sum(s["case"] == case for v in per_volume for s in v) for case in CASES}
 
     print(f"{args.checkpoint} ({flags.get('phase')}, {flags.get('labeled_patients')} labeled patients) "
           f"on {args.root} {args.split}: {len(per_volume)} volumes")
@@ -298,15 +362,24 @@ def main(argv=None):
             print(f"the paper's rows below were measured on the test split, these on {args.split}")
         for row_name, *row in PAPER_ROWS["la" if la else "acdc"].get(flags.get("labeled_patients"), []):
             print(f"{row_name:42s} {row[0]:8.2f} {row[1]:10.2f} {row[2]:8.2f} {row[3]:8.2f}")
-    print(f"class-volumes with an empty prediction (scored 0): {empty} of {len(per_volume) * (num_classes - 1)}")
+    total = len(per_volume) * (num_classes - 1)
+    if scoring == "paper":
+        print(f"class-volumes with an empty prediction (scored 0): {counts['empty prediction']} of {total}")
+    else:
+        print(f"class-volumes ({total}), as nnU-Net counts them: {counts['scored']} scored; "
+              f"{counts['empty prediction']} with an empty prediction and {counts['empty reference']} with an empty "
+              f"reference (Dice 0, HD95 and ASD left out); {counts['absent from both']} absent from both (left out)")
     if native:
-        print("scored on each scan's own grid: the predictions resampled back (nearest), HD95 and ASD in mm")
+        print(f"scored on each scan's own grid ({args.windows} windows, the probabilities resampled back, then the "
+              f"argmax), HD95 and ASD in mm")
 
     if args.kde:
         feature_distributions(model, args.root, flags["labeled_patients"], num_classes, patch_size, device, args.kde)
     if args.json:
         bcp.write_atomic(args.json, json.dumps(
-            {"mean": mean, "per_class": per_class, "volumes": len(per_volume), "empty_predictions": empty,
+            {"mean": mean, "per_class": per_class, "volumes": len(per_volume), "scoring": scoring,
+             "empty_predictions": counts["empty prediction"], "empty_references": counts["empty reference"],
+             "absent_from_both": counts["absent from both"],
              "checkpoint": str(args.checkpoint), "split": args.split}, indent=2).encode() + b"\n")
 
 

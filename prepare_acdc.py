@@ -32,6 +32,7 @@ import gzip
 import json
 import math
 import os
+import re
 import shutil
 import struct
 import sys
@@ -157,17 +158,17 @@ def normalize(image, path):
 
 # ----------------------------------------------------------------------------- the official NIfTI download
 
-NIFTI_DTYPES = {2: "u1", 4: "i2", 8: "i4", 16: "f4", 64: "f8", 256: "i1", 512: "u2", 768: "u4"}
+NIFTI_DTYPES = {2: "u1", 4: "i2", 8: "i4", 16: "f4", 64: "f8", 256: "i1", 512: "u2", 768: "u4", 1024: "i8", 1280: "u8"}
 NIFTI_COMPLEX = {32, 1792, 2048}
 NIFTI_HEADER = 348  # bytes; a single-file NIfTI-1 (.nii) then has 4 extension bytes, data from byte 352
 
 
-def read_nifti_header(path, whole=False):
-    """(the file's bytes: its header only, or whole; byte order) of a NIfTI-1 file, checked to be one.
-    A gzipped file is decompressed only as far as it is read."""
+def read_nifti_header(path):
+    """(the header's bytes, byte order) of a NIfTI-1 file, checked to be one. A gzipped file is
+    decompressed only as far as it is read."""
     try:
         with (gzip.open if str(path).endswith(".gz") else open)(path, "rb") as f:
-            raw = f.read() if whole else f.read(NIFTI_HEADER)
+            raw = f.read(NIFTI_HEADER)
     except (OSError, EOFError) as error:
         raise bcp.DataError(f"{path}: cannot read ({error})") from None
     if len(raw) < NIFTI_HEADER:
@@ -180,10 +181,11 @@ def read_nifti_header(path, whole=False):
 
 def read_nifti(path, with_header=False):
     """A NIfTI-1 file (.nii or .nii.gz) -> numpy array in (slice, row, col) order, as SimpleITK's
-    GetArrayFromImage gives it: the reverse of the NIfTI index order (i, j, k). scl_slope/scl_inter
+    GetArrayFromImage gives it: the reverse of the NIfTI index order (i, j, k), in the file's own data
+    type, decompressed straight into the array (no second copy of a large scan). scl_slope/scl_inter
     are applied when set (the result is then float). with_header: also (header bytes, byte order),
     for write_nifti_labels."""
-    raw, endian = read_nifti_header(path, whole=True)
+    header = raw, endian = read_nifti_header(path)
     dims = struct.unpack(endian + "8h", raw[40:56])
     datatype = struct.unpack(endian + "h", raw[70:72])[0]
     offset = int(struct.unpack(endian + "f", raw[108:112])[0])
@@ -196,17 +198,25 @@ def read_nifti(path, with_header=False):
         raise bcp.DataError(f"{path}: invalid number of dimensions {dims[0]}")
     shape = dims[1:1 + dims[0]]
     dtype = np.dtype(endian + NIFTI_DTYPES[datatype])
-    count = math.prod(shape)
-    if len(raw) < offset + count * dtype.itemsize:
-        raise bcp.DataError(f"{path}: truncated: {shape} {dtype} needs {offset + count * dtype.itemsize} bytes, has {len(raw)}")
-    data = np.frombuffer(raw, dtype, count, offset).reshape(shape[::-1])  # Fortran order -> (k, j, i)
+    data = np.empty(shape[::-1], dtype)  # Fortran order (i, j, k) -> C order (k, j, i)
+    filled = memoryview(data.reshape(-1).view(np.uint8))
+    try:
+        with (gzip.open if str(path).endswith(".gz") else open)(path, "rb") as f:
+            f.seek(offset)
+            while filled.nbytes and (count := f.readinto(filled)):
+                filled = filled[count:]
+    except (OSError, EOFError) as error:
+        raise bcp.DataError(f"{path}: cannot read ({error})") from None
+    if filled.nbytes:
+        raise bcp.DataError(f"{path}: truncated: {shape} {dtype} needs {offset + data.nbytes} bytes, "
+                            f"has {offset + data.nbytes - filled.nbytes}")
     while data.ndim > 3 and data.shape[0] == 1:  # a trailing singleton time axis
         data = data[0]
     slope = slope if math.isfinite(slope) and slope != 0 else 1.0  # 0 or NaN: no scaling (nibabel writes NaN)
     inter = inter if math.isfinite(inter) else 0.0
     if (slope, inter) != (1.0, 0.0):
-        data = data * slope + inter
-    return (data.copy(), (raw[:NIFTI_HEADER], endian)) if with_header else data.copy()
+        data = data * np.float32(slope) + np.float32(inter)
+    return (data, header) if with_header else data
 
 
 def write_nifti_labels(path, labels, header):
@@ -226,15 +236,17 @@ def write_nifti_labels(path, labels, header):
 
 def nifti_geometry(header, path):
     """(voxel spacing along i, j, k in mm, 4 x 4 affine) of a header read_nifti returned: the affine of
-    the sform when its code is set, else of the qform, else the pixdim scaling, as NIfTI-1 (and nibabel)
-    choose it."""
+    the sform when its code is set, else of the qform, else nibabel's fallback (the pixdim scaling with
+    i flipped and the centre voxel at the origin), as nibabel chooses it."""
     raw, endian = header
     pixdim = np.array(struct.unpack(endian + "8f", raw[76:108]), dtype=float)
     qform_code, sform_code = struct.unpack(endian + "2h", raw[252:256])
     spacing = np.abs(pixdim[1:4])
     if not (np.isfinite(spacing).all() and (spacing > 0).all()):
         raise bcp.DataError(f"{path}: voxel spacing (pixdim) must be positive, got {pixdim[1:4].tolist()}")
-    affine = np.diag([*spacing, 1.0])
+    shape = np.array(struct.unpack(endian + "3h", raw[42:48]), dtype=float)
+    affine = np.diag([-spacing[0], *spacing[1:], 1.0])
+    affine[:3, 3] = -(shape - 1) / 2 * np.diag(affine)[:3]
     if sform_code > 0:
         affine[:3] = np.array(struct.unpack(endian + "12f", raw[280:328]), dtype=float).reshape(3, 4)
     elif qform_code > 0:
@@ -311,6 +323,33 @@ def case_name(path, suffix=""):
     return scan_stem(path).removesuffix(suffix).replace("_", "-")
 
 
+def nifti_files(folder):
+    """The .nii and .nii.gz files of a folder, sorted, without dotfiles (the '._<case>.nii.gz' that macOS
+    leaves beside each file are not scans)."""
+    return sorted(p for p in Path(folder).glob("*.nii*") if not p.name.startswith(".") and p.name.endswith((".nii", ".nii.gz")))
+
+
+NNUNET_CHANNEL = "_0000"  # nnU-Net v2 names a case's first channel <case>_0000; the Decathlon names it <case>
+
+
+def channel_suffix(raw, images):
+    """'_0000' for nnU-Net v2's image names, '' for the Decathlon's, by dataset.json ('channel_names' is
+    nnU-Net's, 'modality' the Decathlon's), else by the names themselves. One channel per case: a
+    second channel (<case>_0001) or a multi-modal dataset.json is refused."""
+    path = raw / "dataset.json"
+    fields = json.loads(path.read_text()) if path.exists() else {}
+    channels = fields.get("channel_names") or fields.get("modality") or {}
+    if len(channels) > 1:
+        raise bcp.DataError(f"{path}: {len(channels)} channels ({', '.join(map(str, channels.values()))}); "
+                            f"one channel per case is supported")
+    numbered = [re.search(r"_\d{4}$", scan_stem(p)) is not None for p in images]
+    nnunet = "channel_names" in fields or "modality" not in fields and numbered and all(numbered)
+    second = next((p for p in images if nnunet and not scan_stem(p).endswith(NNUNET_CHANNEL)), None)
+    if second:
+        raise bcp.DataError(f"{second}: not channel 0 (<case>{NNUNET_CHANNEL}); one channel per case is supported")
+    return NNUNET_CHANNEL if nnunet else ""
+
+
 def read_scan(path):
     image = read_nifti(path)
     if image.ndim == 2:
@@ -338,51 +377,54 @@ def class_names_of(raw):
 
 
 def own_cases(raw, val_fraction, seed):
-    """Your own scans in the nnU-Net / Medical Segmentation Decathlon layout -> (info for dataset.json,
-    {case: image path}, {case: label path}, {case: split}). Labeled cases are split into train and val
-    (val_fraction of them, shuffled by seed), unlabeled ones are 'unlabeled' (training, self-training
-    only), imagesTs with labelsTs is the test split."""
+    """Your own scans as the Medical Segmentation Decathlon (imagesTr/<case>.nii.gz) or nnU-Net v2
+    (imagesTr/<case>_0000.nii.gz) lays them out -> (info for dataset.json, {case: image path}, {case:
+    label path}, {case: split}). Labeled cases of imagesTr are split into train and val (val_fraction of
+    them, shuffled by seed); every scan without a label (imagesTr, imagesUnlabeled, and imagesTs, where
+    the Decathlon withholds the labels) is 'unlabeled' (training, self-training only); imagesTs with
+    labelsTs is the test split."""
     raw = Path(raw)
+    found = {split: nifti_files(raw / folder) for folder, split in
+             (("imagesTr", "train"), ("imagesUnlabeled", "unlabeled"), ("imagesTs", "test"))}
+    suffix = channel_suffix(raw, [path for paths in found.values() for path in paths])
     images, labels = {}, {}
-    for folder, split in (("imagesTr", "train"), ("imagesUnlabeled", "unlabeled"), ("imagesTs", "test")):
-        for path in sorted((raw / folder).glob("*.nii*")):
-            if not scan_stem(path).endswith("_0000"):
-                raise bcp.DataError(f"{path}: only one channel per case is supported (<case>_0000.nii.gz)")
-            name = case_name(path, "_0000")
+    for split, paths in found.items():
+        for path in paths:
+            name = case_name(path, suffix)
             if name in images:
                 raise bcp.DataError(f"{path}: case {name} appears twice (names are compared with '_' read as '-')")
             images[name] = (split, path)
     for folder in ("labelsTr", "labelsTs"):
-        for path in sorted((raw / folder).glob("*.nii*")):
+        for path in nifti_files(raw / folder):
             if case_name(path) not in images:
                 raise bcp.DataError(f"{path}: a label without an image ({raw / folder.replace('labels', 'images')}/"
-                                    f"{path.name.split('.')[0]}_0000.nii.gz)")
+                                    f"{scan_stem(path)}{suffix}.nii.gz)")
             labels[case_name(path)] = path
     if not any(split == "train" and name in labels for name, (split, _) in images.items()):
-        raise bcp.DataError(f"{raw}: no labeled training cases (imagesTr/<case>_0000.nii.gz with labelsTr/<case>.nii.gz)")
+        raise bcp.DataError(f"{raw}: no labeled training cases (imagesTr/<case>{suffix}.nii.gz with labelsTr/<case>.nii.gz)")
     values = {name: np.unique(read_nifti(path)) for name, path in labels.items()}  # read again when written:
     # the classes must be known before the first volume is, and only one volume is held at a time
-    for name, found in values.items():
-        if found.min() < 0 or not np.array_equal(found, np.round(found)):
-            raise bcp.DataError(f"{labels[name]}: label values must be whole numbers from 0, got {found[:10]}")
+    for name, found_values in values.items():
+        if found_values.min() < 0 or not np.array_equal(found_values, np.round(found_values)):
+            raise bcp.DataError(f"{labels[name]}: label values must be whole numbers from 0, got {found_values[:10]}")
     class_names = class_names_of(raw)
     num_classes = len(class_names) + 1 if class_names else int(max(v.max() for v in values.values())) + 1
-    for name, found in values.items():
+    for name, found_values in values.items():
         others = [v.max() for n, v in values.items() if n != name]
-        if found.max() >= num_classes or (not class_names and others and found.max() > max(others)):
-            raise bcp.DataError(f"{labels[name]}: holds class {found.max():g}, which "
+        if found_values.max() >= num_classes or (not class_names and others and found_values.max() > max(others)):
+            raise bcp.DataError(f"{labels[name]}: holds class {found_values.max():g}, which "
                                 + (f"dataset.json does not list (classes 0..{num_classes - 1})" if class_names else
                                    "no other label has; list the classes in dataset.json 'labels' if that is right"))
     labeled = [name for name, (split, _) in images.items() if split == "train" and name in labels]
     labeled = [labeled[i] for i in np.random.default_rng(seed).permutation(len(labeled))]
     n_val = min(len(labeled) - 1, round(len(labeled) * val_fraction)) if len(labeled) > 1 else 0
     splits = {name: "val" for name in labeled[:n_val]} | {name: "train" for name in labeled[n_val:]}
-    unlabeled = [name for name, (split, _) in images.items() if split != "test" and name not in labels]
+    unlabeled = [name for name in images if name not in labels]
     splits |= {name: "unlabeled" for name in unlabeled}
     splits |= {name: "test" for name, (split, _) in images.items() if split == "test" and name in labels}
-    skipped = [name for name, (split, _) in images.items() if split == "test" and name not in labels]
-    if skipped:
-        print(f"{len(skipped)} imagesTs cases without labelsTs are not a test split; segment them with evaluate.py --predict")
+    unlabeled_tests = sum(images[name][0] == "test" for name in unlabeled)
+    if unlabeled_tests:
+        print(f"{unlabeled_tests} imagesTs scans have no labelsTs: they join the unlabeled scans (self-training only)")
     info = {"num_classes": num_classes, "class_names": class_names or [f"class {c}" for c in range(1, num_classes)],
             "unlabeled": unlabeled, "source": str(raw)}
     order = ["train", "unlabeled", "val", "test"]  # train.list: labeled first (the labeling order), then unlabeled
@@ -405,7 +447,7 @@ def own_volumes(raw, val_fraction, seed):
     return info, volumes()
 
 
-MAX_RESAMPLING = 4  # a scan whose spacing is more than this many times the target's along an axis is refused
+MAX_RESAMPLING = 16  # more than this many times the target spacing (or less than 1/16): a wrong header, not a thick slice
 FOREGROUND_SAMPLES = 100_000  # CT statistics: at most this many foreground voxels of each labeled scan
 
 
@@ -419,20 +461,43 @@ def modality_of(raw):
 
 
 def read_scan_3d(path):
-    """(array (i, j, k) float64 in NIfTI index order, spacing, affine) of a 3D scan or label map."""
+    """(array (i, j, k) float32 in NIfTI index order, spacing, affine) of a 3D scan."""
     array, header = read_nifti(path, with_header=True)
     if array.ndim != 3:
         raise bcp.DataError(f"{path}: a {array.ndim}D image of shape {array.shape}; --3d takes one 3D scan per file")
-    return (array.transpose(2, 1, 0).astype(np.float64), *nifti_geometry(header, path))
+    return (array.transpose(2, 1, 0).astype(np.float32), *nifti_geometry(header, path))
+
+
+def read_labels_3d(path, shape, affine):
+    """A label map (i, j, k) uint8 of any stored type (own_cases checked its values), on its scan's grid."""
+    labels, header = read_nifti(path, with_header=True)
+    labels = labels.transpose(2, 1, 0)
+    label_affine = nifti_geometry(header, path)[1]
+    if labels.shape != shape or not np.allclose(label_affine, affine, atol=1e-3):
+        raise bcp.DataError(f"{path}: shape {labels.shape} and affine {np.round(label_affine, 3).tolist()} "
+                            f"differ from the scan's {shape} and {np.round(affine, 3).tolist()}")
+    return labels.astype(np.uint8)
+
+
+def standardize(image, mean, std):
+    """(image - mean) / std in place (float32)."""
+    image -= np.float32(mean)
+    image /= np.float32(std)
+    return image
+
+
+def zscore(image):
+    """A float32 scan z-scored over all its voxels, in place."""
+    return standardize(image, image.mean(dtype=np.float64), max(float(image.std(dtype=np.float64)), 1e-8))
 
 
 def normalize_3d(image, preprocessing):
     """MRI: z-score over the whole scan (as UA-MT's LA arrays); CT: clipped to the window, then the
-    training foreground's mean and standard deviation (nnU-Net's CT scheme)."""
-    if preprocessing["modality"] == "CT":
-        low, high = preprocessing["window"]
-        return (np.clip(image, low, high) - preprocessing["mean"]) / preprocessing["std"]
-    return (image - image.mean()) / max(float(image.std()), 1e-8)
+    training foreground's mean and standard deviation (nnU-Net's CT scheme). In place, float32."""
+    if preprocessing["modality"] != "CT":
+        return zscore(image)
+    np.clip(image, *preprocessing["window"], out=image)
+    return standardize(image, preprocessing["mean"], preprocessing["std"])
 
 
 def resampled_size(shape, spacing, target):
@@ -441,7 +506,7 @@ def resampled_size(shape, spacing, target):
 
 def check_spacing(spacing, target, path):
     """Refuse a scan whose spacing is more than MAX_RESAMPLING times the target's (or less than its
-    1 / MAX_RESAMPLING) along an axis: resampling would invent or drop most of its voxels there."""
+    1 / MAX_RESAMPLING) along an axis: that is a wrong header or a wrong --spacing, not a thick slice."""
     ratio = np.asarray(spacing) / np.asarray(target)
     if (ratio > MAX_RESAMPLING).any() or (ratio < 1 / MAX_RESAMPLING).any():
         raise bcp.DataError(f"{path}: spacing {np.round(spacing, 4).tolist()} mm is more than {MAX_RESAMPLING} times "
@@ -450,7 +515,8 @@ def check_spacing(spacing, target, path):
 
 
 def preprocess_3d(image, spacing, preprocessing, path):
-    """A scan (i, j, k) normalised, then resampled to the target spacing (trilinear) -> float32 array."""
+    """A scan (i, j, k) float32 normalised (in place), then resampled to the target spacing (trilinear)
+    -> float32 array."""
     check_spacing(spacing, preprocessing["spacing"], path)
     size = resampled_size(image.shape, spacing, preprocessing["spacing"])
     return bcp.resample_image(torch.from_numpy(normalize_3d(image, preprocessing)), size).numpy()
@@ -463,6 +529,7 @@ def own_volumes_3d(raw, val_fraction, seed, spacing=None, ct_window=None):
     labeled training cases, then the unlabeled, then the validation cases (the LA path holds the last
     --val-cases aside); each case's native shape, spacing and affine go to dataset.json, and a test
     or validation case's native label map to its h5 ('label_native') for scoring on the scan's own grid.
+    One scan is in memory at a time, as float32 (its labels as uint8).
     -> (info, a generator of (split, name, image, label[, more label maps]))."""
     info, images, labels, splits = own_cases(raw, val_fraction, seed)
     training = [name for name, split in splits.items() if split == "train"]
@@ -474,10 +541,10 @@ def own_volumes_3d(raw, val_fraction, seed, spacing=None, ct_window=None):
     if preprocessing["modality"] == "CT":
         rng, samples = np.random.default_rng(seed), []
         for name in training:
-            image, label = read_scan_3d(images[name])[0], read_scan_3d(labels[name])[0]
-            foreground = image[label > 0]
+            image, _, affine = read_scan_3d(images[name])
+            foreground = image[read_labels_3d(labels[name], image.shape, affine) > 0]
             samples.append(rng.choice(foreground, min(len(foreground), FOREGROUND_SAMPLES), replace=False))
-        samples = np.concatenate(samples)
+        samples = np.concatenate(samples).astype(np.float64)
         low, high = ct_window or np.percentile(samples, [0.5, 99.5]).tolist()
         clipped = np.clip(samples, low, high)
         preprocessing.update(window=[float(low), float(high)], mean=float(clipped.mean()), std=max(float(clipped.std()), 1e-8),
@@ -489,18 +556,15 @@ def own_volumes_3d(raw, val_fraction, seed, spacing=None, ct_window=None):
     def volumes():
         for name, split in splits.items():
             image, case_spacing, affine = read_scan_3d(images[name])
-            label = np.zeros(image.shape)
-            if name in labels:
-                label, _, label_affine = read_scan_3d(labels[name])
-                if label.shape != image.shape or not np.allclose(label_affine, affine, atol=1e-3):
-                    raise bcp.DataError(f"{labels[name]}: shape {label.shape} and affine {np.round(label_affine, 3).tolist()} "
-                                        f"differ from the scan's {image.shape} and {np.round(affine, 3).tolist()}")
+            label = read_labels_3d(labels[name], image.shape, affine) if name in labels else np.zeros(image.shape, np.uint8)
+            native_shape = list(image.shape)
             resampled = preprocess_3d(image, case_spacing, preprocessing, images[name])
-            label = torch.from_numpy(label.astype(np.uint8))
-            info["cases"][name] = {"shape": list(image.shape), "spacing": case_spacing.tolist(), "affine": affine.tolist(),
+            del image
+            info["cases"][name] = {"shape": native_shape, "spacing": case_spacing.tolist(), "affine": affine.tolist(),
                                    "resampled_shape": list(resampled.shape)}
-            more = {"label_native": label.numpy()} if split in ("val", "test") else {}
-            yield ("test" if split == "test" else "train"), name, resampled, bcp.resample_labels(label, resampled.shape).numpy(), more
+            more = {"label_native": label} if split in ("val", "test") else {}
+            yield ("test" if split == "test" else "train"), name, resampled, \
+                bcp.resample_labels(torch.from_numpy(label), resampled.shape).numpy(), more
     return info, volumes()
 
 

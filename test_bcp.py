@@ -25,6 +25,7 @@ import nibabel
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from scipy import ndimage
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -779,19 +780,39 @@ def test_committed_checkpoints_load_on_the_cpu():
         assert torch.isfinite(model.eval()(torch.rand(1, 1, 64, 64))).all(), path
 
 
-def test_score_volume_by_hand_and_missing_ground_truth():
-    """Class 1 predicted exactly, class 2 missed (all four scored 0, flagged empty), class 3 predicted
-    where the ground truth has none: HD95 is undefined and the error says which class."""
+NAN = float("nan")
+
+
+@pytest.mark.parametrize("scoring", ["paper", "nnunet"])
+def test_score_volume_by_hand_with_missing_classes(scoring):
+    """Class 1 predicted exactly; class 2 missed: the paper's convention scores 0 on all four, nnU-Net's
+    Dice and Jaccard 0 with HD95 and ASD undefined (NaN); class 3 predicted where the reference has none:
+    Dice 0, HD95 and ASD undefined, under both, and no error; class 4 in neither: 0 (paper) or left out
+    (nnU-Net: NaN on all four)."""
     label = np.zeros((2, 6, 6), np.uint8)
     label[:, 1:3, 1:3], label[:, 4:, 4:] = 1, 2
-    scores = evaluate.score_volume(label.copy(), label, 3)
-    assert scores[0] == {"dice": 100.0, "jaccard": 100.0, "hd95": 0.0, "asd": 0.0, "empty": False}
     prediction = label.copy()
     prediction[label == 2] = 0
-    assert evaluate.score_volume(prediction, label, 3)[1] == {"dice": 0.0, "jaccard": 0.0, "hd95": 0.0, "asd": 0.0, "empty": True}
     prediction[0, 0, 5] = 3
-    with pytest.raises(ValueError, match="class 3 is predicted but absent"):
-        evaluate.score_volume(prediction, label, 4)
+    scores = evaluate.score_volume(prediction, label, 5, scoring=scoring)
+    assert scores[0] == {"dice": 100.0, "jaccard": 100.0, "hd95": 0.0, "asd": 0.0, "case": "scored"}
+    paper = scoring == "paper"
+    expected = [{"dice": 0.0, "jaccard": 0.0, "hd95": 0.0 if paper else NAN, "asd": 0.0 if paper else NAN, "case": "empty prediction"},
+                {"dice": 0.0, "jaccard": 0.0, "hd95": NAN, "asd": NAN, "case": "empty reference"},
+                {**dict.fromkeys(evaluate.METRICS, 0.0 if paper else NAN), "case": "empty prediction" if paper else "absent from both"}]
+    for score, wanted in zip(scores[1:], expected):
+        assert score["case"] == wanted["case"]
+        np.testing.assert_array_equal([score[m] for m in evaluate.METRICS], [wanted[m] for m in evaluate.METRICS])
+
+
+def test_dice_per_class_by_scoring():
+    """Validation's Dice: a class in neither volume is 0 (paper) or NaN (nnU-Net, left out); one in the
+    reference alone, or in the prediction alone, is 0 under both."""
+    label, prediction = torch.zeros(4, 4, dtype=torch.long), torch.zeros(4, 4, dtype=torch.long)
+    label[:2, :2], prediction[:2, :1] = 1, 1  # class 1: Dice 2 * 2 / (4 + 2)
+    label[3, 3], prediction[0, 3] = 2, 3  # class 2 in the reference alone, 3 in the prediction alone, 4 in neither
+    torch.testing.assert_close(bcp.dice_per_class(prediction, label, 5), torch.tensor([2 / 3, 0, 0, 0]))
+    torch.testing.assert_close(bcp.dice_per_class(prediction, label, 5, "nnunet"), torch.tensor([2 / 3, 0, 0, NAN]), equal_nan=True)
 
 
 # ----------------------------------------------------------------------------- nothing lost (issue 13)
@@ -1990,8 +2011,8 @@ def test_resampled_labels_keep_their_values_at_equal_size_and_their_geometry_the
 
 
 def test_nifti_geometry_matches_nibabel(tmp_path):
-    """Our reading of the spacing and the affine (sform, else qform) against nibabel's; with neither,
-    the pixdim scaling (NIfTI-1's method 1; nibabel falls back to an Analyze-style centred affine)."""
+    """Our reading of the spacing and the affine (sform, else qform, else nibabel's fallback: the pixdim
+    scaling with i flipped and the centre voxel at the origin) against nibabel's."""
     affine = rotated_affine((0.8, 1.1, 3.0), 0.7)
     for qform, sform in ((1, 2), (1, 0), (0, 0)):
         scan = nibabel.Nifti1Image(np.zeros((4, 5, 6), np.float32), affine)
@@ -2001,7 +2022,7 @@ def test_nifti_geometry_matches_nibabel(tmp_path):
         loaded = nibabel.load(tmp_path / "scan.nii.gz")
         spacing, ours = prepare_acdc.nifti_geometry(prepare_acdc.read_nifti(tmp_path / "scan.nii.gz", with_header=True)[1], "scan")
         np.testing.assert_allclose(spacing, loaded.header.get_zooms(), rtol=1e-6)
-        np.testing.assert_allclose(ours, loaded.affine if qform or sform else np.diag([0.8, 1.1, 3.0, 1]), atol=1e-5)
+        np.testing.assert_allclose(ours, loaded.affine, atol=1e-5)
 
 
 @pytest.mark.parametrize("modality", ["MRI", "CT"])
@@ -2091,7 +2112,7 @@ def test_own_3d_scans_end_to_end(tmp_path, capsys):
     (lambda raw: save_scan(raw / "imagesTr" / "atrium_000_0000.nii.gz", np.zeros((8, 8), np.float32), np.eye(4)),
      r"atrium_000_0000.nii.gz: a 2D image"),
     (lambda raw: save_scan(raw / "imagesTr" / "atrium_002_0000.nii.gz", np.zeros((48, 44, 3), np.float32),
-                           rotated_affine((1.0, 1.0, 10.0), 0.4)), r"atrium_002_0000.nii.gz: spacing \[1.0, 1.0, 10.0\] mm is more than 4 times"),
+                           rotated_affine((1.0, 1.0, 20.0), 0.4)), r"atrium_002_0000.nii.gz: spacing \[1.0, 1.0, 20.0\] mm is more than 16 times"),
     (lambda raw: save_scan(raw / "labelsTr" / "atrium_001.nii.gz", np.zeros((48, 44, 16), np.uint8), np.eye(4)),
      r"atrium_001.nii.gz: shape \(48, 44, 16\) and affine .* differ from the scan's"),
     (lambda raw: save_scan(raw / "labelsTr" / "atrium_000.nii.gz", np.zeros((48, 44, 32), np.uint8), np.eye(4)),
@@ -2112,6 +2133,187 @@ def test_a_ct_window_must_be_low_then_high(tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         prepare_acdc.main(["--raw", str(tmp_path / "raw"), "--3d", "--ct-window", "400", "-100", "--out", str(tmp_path / "mine")])
     assert stop.value.code == 2 and "--ct-window LO HI needs LO < HI, got 400 -100" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- your own scans as users bring them (issue 33)
+
+def decathlon_folder(root, count=6, unlabeled=3):
+    """A Medical Segmentation Decathlon task as its tar unpacks: imagesTr/<case>.nii.gz (no _0000) with
+    labelsTr/<case>.nii.gz stored as uint8, int64 and float32 (nibabel's get_fdata) in turn, imagesTs/
+    without labels, macOS '._' files beside them, and dataset.json with 'modality', 'labels' by number,
+    'training' and 'test'. The organ is about 1 % of each whole-field scan."""
+    for folder in ("imagesTr", "labelsTr", "imagesTs"):
+        (root / folder).mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    training, tests = [], []
+    for index in range(count + unlabeled):
+        case = f"la_{index:03d}"
+        atrium_image, atrium = prepare_acdc.la_phantom(rng, (24, 24, 16))
+        image = rng.normal(0, 0.3, (64, 56, 24)).astype(np.float32)  # a whole field of view around the atrium
+        corner = rng.integers(0, [40, 32, 8])
+        box = tuple(slice(c, c + n) for c, n in zip(corner, atrium.shape))
+        image[box] = atrium_image
+        label = np.zeros(image.shape, np.uint8)
+        label[box] = atrium
+        affine = rotated_affine((1.5, 1.5, 2.0), 0.1 * index)
+        if index < count:
+            save_scan(root / "imagesTr" / f"{case}.nii.gz", 100 * image, affine)
+            dtype = (np.uint8, np.int64, np.float32)[index % 3]
+            labels = nibabel.Nifti1Image(label.astype(dtype), affine, dtype=dtype)
+            nibabel.save(labels, root / "labelsTr" / f"{case}.nii.gz")
+            training.append({"image": f"./imagesTr/{case}.nii.gz", "label": f"./labelsTr/{case}.nii.gz"})
+        else:
+            save_scan(root / "imagesTs" / f"{case}.nii.gz", 100 * image, affine)
+            tests.append(f"./imagesTs/{case}.nii.gz")
+    for folder in ("imagesTr", "labelsTr", "imagesTs"):
+        (root / folder / "._la_000.nii.gz").write_bytes(b"\x00\x05\x16\x07 resource fork")
+    (root / "dataset.json").write_text(json.dumps({
+        "name": "LeftAtrium", "modality": {"0": "MRI"}, "labels": {"0": "background", "1": "left atrium"},
+        "numTraining": count, "numTest": unlabeled, "training": training, "test": tests}))
+
+
+@pytest.mark.parametrize("volumetric", [False, True])
+def test_a_decathlon_task_prepares_as_downloaded(tmp_path, capsys, volumetric):
+    """Names without _0000, labels as uint8, int64 and float32, dotfiles, 'modality' and 'labels' by
+    number: all read; the imagesTs scans (the Decathlon withholds their labels) join the unlabeled
+    training scans, in 2D and in 3D; each label map arrives whole."""
+    decathlon_folder(tmp_path / "Task02_Heart")
+    out = tmp_path / "heart"
+    assert prepare_acdc.main(["--raw", str(tmp_path / "Task02_Heart"), "--out", str(out), "--val-fraction", "0.34",
+                              *(["--3d"] if volumetric else [])]) == 0
+    assert "3 imagesTs scans have no labelsTs: they join the unlabeled scans" in capsys.readouterr().out
+    info = bcp.dataset_info(out)
+    assert sorted(info["unlabeled"]) == ["la-006", "la-007", "la-008"] and info["class_names"] == ["left atrium"]
+    train_list = bcp.read_list(out, "train.list")
+    assert not any(name.startswith(".") for name in train_list)
+    for index in range(6):
+        name = f"la-{index:03d}"
+        truth = np.asarray(nibabel.load(tmp_path / "Task02_Heart" / "labelsTr" / f"la_{index:03d}.nii.gz").dataobj)
+        if volumetric:
+            assert name in train_list
+            _, label = bcp.read_h5(out / bcp.LA_FOLDER / name / "mri_norm2.h5", 3, 2)
+            assert label.sum() == pytest.approx(truth.sum(), rel=0.15)  # resampled from 1.5 x 1.5 x 2 mm
+        else:
+            assert name in train_list + bcp.read_list(out, "val.list")
+            _, label = bcp.read_h5(out / "data" / f"{name}.h5", 3, 2)
+            np.testing.assert_array_equal(label, truth.transpose(2, 1, 0))
+
+
+@pytest.mark.parametrize("values,message", [
+    (np.full((8, 8, 4), 0.5, np.float32), "label values must be whole numbers from 0"),
+    (np.full((8, 8, 4), -1, np.int16), "label values must be whole numbers from 0"),
+])
+def test_labels_that_are_not_classes_are_refused_by_name(tmp_path, capsys, values, message):
+    decathlon_folder(tmp_path / "Task", count=2, unlabeled=0)
+    labels = nibabel.Nifti1Image(np.pad(values, ((0, 56), (0, 48), (0, 20))), rotated_affine((1.5, 1.5, 2.0), 0.1))
+    nibabel.save(labels, tmp_path / "Task" / "labelsTr" / "la_001.nii.gz")
+    assert prepare_acdc.main(["--raw", str(tmp_path / "Task"), "--3d", "--out", str(tmp_path / "out")]) == 1
+    assert re.search(f"labelsTr/la_001.nii.gz: {message}", capsys.readouterr().err)
+
+
+def test_a_second_channel_is_refused_in_one_line(tmp_path, capsys):
+    own_3d_folder(tmp_path / "raw")
+    shutil.copy(tmp_path / "raw" / "imagesTr" / "atrium_000_0000.nii.gz", tmp_path / "raw" / "imagesTr" / "atrium_000_0001.nii.gz")
+    assert prepare_acdc.main(["--raw", str(tmp_path / "raw"), "--3d", "--out", str(tmp_path / "out")]) == 1
+    assert "atrium_000_0001.nii.gz: not channel 0 (<case>_0000); one channel per case is supported" in capsys.readouterr().err
+
+
+def test_rotated_and_flipped_points_follow_the_volume():
+    """rot90_flip_point against torch.rot90 then flip on a volume with one marked voxel."""
+    shape = (5, 7, 3)
+    for k, axis, point in itertools.product(range(4), range(2), [(0, 0, 0), (4, 6, 2), (1, 5, 1), (3, 2, 0)]):
+        volume = torch.zeros(shape)
+        volume[point] = 1
+        moved = torch.rot90(volume, k, (0, 1)).flip(axis)
+        where, new_shape = bcp.rot90_flip_point(point, shape, k, axis)
+        assert list(moved.shape) == new_shape and moved[tuple(where)] == 1, (k, axis, point)
+
+
+def test_foreground_crops_find_an_organ_at_one_percent():
+    """An organ of 1 % of a 128 x 128 x 64 volume, crops of 32 x 32 x 16: uniform crops hold some of it
+    in about 3 of 10 (the small class included); with foreground 1/3, a third of the crops are centred on a voxel of a class (the
+    organ or a small second class, at the crop's centre after rotation and flip), so the share holding
+    foreground is measured, not assumed."""
+    label = np.zeros((128, 128, 64), np.uint8)
+    label[60:82, 50:72, 20:42] = 1  # 22^3 voxels, 1.0 %
+    label[20:26, 90:100, 40:46] = 2  # a second, small class
+    image = label.astype(np.float32)
+    uniform = bcp.VolumeBank([image], [label], "cpu")
+    centred = bcp.VolumeBank([image], [label], "cpu", foreground=1 / 3, num_classes=3)
+    shares = {}
+    for name, bank in (("uniform", uniform), ("centred", centred)):
+        generator = torch.Generator().manual_seed(0)
+        augmentation = bank.random_augmentation(600, generator)
+        _, labels = bank.batch(torch.zeros(600, dtype=torch.long), (32, 32, 16), augmentation)
+        shares[name] = (labels.flatten(1) > 0).any(1).float().mean().item()
+        if name == "centred":
+            forced = augmentation["centred"]
+            assert 0.28 < forced.float().mean() < 0.39
+            assert (labels[forced].flatten(1) > 0).any(1).all()  # every centred crop holds the organ
+            assert (labels[forced][:, 15:17, 15:17, 7:9] > 0).flatten(1).any(1).float().mean() > 0.9  # near its centre
+    assert shares["uniform"] < 0.35 and shares["centred"] > shares["uniform"] + 0.2, shares  # measured: 0.31, 0.56
+
+
+def test_foreground_crops_are_the_steps_draws(monkeypatch):
+    """The centred crops come from the step's keyed generator: the same step draws the same batch, and
+    the shares of two processes put together are the one process's batch (resume and torchrun exact)."""
+    label = np.zeros((40, 40, 24), np.uint8)
+    label[30:36, 4:10, 4:10] = 1
+    image = np.random.default_rng(0).random(label.shape).astype(np.float32)
+    bank = bcp.VolumeBank([image, image[::-1].copy()], [label, label[::-1].copy()], "cpu", foreground=0.5)
+    args = SimpleNamespace(seed=3, phase="pretrain", patch_size=(16, 16, 8))
+    whole = train.draw_batch(bank, 5, 8, args, train.LABELED, parts=2)
+    again = train.draw_batch(bank, 5, 8, args, train.LABELED, parts=2)
+    torch.testing.assert_close(whole, again)
+    shares = []
+    for rank in range(2):
+        monkeypatch.setattr(bcp, "process_share", lambda rank=rank: (2, rank))
+        shares.append(train.draw_batch(bank, 5, 8, args, train.LABELED, parts=2))
+    for part in range(2):  # each half: rank 0's share, then rank 1's
+        joined = torch.cat([shares[0][0][2 * part:2 * part + 2], shares[1][0][2 * part:2 * part + 2]])
+        torch.testing.assert_close(joined, whole[0][4 * part:4 * part + 4])
+
+
+def test_probabilities_resampled_back_keep_a_thin_structure_that_nearest_labels_lose():
+    """A thin class between two others, under-resolved on the coarse grid: no coarse voxel has it as
+    the argmax, so nearest-neighbour labels lose it; the probabilities resampled (trilinear), then the
+    argmax, find it between the two. Along each axis; and resample_argmax equals a whole-volume
+    trilinear resampling then the argmax, slab by slab."""
+    for axis in range(3):
+        probabilities = torch.tensor([[0.45, 0.15], [0.40, 0.40], [0.15, 0.45]]).view(3, *[2 if a == axis else 1 for a in range(3)])
+        size = [3 if a == axis else 1 for a in range(3)]
+        nearest = bcp.resample_labels(probabilities.argmax(0), size)
+        assert (nearest == 1).sum() == 0
+        resampled = bcp.resample_argmax(probabilities, size)
+        assert resampled.flatten().tolist() == [0, 1, 2]
+    probabilities = torch.rand(4, 9, 7, 11).softmax(0)
+    whole = F.interpolate(probabilities[None], size=(13, 5, 17), mode="trilinear", align_corners=True)[0].argmax(0)
+    torch.testing.assert_close(bcp.resample_argmax(probabilities, (13, 5, 17), slab=4).long(), whole)
+
+
+def test_largest_component_is_kept_only_where_validation_gains():
+    """nnU-Net's rule on hand-built validation cases: class 1 is two true components, both predicted,
+    so keeping its largest costs Dice (not kept); class 2 is one component with a spurious predicted
+    blob, so keeping the largest gains (kept)."""
+    label = torch.zeros(20, 20, 6, dtype=torch.long)
+    label[1:6, 1:6, 1:4], label[12:15, 12:15, 1:4] = 1, 1
+    label[1:6, 12:18, 1:5] = 2
+    prediction = label.clone()
+    prediction[15:18, 1:3, 1:3] = 2  # spurious
+    classes, table = evaluate.classes_helped_by_largest_component([prediction, prediction], [label, label], 3)
+    assert classes == [2]
+    (_, before_1, after_1), (_, before_2, after_2) = table
+    assert after_1 < before_1 == 1.0 and after_2 == 1.0 > before_2
+    kept = bcp.keep_largest_component(prediction, classes)
+    assert torch.equal(kept, label)  # both components of class 1 stay
+
+
+def test_own_3d_val_cases_beyond_the_labeled_ones_are_refused(tmp_path, capsys):
+    own_3d_folder(tmp_path / "raw")
+    assert prepare_acdc.main(["--raw", str(tmp_path / "raw"), "--3d", "--out", str(tmp_path / "mine")]) == 0
+    with pytest.raises(SystemExit):
+        train.parse_args(["--root", str(tmp_path / "mine"), "--val-cases", "3"])
+    assert f"--val-cases 3: {tmp_path / 'mine'} holds 1 labeled validation cases" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- more than one process (issue 29)

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 import bcp
+import evaluate
 
 # The authors' settings for each data set (their ACDC and LA scripts differ); a flag left unset takes
 # its data set's value. Per-phase values are dicts. batch_size is the images of a supervised or
@@ -40,15 +41,16 @@ DEFAULTS = {
            "patch_size": [112, 112, 80], "num_classes": 2, "iterations": {"supervised": 6000, "pretrain": 2000, "selftrain": 15000},
            "lr_step": {"supervised": 2500, "pretrain": 0, "selftrain": 2500},
            "dice_loss": "la", "pretrain_loss": "whole", "selftrain_sgd": "fresh",
-           "val_cases": 8, "scale": 1.0},
+           "val_cases": 8, "scale": 1.0, "foreground_crops": 0.0},
 }
-LA_ONLY = ("val_cases", "stride", "scale")  # refused on ACDC, where they would change nothing
+LA_ONLY = ("val_cases", "stride", "scale", "foreground_crops")  # refused on ACDC, where they would change nothing
+OWN_FOREGROUND_CROPS = 1 / 3  # your own 3D scans: the share of labeled crops centred on the organ (nnU-Net's)
 
 PHASES = ("supervised", "pretrain", "selftrain")
 # Flags that define what a run trains: --resume refuses a value other than the checkpoint's.
 RUN_FLAGS = ("phase", "labeled_patients", "batch_size", "labeled_batch_size", "patch_size", "num_classes",
              "beta", "mask", "u_weight", "ema_decay", "seed", "mix", "dice_loss", "pretrain_loss", "lr_step", "val_cases",
-             "scale")
+             "scale", "foreground_crops")
 
 
 def at_least(minimum, kind=int):
@@ -104,6 +106,9 @@ def parse_args(argv=None):
     p.add_argument("--scale", type=float,
                    help="LA: train on volumes resampled by this factor (0.5: a crop sees twice the field; for a CPU); "
                         "validation and evaluation segment at that scale and score at full resolution")
+    p.add_argument("--foreground-crops", type=float, metavar="SHARE",
+                   help="3D: the share of labeled crops centred on a voxel of a foreground class, the rest uniform "
+                        "(nnU-Net's oversampling; your own scans 0.33, LA 0 as the authors)")
     p.add_argument("--val-every", type=at_least(1), default=200, help="validate (and checkpoint) every N steps")
     p.add_argument("--log-every", type=at_least(1), default=20, help="progress line and metrics row every N steps")
     p.add_argument("--seed", type=int, default=1337)
@@ -124,7 +129,10 @@ def parse_args(argv=None):
     defaults = dict(DEFAULTS[args.dataset], num_classes=own_data.get("num_classes", DEFAULTS[args.dataset]["num_classes"]))
     own_labeled = None
     if own_data and args.dataset == "la":  # your own 3D scans: train.list = labeled, unlabeled, validation cases
-        defaults["val_cases"] = own_data["val_cases"]
+        defaults |= {"val_cases": own_data["val_cases"], "foreground_crops": OWN_FOREGROUND_CROPS}
+        if (args.val_cases or 0) > own_data["val_cases"]:
+            p.error(f"--val-cases {args.val_cases}: {args.root} holds {own_data['val_cases']} labeled validation cases "
+                    f"(prepare_acdc.py --val-fraction sets them)")
         own_labeled = len(bcp.read_list(args.root, "train.list")) - len(own_data["unlabeled"]) - own_data["val_cases"]
     elif own_data:
         own_labeled = len(bcp.labeled_patients(args.root))
@@ -149,7 +157,10 @@ def parse_args(argv=None):
         p.error(f"--beta must lie between 0 and 1, got {args.beta}")
     if not 0 <= args.ema_decay <= 1:
         p.error(f"--ema-decay must lie in [0, 1], got {args.ema_decay}")
+    if args.dataset == "la" and not 0 <= args.foreground_crops <= 1:
+        p.error(f"--foreground-crops must lie in [0, 1], got {args.foreground_crops}")
     args.preprocessing = own_data.get("preprocessing")  # your own 3D scans: what --predict repeats
+    args.scoring = "nnunet" if own_data else "paper"  # how validation (and evaluate.py) count a missing class
     if dims == 3 and own_data:
         args.patch_size = clamped_patch(args.patch_size, args.root, own_data)
     if dims == 3:
@@ -336,13 +347,16 @@ def load_data(args, device):
     bcp.check_splits(args.root)
     if args.dataset == "la":
         labeled_names, unlabeled_names, val_names = bcp.la_cases(args.root, args.labeled_patients, args.val_cases)
-        bank = lambda names: bcp.VolumeBank(*zip(*[v[1:] for v in bcp.load_la_volumes(args.root, names, args.num_classes,
-                                                                                      args.scale)]), device)
+        bank = lambda names, foreground=0.0: bcp.VolumeBank(
+            *zip(*[v[1:] for v in bcp.load_la_volumes(args.root, names, args.num_classes, args.scale)]), device,
+            foreground, args.num_classes)
+        labeled = bank(labeled_names, args.foreground_crops)  # crops centred on the organ need labels: labeled only
         validation = bcp.load_la_volumes(args.root, val_names, args.num_classes)  # full resolution, as evaluated
         held_aside = f"{len(val_names)} validation cases held aside from train.list ({val_names[0]} ...)"
     else:
         labeled_names, unlabeled_names = bcp.training_slices(args.root, args.labeled_patients)
         bank = lambda names: bcp.SliceBank(*bcp.load_slices(args.root, names, args.num_classes), device)
+        labeled = bank(labeled_names)
         validation = bcp.load_volumes(args.root, "val", args.num_classes)
         held_aside = f"{len(validation)} validation volumes"
     unlabeled = None
@@ -354,21 +368,25 @@ def load_data(args, device):
     summary = (f"{args.phase}: {len(labeled_names)} labeled images ({args.labeled_patients} patients), "
                f"{len(unlabeled) if unlabeled else 0} unlabeled, {held_aside}, device {device}")
     unlabeled_truth = not bcp.dataset_info(args.root).get("unlabeled")  # your own unlabeled scans have no labels
-    return bank(labeled_names), unlabeled, volumes, summary, unlabeled_truth
+    return labeled, unlabeled, volumes, summary, unlabeled_truth
 
 
 @torch.no_grad()
 def validate(model, volumes, args, autocast):
-    """Mean Dice over the validation volumes of each foreground class (a class the model does not
-    predict scores 0, as in the authors' evaluation) -> a list, one per class. ACDC: each volume's slices as one batch; LA: the
-    sliding window and largest component of the evaluation (the authors' in-training LA validation
-    skips the largest component)."""
+    """Mean Dice over the validation volumes of each foreground class -> a list, one per class. ACDC:
+    each volume's slices as one batch; LA: the sliding window and largest component of the evaluation
+    (the authors' in-training LA validation skips the largest component); a class the model does not
+    predict scores 0, as in the authors' evaluation. Your own scans, as nnU-Net validates: its windows
+    (every half window, Gaussian weights), no largest component (decided after training), and a class
+    absent from both prediction and truth left out of the means."""
+    own = args.scoring == "nnunet"
     model.eval()
     with autocast:
-        scores = [bcp.dice_per_class(bcp.segment(model, image, args.patch_size, args.stride, args.scale), label,
-                                     args.num_classes) for image, label in volumes]
+        scores = [bcp.dice_per_class(bcp.segment(model, image, args.patch_size, args.stride, args.scale, gaussian=own,
+                                                 keep_largest=[] if own else None), label, args.num_classes, args.scoring)
+                  for image, label in volumes]
     model.train()
-    return torch.stack(scores).mean(0).tolist()
+    return torch.stack(scores).nanmean(0).tolist()  # NaN for a class left out of every volume
 
 
 def float_tensors(state):
@@ -471,7 +489,10 @@ class RunFolder:
             torn.unlink()
         self.last_path, self.best_path, self.pictures = self.dir / "last.pt", self.dir / "best.pt", self.dir / "pictures"
         self.pictures.mkdir(exist_ok=True)
-        self.log_file = open(self.dir / "train.log", "a")
+        if not resume_iteration:  # a new run (or --overwrite): nothing of an earlier run in this folder stays
+            for old in (self.last_path, self.best_path, self.dir / "curves.svg", *self.pictures.glob("iter_*.png")):
+                old.unlink(missing_ok=True)
+        self.log_file = open(self.dir / "train.log", "a" if resume_iteration else "w")
         metrics_path = self.dir / "metrics.jsonl"
         rows, torn = read_metrics(metrics_path)
         if torn:
@@ -656,7 +677,7 @@ def train(run, volumes, folder, progress):
         elif validating:
             validation_start = time.time()
             per_class = validate(run.student, volumes, args, run.autocast)
-            last_dice = sum(per_class) / len(per_class)  # the mean over classes picks the best checkpoint
+            last_dice = float(np.nan_to_num(np.nanmean(per_class)))  # the mean over classes picks the best checkpoint
             folder.write_metrics({"iter": iteration, "val_dice": last_dice, "val_dice_per_class": per_class})
             if last_dice > progress["best_dice"]:
                 progress.update(best_dice=last_dice, best_iteration=iteration)
@@ -672,8 +693,19 @@ def train(run, volumes, folder, progress):
             if not validating:
                 save(folder.last_path, iteration)
             folder.log(f"time limit: stopped at iteration {iteration} of {args.iterations}; continue with --resume")
-            return
+            return False
     folder.log(f"done: best val Dice {progress['best_dice']:.4f} at iteration {progress['best_iteration']}; {folder.best_path}")
+    return True
+
+
+def choose_postprocessing(run, folder):
+    """Your own 3D scans, after the last step: keep the largest component of a class only where that
+    raises its validation Dice (nnU-Net's rule, evaluate.choose_largest_component_classes), stored in
+    best.pt and logged."""
+    classes, table = evaluate.choose_largest_component_classes(folder.best_path, run.args.root, run.device)
+    for c, before, after in table:
+        folder.log(f"post-processing, class {c}: validation Dice {before:.4f} as predicted, {after:.4f} with only its "
+                   f"largest component: {'kept' if c in classes else 'not kept'}")
 
 
 def main(argv=None):
@@ -695,7 +727,8 @@ def main(argv=None):
                           teacher_forward=compiled(teacher) if teacher is not None else None,
                           labeled=labeled, unlabeled=unlabeled, unlabeled_truth=unlabeled_truth,
                           dice_loss=bcp.DICE_LOSSES[args.dice_loss])
-    train(run, volumes, folder, progress)
+    if train(run, volumes, folder, progress) and args.preprocessing and not isinstance(folder, QuietFolder):
+        choose_postprocessing(run, folder)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 

@@ -181,11 +181,12 @@ def ema_update(teacher, student, decay):
 # 3. Copy-paste: a mask M with one zero box, and the mixing (Eq. 1-4).
 #    M = 1 keeps the base image, M = 0 is where the crop of the other image is pasted.
 
-def paste_mask(size, beta=2 / 3, centered=False, generator=None, device="cpu"):
-    """M of shape `size` ((H, W) or (D1, D2, D3)), float: ones, with a zero box of int(beta * s) along
-    each axis of size s where the crop is pasted. One mask serves the whole batch of a step. The box's
-    corner is drawn as the authors draw it, np.random.randint(0, s - box): 0 .. s - box - 1 along each
-    axis in turn (the last position is never drawn); or the box sits in the middle with centered=True."""
+def keep_mask(size, beta=2 / 3, centered=False, generator=None, device="cpu"):
+    """M of shape `size` ((H, W) or (D1, D2, D3)), float: 1 where the base image is kept, and a zero box
+    of int(beta * s) along each axis of size s where the crop is pasted. One mask serves the whole batch
+    of a step. The box's corner is drawn as the authors draw it, np.random.randint(0, s - box):
+    0 .. s - box - 1 along each axis in turn (the last position is never drawn); or the box sits in the
+    middle with centered=True."""
     box = [int(s * beta) for s in size]
     if centered:
         corner = [(s - b) // 2 for s, b in zip(size, box)]
@@ -206,7 +207,9 @@ def copy_paste(base, pasted, mask):
 # -----------------------------------------------------------------------------
 # 4. The mixed loss: (Dice + CE) / 2, each summed over the two regions of M (Eq. 6).
 #    The authors' ACDC and LA scripts use two forms of soft Dice; both are here, picked by --dice-loss.
-#    Their sums run over the whole batch: whole_batch_sum is the identity in one process (section 11).
+#    Under torchrun each of N processes holds an equal share of every half-batch: whole_batch_sum turns
+#    a sum over this share into the whole batch's (an all-reduce, gradient included), so every process
+#    computes the one-process loss; process_share() is (N, rank). Without torchrun: the sum, (1, 0).
 
 ACDC_DICE_SMOOTH = 1e-10  # the authors' value; an empty region's Dice is then 1 (0/0), its loss 0
 LA_DICE_SMOOTH = 1e-5
@@ -243,18 +246,19 @@ def region_ce_loss(logits, target, region):
     return whole_batch_sum(ce) / whole_batch_sum(region.sum()).clamp_min(1e-16)
 
 
-def mixed_loss(logits, target, mask, weight_base, weight_pasted, dice_loss=acdc_dice_loss):
-    """Loss of one copy-pasted image (Eq. 6): (Dice + CE) / 2, each the sum of a term for the base
-    region (M = 1) and a term for the pasted region (M = 0). A region's terms are weighted alpha
-    when its target is a pseudo-label and 1 when it is ground truth: a weight on the region's term,
-    not on each voxel (CE is a mean over the region's voxels, Dice is per region).
-    logits (B, C, *S); target (B, *S) long, mixed with copy_paste like the input; mask (*S).
-    With mask all ones and weight_pasted 0 it is the plain (Dice + CE) / 2 of the whole image."""
+def mixed_loss(logits, target, regions, weight_base, weight_pasted, dice_loss=acdc_dice_loss):
+    """Loss of a half-batch of copy-pasted images, X_in or X_out (Eq. 6): (Dice + CE) / 2, each the sum
+    of a term for the base region (M = 1) and a term for the pasted region (M = 0), taken over all the
+    images of the half-batch (CE: the mean over the region's voxels in every image; Dice: ACDC's pools
+    the half-batch, LA's averages its crops). A region's terms are weighted alpha when its target is a
+    pseudo-label and 1 when it is ground truth: a weight on the region's term, not on each voxel.
+    logits (B, C, *S); target (B, *S) long, mixed with copy_paste like the input; regions (*S): M, or
+    all ones for the whole image as one region (with weight_pasted 0: the plain (Dice + CE) / 2)."""
     logits = logits.float()
     probs = logits.softmax(1)
     one_hot = F.one_hot(target, logits.shape[1]).movedim(-1, 1).float()
     loss = logits.new_zeros((), dtype=torch.float32)
-    for region, weight in ((mask, weight_base), (1 - mask, weight_pasted)):
+    for region, weight in ((regions, weight_base), (1 - regions, weight_pasted)):
         region = region.expand_as(target)
         loss = loss + weight * (dice_loss(probs, one_hot, region) + region_ce_loss(logits, target, region))
     return loss / 2
@@ -266,10 +270,12 @@ def mixed_loss(logits, target, mask, weight_base, weight_pasted, dice_loss=acdc_
 def pseudo_label(logits):
     """(B, C, *S) teacher logits -> (B, *S) long labels: argmax, then per image the largest connected
     component of each foreground class (8-connected in 2D, 26 in 3D; the rest becomes background).
-    The teacher that gives the logits runs in train mode (dropout on, batch statistics), as in the
-    authors' code: train.py's build_models sets it once and nothing switches it (validation evaluates
-    the student). (On LA the authors take foreground where softmax p1 >= 0.5: argmax differs only where
-    p1 is exactly 0.5.)"""
+    The teacher that gives the logits runs in train mode, as in the authors' code (train.py's
+    build_models sets it once; validation evaluates the student): BN normalises with the half-batch's
+    own statistics, and dropout is on: section 1's BatchDropout (U-Net: p 0.05 to 0.5 in the five
+    encoder blocks; V-Net: whole channels, p 0.5, at the bottleneck and before the head) draws a fresh
+    mask at every forward, for the whole batch, so torchrun's processes drop what one process would.
+    (On LA the authors take foreground where softmax p1 >= 0.5: argmax differs only where p1 is 0.5.)"""
     return largest_component_per_class(logits.argmax(1), logits.shape[1])
 
 
@@ -283,12 +289,12 @@ def largest_component_per_class(labels, num_classes):
 
 
 # -----------------------------------------------------------------------------
-# 6. The BCP step: pseudo-labels, both copy-pasted images with their targets, the weighted losses
+# 6. The BCP step: pseudo-labels, both copy-pasted half-batches with their targets, the weighted losses
 
 def inward(labeled, truth, unlabeled, pseudo, mask, unlabeled_weight):
     """Eq. 1, 3: a labeled crop pasted into an unlabeled image. The base's target is a pseudo-label
     (weight alpha), the pasted crop's is ground truth (weight 1).
-    -> (image, target, M of its regions, weight of the base region, weight of the pasted region)."""
+    -> (image, target, regions: M, weight of the base region, weight of the pasted region)."""
     return (copy_paste(base=unlabeled, pasted=labeled, mask=mask), copy_paste(base=pseudo, pasted=truth, mask=mask),
             mask, unlabeled_weight, 1.0)
 
@@ -301,12 +307,12 @@ def outward(labeled, truth, unlabeled, pseudo, mask, unlabeled_weight):
 
 
 def unlabeled_whole(labeled, truth, unlabeled, pseudo, mask, unlabeled_weight):
-    """No copy-paste: the unlabeled image with its pseudo-label, one region weighted alpha."""
+    """No copy-paste: the unlabeled image with its pseudo-label, one region (all ones) weighted alpha."""
     return unlabeled, pseudo, torch.ones_like(mask), unlabeled_weight, 0.0
 
 
 def labeled_whole(labeled, truth, unlabeled, pseudo, mask, unlabeled_weight):
-    """No copy-paste: the labeled image with its ground truth, one region weighted 1."""
+    """No copy-paste: the labeled image with its ground truth, one region (all ones) weighted 1."""
     return labeled, truth, torch.ones_like(mask), 1.0, 0.0
 
 
@@ -324,10 +330,11 @@ def bcp_loss(student, teacher, labeled_a, truth_a, labeled_b, truth_b, unlabeled
     1. the teacher's pseudo-labels P_a, P_b of U_a, U_b (one forward per half, as the authors);
     2. X_in = U_a * M + L_a * (1 - M) with target P_a * M + G_a * (1 - M)   (inward, Eq. 1, 3)
        X_out = L_b * M + U_b * (1 - M) with target G_b * M + P_b * (1 - M)  (outward, Eq. 2, 4);
-    3. each through the student; (Dice + CE) / 2 per region of M, pseudo-labeled regions weighted
-       alpha = unlabeled_weight, ground-truth regions 1 (Eq. 6); the step's loss is their sum.
+    3. each half-batch through the student; (Dice + CE) / 2 per region of M, pseudo-labeled regions
+       weighted alpha = unlabeled_weight, ground-truth regions 1 (Eq. 6); the step's loss is the sum of
+       the two half-batches' losses.
     student, teacher: callables (B, 1, *S) -> logits; images (B, 1, *S), labels (B, *S) long; mask (*S).
-    -> (loss, [(image, target, logits, M of its regions)] of each mixed image for pictures,
+    -> (loss, [(image, target, logits, regions)] of each mixed half-batch for pictures,
         (P_a, P_b) for diagnostics)."""
     with torch.no_grad():
         pseudo_a, pseudo_b = pseudo_label(teacher(unlabeled_a)), pseudo_label(teacher(unlabeled_b))
@@ -586,18 +593,17 @@ def binary_metrics(pred, gt, spacing=None):
             "asd": float(pred_to_gt.mean())}
 
 
-SCORINGS = ("paper", "nnunet")  # how a class missing from a prediction counts; evaluate.py's table says which
-
-
-def dice_per_class(prediction, label, num_classes, scoring="paper"):
+def dice_per_class(prediction, label, num_classes, scoring="paper", total=lambda counts: counts):
     """Dice of each foreground class 1..C-1 between two label volumes (torch, on their device) ->
     (C-1,) tensor. scoring "paper": a class absent from the prediction scores 0 (the authors'
     convention, on ACDC and LA); "nnunet": a class absent from both scores NaN, left out of the means
-    (your own scans), and one absent from either alone scores 0."""
+    (your own scans), and one absent from either alone scores 0. total: what the voxel counts pass
+    through before the ratio; whole_batch_sum (train.py's pseudo-label Dice) makes it the Dice of the
+    whole batch that torchrun's processes share."""
     classes = torch.arange(1, num_classes, device=prediction.device).view(-1, *[1] * prediction.ndim)
     predicted, truth = prediction.unsqueeze(0) == classes, label.unsqueeze(0) == classes
-    overlap = (predicted & truth).flatten(1).sum(1)
-    predicted_size, truth_size = predicted.flatten(1).sum(1), truth.flatten(1).sum(1)
+    overlap, predicted_size, truth_size = total(torch.stack([(predicted & truth).flatten(1).sum(1),
+                                                             predicted.flatten(1).sum(1), truth.flatten(1).sum(1)]))
     dice = 2 * overlap / (predicted_size + truth_size)  # 0 / 0 = NaN where the class is absent from both
     return torch.where(predicted_size > 0, dice, 0.0) if scoring == "paper" else dice
 
@@ -1235,8 +1241,9 @@ def write_line_plot(path, curves, title, x_label, y_label, width=640, height=360
 
 
 # -----------------------------------------------------------------------------
-# 11. More than one process (torchrun): each process holds a share of every half-batch, and the step
-#     computes what one process computes. These are the identity in a single process.
+# 11. More than one process (torchrun): each process holds a share of every half-batch, and the step's
+#     loss, gradients, update and pseudo-label Dice are those of one process holding the whole batch.
+#     These are the identity in a single process.
 
 def process_share():
     """(processes sharing each batch, this one's rank): (1, 0) without torchrun."""

@@ -248,7 +248,7 @@ def test_ema_averages_parameters():
 @pytest.mark.parametrize("centered", [False, True])
 def test_mask_area(centered):
     """beta = 2/3 on 12 x 15: a zero rectangle of 8 x 10, ones elsewhere."""
-    mask = bcp.paste_mask((12, 15), beta=2 / 3, centered=centered, generator=torch.Generator().manual_seed(3))
+    mask = bcp.keep_mask((12, 15), beta=2 / 3, centered=centered, generator=torch.Generator().manual_seed(3))
     zeros = torch.nonzero(mask == 0)
     assert set(mask.unique().tolist()) == {0.0, 1.0} and len(zeros) == 8 * 10
     assert (zeros.max(0).values - zeros.min(0).values + 1).tolist() == [8, 10]
@@ -256,7 +256,7 @@ def test_mask_area(centered):
 
 def test_centered_mask_position():
     """beta = 0.5 on 12 x 12: the 6 x 6 hole spans rows and columns 3..8."""
-    mask = bcp.paste_mask((12, 12), beta=0.5, centered=True)
+    mask = bcp.keep_mask((12, 12), beta=0.5, centered=True)
     assert (mask[3:9, 3:9] == 0).all() and mask.sum() == 144 - 36
 
 
@@ -265,10 +265,10 @@ def test_random_mask_position_as_the_authors_draw_it():
     beta = 2/3 the crop is 170 px, so rows and columns 0..85 (never 86); a 2 x 2 hole in 4 x 4 sits at
     rows and columns 0..1 (never 2)."""
     generator = torch.Generator().manual_seed(0)
-    corners = torch.tensor([torch.nonzero(bcp.paste_mask((256, 256), 2 / 3, generator=generator) == 0)[0].tolist()
+    corners = torch.tensor([torch.nonzero(bcp.keep_mask((256, 256), 2 / 3, generator=generator) == 0)[0].tolist()
                             for _ in range(3000)])
     assert corners.min().item() == 0 and corners.max(0).values.tolist() == [85, 85]
-    small = {tuple(torch.nonzero(bcp.paste_mask((4, 4), 0.5, generator=generator) == 0)[0].tolist()) for _ in range(300)}
+    small = {tuple(torch.nonzero(bcp.keep_mask((4, 4), 0.5, generator=generator) == 0)[0].tolist()) for _ in range(300)}
     assert small == {(r, c) for r in range(2) for c in range(2)}
 
 
@@ -307,14 +307,14 @@ def test_mixed_loss_by_hand():
 def test_perfect_prediction_has_near_zero_loss():
     target = torch.randint(4, (2, 8, 8), generator=torch.Generator().manual_seed(0))
     logits = 50.0 * torch.nn.functional.one_hot(target, 4).permute(0, 3, 1, 2).float()
-    mask = bcp.paste_mask((8, 8), centered=True)
+    mask = bcp.keep_mask((8, 8), centered=True)
     assert bcp.mixed_loss(logits, target, mask, 1.0, 0.5).item() < 1e-6
 
 
 def test_zero_weight_region_gets_no_gradient():
     """With weight 0 on the pasted region (M = 0), its logits receive no gradient, the rest do."""
     logits = torch.randn(1, 4, 6, 6, requires_grad=True)
-    mask = bcp.paste_mask((6, 6), beta=0.5, centered=True)
+    mask = bcp.keep_mask((6, 6), beta=0.5, centered=True)
     bcp.mixed_loss(logits, torch.randint(4, (1, 6, 6)), mask, weight_base=1.0, weight_pasted=0.0).backward()
     grad = logits.grad.abs().sum(1)[0]
     assert (grad[mask == 0] == 0).all() and (grad[mask == 1] > 0).all()
@@ -1434,7 +1434,7 @@ def test_la_mask_box_and_corners_as_the_authors_draw_them():
     generator = torch.Generator().manual_seed(0)
     corners = []
     for _ in range(600):
-        mask = bcp.paste_mask((112, 112, 80), generator=generator)
+        mask = bcp.keep_mask((112, 112, 80), generator=generator)
         zero = mask == 0
         assert zero.sum() == 74 * 74 * 53
         corners.append([int(zero.any(dim=[a for a in range(3) if a != axis]).int().argmax()) for axis in range(3)])
@@ -2332,10 +2332,13 @@ def torchrun(arguments, processes=2, cwd=Path(__file__).parent, env=None):
 
 
 def assert_same_runs(one, two, phase, parts=("model",)):
-    """Losses row by row, and the last weights, within 1e-5 (relative; float sums in another order)."""
-    losses = [[r["loss"] for r in train.read_metrics(run / phase / "metrics.jsonl")[0] if "loss" in r] for run in (one, two)]
-    assert len(losses[0]) == len(losses[1]) > 0
-    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
+    """Losses and (selftrain) the pseudo-labels' Dice row by row, and the last weights, within 1e-5
+    (relative; float sums in another order)."""
+    rows = [train.read_metrics(run / phase / "metrics.jsonl")[0] for run in (one, two)]
+    for key in ("loss", "pseudo_dice") if phase == "selftrain" else ("loss",):
+        logged = [[r[key] for r in run_rows if key in r] for run_rows in rows]
+        assert len(logged[0]) == len(logged[1]) > 0, key
+        np.testing.assert_allclose(logged[1], logged[0], rtol=1e-5, err_msg=key)
     first, second = (bcp.load_checkpoint(run / phase / "last.pt") for run in (one, two))
     for part in parts:
         for key, value in first[part].items():
@@ -2346,8 +2349,9 @@ def assert_same_runs(one, two, phase, parts=("model",)):
 def test_two_processes_under_torchrun_train_as_one(synthetic_root, tmp_path):
     """Pre-train then self-train 3 steps, by one process and by two under torchrun (gloo), the same
     flags: each half-batch shared, BN statistics and the loss's sums over the whole batch, dropout masks
-    drawn for the whole batch, gradients averaged. The same losses and weights, and one run folder:
-    the same files as the single process's, each log line once."""
+    drawn for the whole batch, gradients averaged. The same losses, pseudo-label Dice (the whole batch's,
+    not rank 0's share) and weights, and one run folder: the same files as the single process's, each
+    log line once."""
     common = ["--root", str(synthetic_root), *TORCHRUN, "--iterations", "3", "--val-every", "3"]
     for phase in ("pretrain", "selftrain"):
         train.main([*common, "--out", str(tmp_path / "one"), "--phase", phase])

@@ -30,9 +30,18 @@ import torch
 import bcp
 import evaluate
 
-# The authors' settings for each data set (their ACDC and LA scripts differ); a flag left unset takes
-# its data set's value. Per-phase values are dicts. batch_size is the images of a supervised or
-# selftrain step; pretrain draws labeled_batch_size images only (its batch_size is unused).
+# The method's constants, the authors' values: the same in their ACDC and their LA script.
+METHOD = {
+    "u_weight": 0.5,       # alpha (Eq. 6): the weight of the loss terms of a region whose target is a pseudo-label
+                           # (ground truth's: 1); constant from the first step, not ramped up as in Mean Teacher
+    "ema_decay": 0.99,     # teacher <- decay * teacher + (1 - decay) * student, after every self-train step
+    "beta": 2 / 3,         # M's zero box is int(beta * s) along each axis of size s of the patch
+    "lr": 0.01,            # SGD's learning rate; on LA divided by 10 every lr_step steps (below)
+    "momentum": 0.9, "weight_decay": 1e-4,  # SGD's
+}
+# The authors' settings where their ACDC and LA scripts differ. Per-phase values are dicts. batch_size
+# is the images of a supervised or selftrain step; pretrain draws labeled_batch_size images only (its
+# batch_size is unused). A flag left unset takes its METHOD value, or its data set's value here.
 DEFAULTS = {
     "acdc": {"labeled_patients": 7, "batch_size": 24, "labeled_batch_size": 12, "patch_size": [256], "num_classes": 4,
              "iterations": {"supervised": 10000, "pretrain": 10000, "selftrain": 30000}, "lr_step": 0,
@@ -70,24 +79,28 @@ def parse_args(argv=None):
     p.add_argument("--out", help="run folder; each phase writes <out>/<phase>/ (runs/<data set>_<labeled>)")
     p.add_argument("--phase", choices=PHASES, default="pretrain")
     p.add_argument("--labeled-patients", type=at_least(1),
-                   help="the first N patients (LA: cases) of train.list are labeled (ACDC 7, LA 8; your own data: every labeled one)")
+                   help="ACDC: the first N patients of train.list are labeled, all their slices (7: 10%%; 3: 5%%); LA: "
+                        "the first N cases, one volume each (8: 10%%; 4: 5%%); your own data: every labeled one")
     p.add_argument("--iterations", type=at_least(1), help="steps (ACDC 10000, 30000 for selftrain; LA 2000 pretrain, "
                                                           "15000 selftrain, 6000 supervised)")
     p.add_argument("--batch-size", type=at_least(1), help="images per step (selftrain: labeled + unlabeled; ACDC 24; LA 8, supervised 4)")
     p.add_argument("--labeled-batch-size", type=at_least(1), help="labeled images per step (ACDC 12, LA 4)")
     p.add_argument("--patch-size", type=at_least(16), nargs="+",
-                   help="ACDC: slices resized to P x P (256); LA: random crops D1 D2 D3 (112 112 80); multiples of 16")
+                   help="ACDC: each slice resized whole to P x P, not cropped (256); LA: random crops D1 D2 D3 of the "
+                        "volume (112 112 80); multiples of 16")
     p.add_argument("--num-classes", type=at_least(2), help="background included (ACDC 4, LA 2; your own data says)")
-    p.add_argument("--lr", type=at_least(0.0, float), default=0.01, help="SGD learning rate")
+    p.add_argument("--lr", type=at_least(0.0, float), help=f"SGD learning rate ({METHOD['lr']})")
     p.add_argument("--lr-step", type=at_least(0), help="divide the lr by 10 every N steps, 0 never "
                                                        "(ACDC 0; LA 2500, pretrain 0)")
-    p.add_argument("--momentum", type=at_least(0.0, float), default=0.9)
-    p.add_argument("--weight-decay", type=at_least(0.0, float), default=1e-4)
-    p.add_argument("--beta", type=float, default=2 / 3, help="the pasted box is beta times the patch along each axis, 0 < beta < 1")
+    p.add_argument("--momentum", type=at_least(0.0, float), help=f"SGD momentum ({METHOD['momentum']})")
+    p.add_argument("--weight-decay", type=at_least(0.0, float), help=f"SGD weight decay ({METHOD['weight_decay']})")
+    p.add_argument("--beta", type=float, help=f"the pasted box is beta times the patch along each axis, 0 < beta < 1 "
+                                              f"({METHOD['beta']:.4g})")
     p.add_argument("--mask", choices=["random", "center"], default="random", help="where the box sits")
-    p.add_argument("--u-weight", type=at_least(0.0, float), default=0.5,
-                   help="alpha: weight of the loss terms of the region whose target is a pseudo-label (ground truth: 1)")
-    p.add_argument("--ema-decay", type=float, default=0.99, help="teacher = EMA of the student, 0 <= decay <= 1")
+    p.add_argument("--u-weight", type=at_least(0.0, float),
+                   help=f"alpha, on ACDC and LA alike: the weight of the loss terms of the region whose target is a "
+                        f"pseudo-label (ground truth: 1), constant from the first step, not ramped up ({METHOD['u_weight']})")
+    p.add_argument("--ema-decay", type=float, help=f"teacher = EMA of the student, 0 <= decay <= 1 ({METHOD['ema_decay']})")
     p.add_argument("--mix", choices=list(bcp.MIXES), default="bidirectional",
                    help="selftrain ablations: BCP (half a inward, half b outward), only inward (both halves: a labeled "
                         "crop in an unlabeled image), only outward (both halves: an unlabeled crop in a labeled image), "
@@ -126,7 +139,8 @@ def parse_args(argv=None):
     bcp.check_layout(args.root)
     args.dataset = "la" if bcp.is_la_layout(args.root) else "acdc"
     own_data = bcp.dataset_info(args.root)  # written by prepare_acdc.py --raw for your own scans
-    defaults = dict(DEFAULTS[args.dataset], num_classes=own_data.get("num_classes", DEFAULTS[args.dataset]["num_classes"]))
+    defaults = dict(METHOD, **DEFAULTS[args.dataset])
+    defaults["num_classes"] = own_data.get("num_classes", defaults["num_classes"])
     own_labeled = None
     if own_data and args.dataset == "la":  # your own 3D scans: train.list = labeled, unlabeled, validation cases
         defaults |= {"val_cases": own_data["val_cases"], "foreground_crops": OWN_FOREGROUND_CROPS}
@@ -241,24 +255,27 @@ def draw_batch(bank, iteration, count, args, stream, parts=1):
     return bank.batch(index[kept], args.patch_size, {key: choice[kept] for key, choice in augmentation.items()})
 
 
-def draw_halves(bank, iteration, count, args, stream):
-    """One step's batch split into its halves a and b: ((images_a, images_b), (labels_a, labels_b))."""
-    images, labels = draw_batch(bank, iteration, count, args, stream, parts=2)
+def draw_halves(bank, iteration, both_halves, args, stream):
+    """One step's `both_halves` images of the bank (labeled or unlabeled), split into half-batches a and
+    b of both_halves / 2: ((images_a, images_b), (labels_a, labels_b))."""
+    images, labels = draw_batch(bank, iteration, both_halves, args, stream, parts=2)
     return images.chunk(2), labels.chunk(2)
 
 
 def draw_mask(iteration, args, device):
     """M (*patch) for one step, shared by the whole batch: 1 keeps the base image, 0 is where the crop goes."""
     generator = step_generator(args.seed, PHASE_STREAMS[args.phase], MASK, iteration)
-    return bcp.paste_mask(bcp.patch_shape(args.patch_size), args.beta, args.mask == "center", generator, device)
+    return bcp.keep_mask(bcp.patch_shape(args.patch_size), args.beta, args.mask == "center", generator, device)
 
 
 # ----------------------------------------------------------------------------- the three steps
 # A step draws its batch (and M, but for supervised), computes the loss, updates the student (and the
-# teacher), and returns the loss, one (input, target, logits, M of its regions or None) view per
-# student forward for the pictures, and the Dice of the pseudo-labels (selftrain, when the unlabeled
-# images have labels) or None. train() sets the step's learning rate before it calls the step;
-# run.student_forward is the student (its torch.compile'd forward with --compile), and alike the teacher.
+# teacher), and returns the loss, one (input, target, logits, regions: M or None) view per student
+# forward for the pictures, and the Dice of the pseudo-labels (selftrain, when the unlabeled images have
+# labels) or None. train() sets the step's learning rate before it calls the step. main() builds `run`:
+# run.student_forward and run.teacher_forward are the student and the teacher themselves (their
+# torch.compile'd forwards with --compile), run.autocast bf16 autocast with --precision bf16 (else a
+# nullcontext), run.labeled and run.unlabeled the data banks, run.dice_loss bcp.DICE_LOSSES[--dice-loss].
 
 def sgd_update(run, loss):
     run.optimizer.zero_grad(set_to_none=True)
@@ -283,11 +300,11 @@ def average_gradients(model):
 def whole_image_loss(run, logits, target):
     """(Dice + CE) / 2 with the whole image one region."""
     everywhere = torch.ones(target.shape[1:], device=target.device)
-    return bcp.mixed_loss(logits, target, everywhere, weight_base=1.0, weight_pasted=0.0, dice_loss=run.dice_loss)
+    return bcp.mixed_loss(logits, target, regions=everywhere, weight_base=1.0, weight_pasted=0.0, dice_loss=run.dice_loss)
 
 
 def supervised_step(run, iteration):
-    """The paper's labeled-only rows: Dice + CE on labeled images, no mixing."""
+    """The paper's labeled-only rows: (Dice + CE) / 2 on labeled images, no mixing."""
     images, truth = draw_batch(run.labeled, iteration, run.args.batch_size, run.args, LABELED)
     with run.autocast:
         logits = run.student_forward(images)
@@ -308,7 +325,7 @@ def pretrain_step(run, iteration):
     with run.autocast:
         logits = run.student_forward(image)
         if args.pretrain_loss == "regions":  # ACDC: one term per region of M, both ground truth
-            loss = bcp.mixed_loss(logits, target, mask, weight_base=1.0, weight_pasted=1.0, dice_loss=run.dice_loss)
+            loss = bcp.mixed_loss(logits, target, regions=mask, weight_base=1.0, weight_pasted=1.0, dice_loss=run.dice_loss)
         else:  # LA
             loss = whole_image_loss(run, logits, target)
     sgd_update(run, loss)
@@ -316,9 +333,9 @@ def pretrain_step(run, iteration):
 
 
 def selftrain_step(run, iteration):
-    """One BCP step: the labeled halves L_a, L_b with ground truth G_a, G_b, the unlabeled halves U_a,
-    U_b, one mask M; bcp.bcp_loss (pseudo-labels, both mixes, Eq. 6); SGD on the student; the teacher
-    becomes an EMA of the student."""
+    """One BCP step: the labeled half-batches L_a, L_b with ground truth G_a, G_b, the unlabeled
+    half-batches U_a, U_b, one mask M; bcp.bcp_loss (the teacher's pseudo-labels, both mixes, Eq. 6);
+    SGD on the student; the teacher becomes an EMA of the student."""
     args = run.args
     (labeled_a, labeled_b), (truth_a, truth_b) = draw_halves(run.labeled, iteration, args.labeled_batch_size, args, LABELED)
     (unlabeled_a, unlabeled_b), hidden_truth = draw_halves(run.unlabeled, iteration, args.batch_size - args.labeled_batch_size,
@@ -330,8 +347,10 @@ def selftrain_step(run, iteration):
                                            mix=bcp.MIXES[args.mix], dice_loss=run.dice_loss)
     sgd_update(run, loss)
     bcp.ema_update(run.teacher, run.student, args.ema_decay)
-    pseudo_dice = (bcp.dice_per_class(torch.cat(pseudo), torch.cat(hidden_truth), args.num_classes).mean()
-                   if run.unlabeled_truth else None)
+    # A diagnostic: P_a, P_b against the unlabeled images' hidden labels, from voxel counts summed over the
+    # whole batch (under torchrun every process's share: rank 0 logs the one-process value).
+    pseudo_dice = (bcp.dice_per_class(torch.cat(pseudo), torch.cat(hidden_truth), args.num_classes,
+                                      total=bcp.whole_batch_sum).mean() if run.unlabeled_truth else None)
     return loss, views, pseudo_dice
 
 
@@ -578,7 +597,8 @@ def build_models(args, device, memory_format, checkpoint, folder):
     starts from the pre-training's best weights (and its SGD momentum with --selftrain-sgd pretrain).
     -> (student, teacher, optimizer, progress: iteration, best_dice, best_iteration, elapsed)."""
     architecture = bcp.NETWORKS[len(bcp.patch_shape(args.patch_size))]
-    whole_batch = bcp.whole_batch_norms if bcp.process_share()[0] > 1 else (lambda model: model)  # torchrun: BN over the whole batch
+    # torchrun: each BatchNorm takes its training statistics over the whole batch, not this process's share
+    whole_batch = bcp.whole_batch_norms if bcp.process_share()[0] > 1 else (lambda model: model)
     network = lambda: whole_batch(architecture(num_classes=args.num_classes)).to(device, memory_format=memory_format)
     student = network()
     teacher = network() if args.phase == "selftrain" else None

@@ -6,11 +6,12 @@ left-atrium set in UA-MT's layout, for the 3D quick start).
     python prepare_acdc.py --la --out data/LA_synthetic      # synthetic 3D left-atrium phantoms, UA-MT layout
     python prepare_acdc.py --raw ~/ACDC/database --out data/ACDC   # from the official NIfTI download
     python prepare_acdc.py --check data/ACDC                 # verify a folder, e.g. the SSL4MIS h5 download
-    python prepare_acdc.py --raw ~/Task01 --out data/mine     # your own scans, nnU-Net / Decathlon layout:
-        imagesTr/<case>_0000.nii.gz + labelsTr/<case>.nii.gz   labeled, split into train and val (--val-fraction)
-        imagesTr/ without a label, imagesUnlabeled/            unlabeled (train, self-training only)
-        imagesTs/ + labelsTs/                                  test; dataset.json 'labels' names the classes
-    python prepare_acdc.py --raw ~/Task02 --3d --out data/mine3d   # the same, as whole 3D volumes for the V-Net
+    python prepare_acdc.py --raw ~/Task02_Heart --out data/mine   # your own scans, Decathlon or nnU-Net v2 layout:
+        imagesTr/<case>.nii.gz (Decathlon) or <case>_0000.nii.gz (nnU-Net) + labelsTr/<case>.nii.gz
+                                            labeled, split into train and val (--val-fraction)
+        imagesTr/ without a label, imagesUnlabeled/, imagesTs/ without labelsTs/   unlabeled (self-training only)
+        imagesTs/ + labelsTs/               test; dataset.json 'labels' names the classes
+    python prepare_acdc.py --raw ~/Task02_Heart --3d --out data/mine3d   # the same, whole 3D volumes for the V-Net
 
 Layout written (and checked):
     ROOT/train.list, val.list, test.list   volume names, one a line (train.list order = labeling order)

@@ -916,7 +916,8 @@ def test_nan_weights_never_reach_a_checkpoint(synthetic_root, tmp_path):
 
 def test_rerun_without_resume_leaves_the_run_untouched(synthetic_root, tmp_path):
     """The same command again without --resume once overwrote best.pt and cut metrics.jsonl; now it
-    refuses, naming the folder, and every file is byte-identical. --overwrite starts again."""
+    refuses, naming the folder, and every file is byte-identical. --overwrite starts again: a new log,
+    nothing of the old run's lines."""
     command = ["--root", str(synthetic_root), *TINY, "--out", str(tmp_path), "--phase", "pretrain", "--iterations", "4"]
     train.main(command)
     run = tmp_path / "pretrain"
@@ -926,6 +927,7 @@ def test_rerun_without_resume_leaves_the_run_untouched(synthetic_root, tmp_path)
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
     train.main([*command[:-1], "2", "--overwrite"])
     assert bcp.load_checkpoint(run / "last.pt")["iteration"] == 2
+    assert "iter 4" not in (run / "train.log").read_text() and "iter 2" in (run / "train.log").read_text()
 
 
 def test_a_picture_that_cannot_be_written_costs_nothing_else(synthetic_root, tmp_path, monkeypatch, capsys):
@@ -2067,11 +2069,15 @@ def test_own_3d_intensities_and_geometry_by_hand(modality, tmp_path):
 
 
 def test_own_3d_scans_end_to_end(tmp_path, capsys):
-    """The issue's commands as written (crops 32 x 32 x 16 here): prepare --3d at 1.25 mm, pretrain,
-    selftrain with three classes, evaluate the test split on the scans' own grids, --predict their
-    NIfTI files: each label map has its scan's shape and affine, and its Dice against labelsTs is what
-    evaluate.py reported."""
+    """The README's commands as written (crops 32 x 32 x 16 here): prepare --3d at 1.25 mm, pretrain,
+    selftrain with three classes (post-processing chosen on validation after each, stored in best.pt),
+    evaluate the test split on the scans' own grids (one reference without class 2: no error, counted),
+    --predict their NIfTI files: each label map has its scan's shape and affine, and its Dice against
+    labelsTs (a class absent from both left out) is what evaluate.py reported."""
     own_3d_folder(tmp_path / "raw")
+    no_roof = tmp_path / "raw" / "labelsTs" / "atrium_006.nii.gz"
+    reference = nibabel.load(no_roof)
+    save_scan(no_roof, np.minimum(np.asarray(reference.dataobj), 1).astype(np.uint8), reference.affine)
     root, run = tmp_path / "mine", tmp_path / "run"
     assert prepare_acdc.main(["--raw", str(tmp_path / "raw"), "--3d", "--spacing", "1.25", "1.25", "1.25", "--out", str(root)]) == 0
     assert "MRI: z-score over each scan; spacing [1.25, 1.25, 1.25] mm" in capsys.readouterr().out
@@ -2082,6 +2088,9 @@ def test_own_3d_scans_end_to_end(tmp_path, capsys):
     assert "crops of 32 x 32 x 16" in capsys.readouterr().out  # the 48 is cut to the smallest resampled volume
     checkpoint = bcp.load_checkpoint(run / "selftrain" / "best.pt")
     assert checkpoint["flags"]["patch_size"] == [32, 32, 16] and checkpoint["flags"]["num_classes"] == 3
+    assert set(checkpoint["flags"]["keep_largest"]) <= {1, 2}
+    log = (run / "selftrain" / "train.log").read_text()
+    assert "post-processing, class 1: validation Dice" in log and "post-processing, class 2: validation Dice" in log
     assert checkpoint["flags"]["labeled_patients"] == 3 and checkpoint["flags"]["val_cases"] == 1
     rows, _ = train.read_metrics(run / "selftrain" / "metrics.jsonl")
     assert len([r for r in rows if "val_dice_per_class" in r][-1]["val_dice_per_class"]) == 2
@@ -2089,7 +2098,8 @@ def test_own_3d_scans_end_to_end(tmp_path, capsys):
     evaluate.main(["--root", str(root), "--checkpoint", str(run / "selftrain" / "best.pt"), "--json", str(tmp_path / "s.json")])
     scores = json.loads((tmp_path / "s.json").read_text())
     assert list(scores["per_class"]) == ["atrium", "roof"] and scores["volumes"] == 2
-    assert "HD95 and ASD in mm" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "HD95 and ASD in mm" in printed and "class-volumes (4), as nnU-Net counts them" in printed
     evaluate.main(["--checkpoint", str(run / "selftrain" / "best.pt"), "--predict", str(tmp_path / "raw" / "imagesTs"),
                    "--out", str(tmp_path / "labels")])
     dice = {c: [] for c in (1, 2)}
@@ -2101,7 +2111,8 @@ def test_own_3d_scans_end_to_end(tmp_path, capsys):
         predicted = np.asarray(written.dataobj)
         truth = np.asarray(nibabel.load(tmp_path / "raw" / "labelsTs" / f"{case}.nii.gz").dataobj)
         for c in dice:
-            dice[c].append(100 * bcp.dice(predicted == c, truth == c) if (predicted == c).any() else 0.0)
+            if (predicted == c).any() or (truth == c).any():  # nnU-Net's rule: a class absent from both is left out
+                dice[c].append(100 * bcp.dice(predicted == c, truth == c))
     for c, name in ((1, "atrium"), (2, "roof")):
         assert np.mean(dice[c]) == pytest.approx(scores["per_class"][name]["dice"], abs=1e-6)
 
@@ -2289,6 +2300,20 @@ def test_probabilities_resampled_back_keep_a_thin_structure_that_nearest_labels_
     probabilities = torch.rand(4, 9, 7, 11).softmax(0)
     whole = F.interpolate(probabilities[None], size=(13, 5, 17), mode="trilinear", align_corners=True)[0].argmax(0)
     torch.testing.assert_close(bcp.resample_argmax(probabilities, (13, 5, 17), slab=4).long(), whole)
+
+
+def test_segment_takes_the_probabilities_back_to_the_scans_grid():
+    """segment(size=...) resamples the window probabilities, not the labels: a 1 x 1 x 1 convolution
+    turns intensities 0 and 1 into the two columns of the thin-structure case above, and the scan's
+    grid, one voxel finer, finds the thin class between them."""
+    probabilities = torch.tensor([[0.45, 0.40, 0.15], [0.15, 0.40, 0.45]]).log()  # at intensity 0, at 1
+    model = torch.nn.Conv3d(1, 3, 1)
+    with torch.no_grad():
+        model.weight.copy_((probabilities[1] - probabilities[0]).view(3, 1, 1, 1, 1))
+        model.bias.copy_(probabilities[0])
+    image = torch.tensor([0.0, 1.0]).view(1, 1, 2)
+    labels = bcp.segment(model, image, [1, 1, 2], (1, 1), gaussian=False, keep_largest=[], size=(1, 1, 3))
+    assert labels.flatten().tolist() == [0, 1, 2]
 
 
 def test_largest_component_is_kept_only_where_validation_gains():

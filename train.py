@@ -36,7 +36,7 @@ METHOD = {
                            # (ground truth's: 1); constant from the first step, not ramped up as in Mean Teacher
     "ema_decay": 0.99,     # teacher <- decay * teacher + (1 - decay) * student, after every self-train step
     "beta": 2 / 3,         # M's zero box is int(beta * s) along each axis of size s of the patch
-    "lr": 0.01,            # SGD's learning rate; on LA divided by 10 every lr_step steps (below)
+    "lr": 0.01,            # SGD's learning rate; on LA's self-training divided by 10 every lr_step steps (below)
     "momentum": 0.9, "weight_decay": 1e-4,  # SGD's
 }
 # The authors' settings where their ACDC and LA scripts differ. Per-phase values are dicts. batch_size
@@ -52,6 +52,7 @@ DEFAULTS = {
            "dice_loss": "la", "pretrain_loss": "whole", "selftrain_sgd": "fresh",
            "val_cases": 8, "scale": 1.0, "foreground_crops": 0.0},
 }
+
 LA_ONLY = ("val_cases", "stride", "scale", "foreground_crops")  # refused on ACDC, where they would change nothing
 OWN_FOREGROUND_CROPS = 1 / 3  # your own 3D scans: the share of labeled crops centred on the organ (nnU-Net's)
 

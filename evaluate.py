@@ -301,10 +301,11 @@ def main(argv=None):
                     f"voxels between windows would be left out")
     args.windows = args.windows or ("gaussian" if flags.get("preprocessing") else "authors")
     keep_largest = largest_component_classes(flags)
-    if keep_largest is not None:
-        print(f"post-processing (chosen on validation): the largest component kept for "
-              f"{'classes ' + ', '.join(map(str, keep_largest)) if keep_largest else 'no class'}"
-              if "keep_largest" in flags else "post-processing: none (train.py chooses it after a phase's last step)")
+    if keep_largest is not None and "keep_largest" not in flags:
+        print("post-processing: none (train.py chooses it after a phase's last step)")
+    elif keep_largest is not None:
+        kept = f"classes {', '.join(map(str, keep_largest))}" if keep_largest else "no class"
+        print(f"post-processing (chosen on validation): the largest component kept for {kept}")
     if args.predict:
         return predict_scans(model, flags, args.stride, args.windows == "gaussian",
                              nifti_scans(args.predict), Path(args.out), device, Path(args.save_png) if args.save_png else None)

@@ -333,15 +333,21 @@ def nifti_files(folder):
 NNUNET_CHANNEL = "_0000"  # nnU-Net v2 names a case's first channel <case>_0000; the Decathlon names it <case>
 
 
+def dataset_channels(raw):
+    """(DIR/dataset.json as a dict, {} without one; its channels: nnU-Net v2's 'channel_names' or the
+    Decathlon's 'modality', {"0": "MRI"})."""
+    path = raw / "dataset.json"
+    fields = json.loads(path.read_text()) if path.exists() else {}
+    return fields, fields.get("channel_names") or fields.get("modality") or {}
+
+
 def channel_suffix(raw, images):
     """'_0000' for nnU-Net v2's image names, '' for the Decathlon's, by dataset.json ('channel_names' is
     nnU-Net's, 'modality' the Decathlon's), else by the names themselves. One channel per case: a
     second channel (<case>_0001) or a multi-modal dataset.json is refused."""
-    path = raw / "dataset.json"
-    fields = json.loads(path.read_text()) if path.exists() else {}
-    channels = fields.get("channel_names") or fields.get("modality") or {}
+    fields, channels = dataset_channels(raw)
     if len(channels) > 1:
-        raise bcp.DataError(f"{path}: {len(channels)} channels ({', '.join(map(str, channels.values()))}); "
+        raise bcp.DataError(f"{raw / 'dataset.json'}: {len(channels)} channels ({', '.join(map(str, channels.values()))}); "
                             f"one channel per case is supported")
     numbered = [re.search(r"_\d{4}$", scan_stem(p)) is not None for p in images]
     nnunet = "channel_names" in fields or "modality" not in fields and numbered and all(numbered)
@@ -385,11 +391,11 @@ def own_cases(raw, val_fraction, seed):
     the Decathlon withholds the labels) is 'unlabeled' (training, self-training only); imagesTs with
     labelsTs is the test split."""
     raw = Path(raw)
-    found = {split: nifti_files(raw / folder) for folder, split in
+    scans = {split: nifti_files(raw / folder) for folder, split in
              (("imagesTr", "train"), ("imagesUnlabeled", "unlabeled"), ("imagesTs", "test"))}
-    suffix = channel_suffix(raw, [path for paths in found.values() for path in paths])
+    suffix = channel_suffix(raw, [path for paths in scans.values() for path in paths])
     images, labels = {}, {}
-    for split, paths in found.items():
+    for split, paths in scans.items():
         for path in paths:
             name = case_name(path, suffix)
             if name in images:
@@ -405,15 +411,15 @@ def own_cases(raw, val_fraction, seed):
         raise bcp.DataError(f"{raw}: no labeled training cases (imagesTr/<case>{suffix}.nii.gz with labelsTr/<case>.nii.gz)")
     values = {name: np.unique(read_nifti(path)) for name, path in labels.items()}  # read again when written:
     # the classes must be known before the first volume is, and only one volume is held at a time
-    for name, found_values in values.items():
-        if found_values.min() < 0 or not np.array_equal(found_values, np.round(found_values)):
-            raise bcp.DataError(f"{labels[name]}: label values must be whole numbers from 0, got {found_values[:10]}")
+    for name, found in values.items():
+        if found.min() < 0 or not np.array_equal(found, np.round(found)):
+            raise bcp.DataError(f"{labels[name]}: label values must be whole numbers from 0, got {found[:10]}")
     class_names = class_names_of(raw)
     num_classes = len(class_names) + 1 if class_names else int(max(v.max() for v in values.values())) + 1
-    for name, found_values in values.items():
+    for name, found in values.items():
         others = [v.max() for n, v in values.items() if n != name]
-        if found_values.max() >= num_classes or (not class_names and others and found_values.max() > max(others)):
-            raise bcp.DataError(f"{labels[name]}: holds class {found_values.max():g}, which "
+        if found.max() >= num_classes or (not class_names and others and found.max() > max(others)):
+            raise bcp.DataError(f"{labels[name]}: holds class {found.max():g}, which "
                                 + (f"dataset.json does not list (classes 0..{num_classes - 1})" if class_names else
                                    "no other label has; list the classes in dataset.json 'labels' if that is right"))
     labeled = [name for name, (split, _) in images.items() if split == "train" and name in labels]
@@ -455,9 +461,7 @@ FOREGROUND_SAMPLES = 100_000  # CT statistics: at most this many foreground voxe
 def modality_of(raw):
     """'CT' or 'MRI' from DIR/dataset.json (nnU-Net v2 channel_names, or the Decathlon's modality);
     MRI when it says neither."""
-    path = raw / "dataset.json"
-    fields = json.loads(path.read_text()) if path.exists() else {}
-    channels = fields.get("channel_names") or fields.get("modality") or {}
+    _, channels = dataset_channels(raw)
     return "CT" if str(channels.get("0", "")).upper() == "CT" else "MRI"
 
 

@@ -845,9 +845,24 @@ def check_layout(root):
                     f"train.list){hint}")
 
 
-def load_la_volumes(root, names, num_classes=2, scale=1.0):
-    """[(case, image (D1, D2, D3) float32, label uint8)] from UA-MT's layout, resampled by `scale`."""
+def standardize(image, mean, std):
+    """(image - mean) / std in place (float32)."""
+    image -= np.float32(mean)
+    image /= np.float32(std)
+    return image
+
+
+def zscore(image):
+    """A float32 scan z-scored over all its voxels, in place."""
+    return standardize(image, image.mean(dtype=np.float64), max(float(image.std(dtype=np.float64)), 1e-8))
+
+
+def load_la_volumes(root, names, num_classes=2, scale=1.0, standardize=False):
+    """[(case, image (D1, D2, D3) float32, label uint8)] from UA-MT's layout, resampled by `scale`;
+    standardize: each image z-scored over its own voxels."""
     volumes = [(name, *read_h5(Path(root) / LA_FOLDER / name / "mri_norm2.h5", 3, num_classes)) for name in names]
+    if standardize:
+        volumes = [(name, zscore(image), label) for name, image, label in volumes]
     return [(name, *rescale(image, label, scale)) for name, image, label in volumes]
 
 

@@ -192,7 +192,7 @@ def predict_scans(model, flags, stride, gaussian, scans, out_dir, device, png_di
             shown = image.transpose(2, 1, 0).astype(np.float32)
             del image
             volume = (prepare_acdc.preprocess_3d(shown, prepare_acdc.nifti_geometry(header, scan)[0], preprocessing, scan)
-                      if preprocessing else prepare_acdc.zscore(shown))  # both normalise `shown` in place
+                      if preprocessing else bcp.zscore(shown))  # both normalise `shown` in place
         else:
             shown = volume = prepare_acdc.normalize(image.astype(np.float64), scan).reshape(-1, *image.shape[-2:])  # (S, H, W)
         labels = bcp.segment(model, torch.from_numpy(np.ascontiguousarray(volume)).to(device), patch_size, stride,
@@ -323,7 +323,7 @@ def main(argv=None):
     if la:  # test.list, or the validation cases training held aside
         names = (bcp.read_list(args.root, f"{args.split}.list") if args.split != "val" else
                  bcp.la_cases(args.root, flags["labeled_patients"], flags["val_cases"])[2])
-        volumes = bcp.load_la_volumes(args.root, names, num_classes)
+        volumes = bcp.load_la_volumes(args.root, names, num_classes, standardize=flags.get("standardize", False))
         path_of = lambda name: Path(args.root) / bcp.LA_FOLDER / name / "mri_norm2.h5"
     else:
         volumes = bcp.load_volumes(args.root, args.split, num_classes)

@@ -484,25 +484,13 @@ def read_labels_3d(path, shape, affine):
     return labels.astype(np.uint8)
 
 
-def standardize(image, mean, std):
-    """(image - mean) / std in place (float32)."""
-    image -= np.float32(mean)
-    image /= np.float32(std)
-    return image
-
-
-def zscore(image):
-    """A float32 scan z-scored over all its voxels, in place."""
-    return standardize(image, image.mean(dtype=np.float64), max(float(image.std(dtype=np.float64)), 1e-8))
-
-
 def normalize_3d(image, preprocessing):
     """MRI: z-score over the whole scan (as UA-MT's LA arrays); CT: clipped to the window, then the
     training foreground's mean and standard deviation (nnU-Net's CT scheme). In place, float32."""
     if preprocessing["modality"] != "CT":
-        return zscore(image)
+        return bcp.zscore(image)
     np.clip(image, *preprocessing["window"], out=image)
-    return standardize(image, preprocessing["mean"], preprocessing["std"])
+    return bcp.standardize(image, preprocessing["mean"], preprocessing["std"])
 
 
 def resampled_size(shape, spacing, target):

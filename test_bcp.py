@@ -968,6 +968,8 @@ def test_resume_survives_a_torn_metrics_line_and_refuses_other_flags(synthetic_r
     (["--scale", "0.5"], "--scale applies to LA (3D) only"),
     (["--stride", "16", "8"], "--stride applies to LA (3D) only"),
     (["--val-cases", "3"], "--val-cases applies to LA (3D) only"),
+    (["--standardize"], "--standardize applies to LA (3D) only"),
+    (["--schedule", "cpu", "--phase", "supervised"], "--schedule cpu times pre-training and self-training"),
 ])
 def test_bad_flags_get_one_line_before_any_work(flags, message, capsys):
     with pytest.raises(SystemExit) as stop:
@@ -1573,6 +1575,44 @@ def test_la_defaults_are_the_authors_la_script(la_root):
     assert [train.learning_rate(args, t) for t in (1, 2500, 2501, 5001)] == pytest.approx([0.01, 0.01, 0.001, 0.0001])
 
 
+def test_cpu_schedule_sets_its_values_flags_win_and_paper_stays(synthetic_root, la_root):
+    acdc = train.parse_args(["--root", str(synthetic_root), "--phase", "selftrain", "--schedule", "cpu", "--batch-size", "8"])
+    assert (acdc.patch_size, acdc.iterations, acdc.labeled_batch_size, acdc.lr_decay) == (128, 6000, 6, "poly")
+    assert acdc.batch_size == 8 and "batch_size" not in acdc.set_by_schedule and "patch_size" in acdc.set_by_schedule
+    paper = train.parse_args(["--root", str(synthetic_root), "--phase", "selftrain"])
+    assert (paper.patch_size, paper.iterations, paper.batch_size, paper.lr_decay, paper.val_every) == (256, 30000, 24, "step", 200)
+    assert paper.set_by_schedule == []
+    la = train.parse_args(["--root", str(la_root), "--phase", "pretrain", "--schedule", "cpu"])
+    assert (la.patch_size, la.scale, la.standardize, la.iterations) == ([64, 64, 32], 0.5, True, 800)
+    assert train.parse_args(["--root", str(la_root), "--schedule", "cpu", "--no-standardize"]).standardize is False
+
+
+def test_poly_learning_rate_falls_to_zero_over_the_phase(synthetic_root):
+    args = train.parse_args(["--root", str(synthetic_root), "--schedule", "cpu", "--iterations", "100", "--lr", "0.02"])
+    rates = [train.learning_rate(args, t) for t in range(1, 101)]
+    assert rates[0] == 0.02 and rates[50] == pytest.approx(0.02 * 0.5 ** 0.9) and rates[-1] == pytest.approx(0.02 * 0.01 ** 0.9)
+    assert all(a > b for a, b in zip(rates, rates[1:]))
+
+
+def test_hour_eta_adds_the_self_training_to_come_only_while_pretraining(synthetic_root):
+    pretrain = train.parse_args(["--root", str(synthetic_root), "--schedule", "cpu", "--phase", "pretrain"])
+    measured, steps = train.CPU_SECONDS_PER_STEP["acdc"], train.CPU_SCHEDULE["acdc"]["iterations"]["selftrain"]
+    assert train.later_phases_seconds(pretrain, 2 * measured["pretrain"]) == pytest.approx(2 * steps * measured["selftrain"])
+    assert train.later_phases_seconds(train.parse_args(["--root", str(synthetic_root), "--schedule", "cpu", "--phase", "selftrain"]), 1.0) == 0
+
+
+def test_standardize_z_scores_each_la_volume(la_root, tmp_path):
+    case = bcp.read_list(la_root, "train.list")[0]
+    _, image, label = bcp.load_la_volumes(la_root, [case])[0]
+    (tmp_path / bcp.LA_FOLDER / case).mkdir(parents=True)
+    prepare_acdc.write_h5(tmp_path / bcp.LA_FOLDER / case / "mri_norm2.h5", 3 * image + 5, label)
+    _, raw, _ = bcp.load_la_volumes(tmp_path, [case])[0]
+    _, standardized, same_label = bcp.load_la_volumes(tmp_path, [case], standardize=True)[0]
+    assert raw.mean() == pytest.approx(3 * image.mean() + 5, abs=1e-3) and (label == same_label).all()
+    assert abs(standardized.mean()) < 1e-4 and standardized.std() == pytest.approx(1, abs=1e-4)
+    assert np.corrcoef(raw.ravel(), standardized.ravel())[0, 1] == pytest.approx(1)
+
+
 def test_la_end_to_end_on_synthetic_phantoms(la_root, tmp_path, capsys):
     """pretrain -> selftrain -> evaluate (test.list and the held-aside val cases) -> --predict on a NIfTI
     copy of a case, whose label map matches the evaluation's segmentation of the h5 copy."""
@@ -2081,6 +2121,12 @@ def test_own_3d_scans_end_to_end(tmp_path, capsys):
     root, run = tmp_path / "mine", tmp_path / "run"
     assert prepare_acdc.main(["--raw", str(tmp_path / "raw"), "--3d", "--spacing", "1.25", "1.25", "1.25", "--out", str(root)]) == 0
     assert "MRI: z-score over each scan; spacing [1.25, 1.25, 1.25] mm" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        train.parse_args(["--root", str(root), "--standardize"])
+    assert "prepare_acdc.py already normalised the intensities" in capsys.readouterr().err
+    scheduled = train.parse_args(["--root", str(root), "--schedule", "cpu"])  # your scans keep prepare's spacing and intensities
+    assert (scheduled.scale, scheduled.standardize, scheduled.lr_decay) == (1.0, False, "poly") and "scale" not in scheduled.set_by_schedule
+    capsys.readouterr()
     flags = ["--root", str(root), "--out", str(run), "--patch-size", "48", "32", "16", "--batch-size", "4",
              "--labeled-batch-size", "2", "--iterations", "2", "--val-every", "2"]
     for phase in ("pretrain", "selftrain"):

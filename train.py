@@ -45,22 +45,35 @@ METHOD = {
 DEFAULTS = {
     "acdc": {"labeled_patients": 7, "batch_size": 24, "labeled_batch_size": 12, "patch_size": [256], "num_classes": 4,
              "iterations": {"supervised": 10000, "pretrain": 10000, "selftrain": 30000}, "lr_step": 0,
-             "dice_loss": "acdc", "pretrain_loss": "regions", "selftrain_sgd": "pretrain"},
+             "dice_loss": "acdc", "pretrain_loss": "regions", "selftrain_sgd": "pretrain", "lr_decay": "step", "val_every": 200},
     "la": {"labeled_patients": 8, "batch_size": {"supervised": 4, "pretrain": 4, "selftrain": 8}, "labeled_batch_size": 4,
            "patch_size": [112, 112, 80], "num_classes": 2, "iterations": {"supervised": 6000, "pretrain": 2000, "selftrain": 15000},
            "lr_step": {"supervised": 2500, "pretrain": 0, "selftrain": 2500},
-           "dice_loss": "la", "pretrain_loss": "whole", "selftrain_sgd": "fresh",
-           "val_cases": 8, "scale": 1.0, "foreground_crops": 0.0},
+           "dice_loss": "la", "pretrain_loss": "whole", "selftrain_sgd": "fresh", "lr_decay": "step", "val_every": 200,
+           "val_cases": 8, "scale": 1.0, "foreground_crops": 0.0, "standardize": False},
 }
 
-LA_ONLY = ("val_cases", "stride", "scale", "foreground_crops")  # refused on ACDC, where they would change nothing
+# --schedule cpu: a pre-train and a self-train meant to end within an hour on a 2-core CPU, validations
+# included, chosen on the validation splits (docs/results.md, "An hour on a CPU", where LA's has not yet
+# been run as a whole). They replace the values above; a flag given on the command line still wins.
+CPU_SCHEDULE = {
+    "acdc": {"patch_size": [128], "batch_size": 12, "labeled_batch_size": 6, "lr_decay": "poly",
+             "iterations": {"pretrain": 2000, "selftrain": 6000}, "val_every": 500},
+    "la": {"patch_size": [64, 64, 32], "scale": 0.5, "batch_size": 8, "labeled_batch_size": 4, "lr_decay": "poly",
+           "lr_step": 0, "iterations": {"pretrain": 800, "selftrain": 2000}, "val_every": 200, "standardize": True},
+}
+# Seconds per step, validations included, on a 2-core CPU (ACDC: the schedule's run; LA: the 1/2-scale run of
+# docs/results.md): their ratio times self-training's steps into the schedule's ETA while pre-training.
+CPU_SECONDS_PER_STEP = {"acdc": {"pretrain": 0.15, "selftrain": 0.41}, "la": {"pretrain": 0.88, "selftrain": 1.63}}
+
+LA_ONLY = ("val_cases", "stride", "scale", "foreground_crops", "standardize")  # refused on ACDC, where they would change nothing
 OWN_FOREGROUND_CROPS = 1 / 3  # your own 3D scans: the share of labeled crops centred on the organ (nnU-Net's)
 
 PHASES = ("supervised", "pretrain", "selftrain")
 # Flags that define what a run trains: --resume refuses a value other than the checkpoint's.
 RUN_FLAGS = ("phase", "labeled_patients", "batch_size", "labeled_batch_size", "patch_size", "num_classes",
              "beta", "mask", "u_weight", "ema_decay", "seed", "mix", "dice_loss", "pretrain_loss", "lr_step", "val_cases",
-             "scale", "foreground_crops")
+             "scale", "foreground_crops", "lr_decay", "standardize")
 
 
 def at_least(minimum, kind=int):
@@ -79,6 +92,9 @@ def parse_args(argv=None):
     p.add_argument("--root", default="data/ACDC", help="ACDC in the SSL4MIS layout, or LA in UA-MT's layout")
     p.add_argument("--out", help="run folder; each phase writes <out>/<phase>/ (runs/<data set>_<labeled>)")
     p.add_argument("--phase", choices=PHASES, default="pretrain")
+    p.add_argument("--schedule", choices=["paper", "cpu"], default="paper",
+                   help="paper: the authors' settings (for a GPU); cpu: pre-train + self-train within an hour on a "
+                        "2-core CPU (CPU_SCHEDULE; flags given win; flags.json lists what it set)")
     p.add_argument("--labeled-patients", type=at_least(1),
                    help="ACDC: the first N patients of train.list are labeled, all their slices (7: 10%%; 3: 5%%); LA: "
                         "the first N cases, one volume each (8: 10%%; 4: 5%%); your own data: every labeled one")
@@ -91,6 +107,8 @@ def parse_args(argv=None):
                         "volume (112 112 80); multiples of 16")
     p.add_argument("--num-classes", type=at_least(2), help="background included (ACDC 4, LA 2; your own data says)")
     p.add_argument("--lr", type=at_least(0.0, float), help=f"SGD learning rate ({METHOD['lr']})")
+    p.add_argument("--lr-decay", choices=["step", "poly"], help="step: divided by 10 every --lr-step steps (the "
+                   "authors'); poly: lr (1 - (t - 1) / T)^0.9 over the phase's T steps, as SSL4MIS (--schedule cpu)")
     p.add_argument("--lr-step", type=at_least(0), help="divide the lr by 10 every N steps, 0 never "
                                                        "(ACDC 0; LA 2500, pretrain 0)")
     p.add_argument("--momentum", type=at_least(0.0, float), help=f"SGD momentum ({METHOD['momentum']})")
@@ -123,7 +141,10 @@ def parse_args(argv=None):
     p.add_argument("--foreground-crops", type=float, metavar="SHARE",
                    help="3D: the share of labeled crops centred on a voxel of a foreground class, the rest uniform "
                         "(nnU-Net's oversampling; your own scans 0.33, LA 0 as the authors)")
-    p.add_argument("--val-every", type=at_least(1), default=200, help="validate (and checkpoint) every N steps")
+    p.add_argument("--standardize", action=argparse.BooleanOptionalAction,
+                   help="LA: z-score each volume as loaded (UA-MT z-scored the whole scans before cropping them "
+                        "around the atrium; --schedule cpu)")
+    p.add_argument("--val-every", type=at_least(1), help="validate (and checkpoint) every N steps (200)")
     p.add_argument("--log-every", type=at_least(1), default=20, help="progress line and metrics row every N steps")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -140,11 +161,17 @@ def parse_args(argv=None):
     bcp.check_layout(args.root)
     args.dataset = "la" if bcp.is_la_layout(args.root) else "acdc"
     own_data = bcp.dataset_info(args.root)  # written by prepare_acdc.py --raw for your own scans
-    defaults = dict(METHOD, **DEFAULTS[args.dataset])
+    if args.schedule == "cpu" and args.phase == "supervised":
+        p.error("--schedule cpu times pre-training and self-training; --phase supervised takes the paper's settings")
+    schedule = CPU_SCHEDULE[args.dataset] if args.schedule == "cpu" else {}
+    defaults = dict(METHOD, **DEFAULTS[args.dataset]) | schedule
     defaults["num_classes"] = own_data.get("num_classes", defaults["num_classes"])
     own_labeled = None
     if own_data and args.dataset == "la":  # your own 3D scans: train.list = labeled, unlabeled, validation cases
-        defaults |= {"val_cases": own_data["val_cases"], "foreground_crops": OWN_FOREGROUND_CROPS}
+        defaults |= {"val_cases": own_data["val_cases"], "foreground_crops": OWN_FOREGROUND_CROPS,
+                     "scale": 1.0, "standardize": False}  # prepare_acdc.py set the spacing and the intensities
+        if args.standardize:
+            p.error(f"--standardize: prepare_acdc.py already normalised the intensities of {args.root}")
         if (args.val_cases or 0) > own_data["val_cases"]:
             p.error(f"--val-cases {args.val_cases}: {args.root} holds {own_data['val_cases']} labeled validation cases "
                     f"(prepare_acdc.py --val-fraction sets them)")
@@ -158,6 +185,7 @@ def parse_args(argv=None):
     for key in LA_ONLY:
         if args.dataset != "la" and getattr(args, key) is not None:
             p.error(f"--{key.replace('_', '-')} applies to LA (3D) only; {args.root} holds 2D slices (the ACDC layout)")
+    args.set_by_schedule = sorted(key for key, value in schedule.items() if getattr(args, key) is None and defaults[key] == value)
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value[args.phase] if isinstance(value, dict) else value)
@@ -368,10 +396,10 @@ def load_data(args, device):
     if args.dataset == "la":
         labeled_names, unlabeled_names, val_names = bcp.la_cases(args.root, args.labeled_patients, args.val_cases)
         bank = lambda names, foreground=0.0: bcp.VolumeBank(
-            *zip(*[v[1:] for v in bcp.load_la_volumes(args.root, names, args.num_classes, args.scale)]), device,
+            *zip(*[v[1:] for v in bcp.load_la_volumes(args.root, names, args.num_classes, args.scale, args.standardize)]), device,
             foreground, args.num_classes)
         labeled = bank(labeled_names, args.foreground_crops)  # crops centred on the organ need labels: labeled only
-        validation = bcp.load_la_volumes(args.root, val_names, args.num_classes)  # full resolution, as evaluated
+        validation = bcp.load_la_volumes(args.root, val_names, args.num_classes, standardize=args.standardize)  # full resolution, as evaluated
         held_aside = f"{len(val_names)} validation cases held aside from train.list ({val_names[0]} ...)"
     else:
         labeled_names, unlabeled_names = bcp.training_slices(args.root, args.labeled_patients)
@@ -491,8 +519,9 @@ def checkpoint_to_resume(args, run_dir):
         return None
     checkpoint = bcp.load_checkpoint(last_path, required=("model", "teacher", "optimizer", "iteration", "best_dice",
                                                           "best_iteration", "elapsed", "flags", "rng"))
+    compared = RUN_FLAGS + (("iterations",) if args.lr_decay == "poly" else ())  # poly's lr depends on the steps
     changed = [f"--{key.replace('_', '-')} {checkpoint['flags'][key]} (now {getattr(args, key)})"
-               for key in RUN_FLAGS if key in checkpoint["flags"] and checkpoint["flags"][key] != getattr(args, key)]
+               for key in compared if key in checkpoint["flags"] and checkpoint["flags"][key] != getattr(args, key)]
     if changed:
         raise bcp.DataError(f"{last_path}: trained with {', '.join(changed)}; resume with the same flags, "
                             f"or start a new run with another --out")
@@ -639,8 +668,20 @@ def build_models(args, device, memory_format, checkpoint, folder):
 
 
 def learning_rate(args, iteration):
-    """The lr of step `iteration` (1-based): divided by 10 after every --lr-step steps, as the LA script."""
+    """The lr of step `iteration` (1-based): divided by 10 after every --lr-step steps, as the LA script,
+    or decayed polynomially to 0 over the phase, as SSL4MIS."""
+    if args.lr_decay == "poly":
+        return args.lr * (1 - (iteration - 1) / args.iterations) ** 0.9
     return args.lr * 0.1 ** ((iteration - 1) // args.lr_step) if args.lr_step else args.lr
+
+
+def later_phases_seconds(args, seconds_per_step):
+    """--schedule cpu, while pre-training: the self-training still to come, its steps timed at this
+    machine's pace (this phase's seconds per step, times the ratio measured for the two phases)."""
+    if args.phase != "pretrain":
+        return 0.0
+    measured = CPU_SECONDS_PER_STEP[args.dataset]
+    return CPU_SCHEDULE[args.dataset]["iterations"]["selftrain"] * seconds_per_step * measured["selftrain"] / measured["pretrain"]
 
 
 def train(run, volumes, folder, progress):
@@ -689,8 +730,10 @@ def train(run, volumes, folder, progress):
             best = progress["best_iteration"]
             validation = f"val Dice {last_text} (best {progress['best_dice']:.4f} @ {best})" if best else "val Dice -"
             pseudo_text = f" | pseudo-label Dice {row['pseudo_dice']:.4f}" if "pseudo_dice" in row else ""
+            seconds_left = (args.iterations - iteration) * seconds_per_step
+            schedule_eta = f" (schedule {format_seconds(seconds_left + later_phases_seconds(args, seconds_per_step))})" if args.schedule == "cpu" else ""
             folder.log(f"iter {iteration}/{args.iterations} | loss {mean_loss:.4f}{pseudo_text} | {speed:.2f} it/s | "
-                       f"ETA {format_seconds((args.iterations - iteration) / speed)} | {validation}")
+                       f"ETA {format_seconds(seconds_left)}{schedule_eta} | {validation}")
             loss_sum, pseudo_sum, window_steps, window_start = torch.zeros((), device=device), torch.zeros((), device=device), 0, now
 
         if validating and not writer:

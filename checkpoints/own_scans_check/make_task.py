@@ -7,8 +7,9 @@ folder (Task02_Heart's layout and names), to try the own-scans path as a user me
 
 UA-MT cropped each LA scan around the atrium (0.625 mm isotropic); here each crop goes back into a
 480 x 480 x 88 field of view (300 mm; the challenge's own scans are 576 x 576 x 88 or 640 x 640 x 88), at a
-random in-plane position: the crop mirrored outwards to fill a body ellipse (the atrium's mirror
-images inpainted with the background's median, so only the real atrium is bright-and-labeled), air
+random in-plane position, the body ellipse around it tiled with 20 mm columns of the scan's own tissue
+cut from places that hold no atrium (the first version mirrored the crop outwards, which put
+atrium-shaped decoys all around it: docs/own_scans.md), so only the real atrium is labeled, air
 outside, a smooth bias field, stored as int16 like a scanner's. The atrium is then about 1 % of a scan.
 The first 20 cases of train.list are labeled (imagesTr + labelsTr), the next 10 unlabeled (imagesTs,
 no labels, as the Decathlon withholds them), the last 8 (LA's validation cases) go to heldout/ with
@@ -21,27 +22,42 @@ from pathlib import Path
 
 import nibabel
 import numpy as np
+import scipy.ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import bcp  # noqa: E402
 
 FIELD = (480, 480)  # in-plane voxels of the whole field of view (300 mm); the 88 slices stay
+TILE = 32  # in-plane voxels (20 mm) of each piece of tissue around the crop
 SPACING = 0.625  # mm, isotropic, as UA-MT's arrays
 LABELED, UNLABELED, HELD_OUT = 20, 10, 8
 LABEL_TYPES = (np.uint8, np.float32, np.int16)
+
+
+def tissue_quilt(image, label, rng):
+    """FIELD x depth tiled with TILE x TILE columns of the scan's own tissue, each cut at random from a
+    place whose whole column (every slice, and 3 voxels around) holds no atrium."""
+    atrium = scipy.ndimage.binary_dilation(label.any(axis=2), iterations=3)
+    covered = np.pad(atrium.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    in_window = covered[TILE:, TILE:] - covered[:-TILE, TILE:] - covered[TILE:, :-TILE] + covered[:-TILE, :-TILE]
+    free = np.argwhere(in_window == 0)
+    if not len(free):
+        sys.exit(f"no {TILE} x {TILE} column of this scan holds no atrium; make TILE smaller")
+    quilt = np.empty(FIELD + image.shape[2:], image.dtype)
+    for row in range(0, FIELD[0], TILE):
+        for col in range(0, FIELD[1], TILE):
+            x, y = free[rng.integers(len(free))]
+            quilt[row:row + TILE, col:col + TILE] = image[x:x + TILE, y:y + TILE]
+    return quilt
 
 
 def whole_field(image, label, rng):
     """(image int16, label uint8) of FIELD x depth with the crop at a random in-plane position."""
     room = [f - s for f, s in zip(FIELD, image.shape[:2])]
     before = [int(rng.integers(r // 4, 3 * r // 4 + 1)) for r in room]
-    padding = [(b, r - b) for b, r in zip(before, room)] + [(0, 0)]
     crop_box = tuple(slice(b, b + s) for b, s in zip(before, image.shape[:2]))
-    background = np.median(image[label == 0])
-    field = np.pad(image, padding, mode="reflect")
-    mirrored = np.pad(label, padding, mode="reflect").astype(bool)
-    mirrored[crop_box] = False  # the real atrium stays; its mirror images become background
-    field[mirrored] = background + 0.3 * image[label == 0].std() * rng.standard_normal(mirrored.sum())
+    field = tissue_quilt(image, label, rng)
+    field[crop_box] = image
     labels = np.zeros(field.shape, np.uint8)
     labels[crop_box] = label
     rows, cols = np.mgrid[:FIELD[0], :FIELD[1]]

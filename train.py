@@ -38,6 +38,7 @@ METHOD = {
     "beta": 2 / 3,         # M's zero box is int(beta * s) along each axis of size s of the patch
     "lr": 0.01,            # SGD's learning rate; on LA's self-training divided by 10 every lr_step steps (below)
     "momentum": 0.9, "weight_decay": 1e-4,  # SGD's
+    "lr_decay": "step", "val_every": 200,   # lr_step's rule (not poly's); validate and keep the best every 200 steps
 }
 # The authors' settings where their ACDC and LA scripts differ. Per-phase values are dicts. batch_size
 # is the images of a supervised or selftrain step; pretrain draws labeled_batch_size images only (its
@@ -45,11 +46,11 @@ METHOD = {
 DEFAULTS = {
     "acdc": {"labeled_patients": 7, "batch_size": 24, "labeled_batch_size": 12, "patch_size": [256], "num_classes": 4,
              "iterations": {"supervised": 10000, "pretrain": 10000, "selftrain": 30000}, "lr_step": 0,
-             "dice_loss": "acdc", "pretrain_loss": "regions", "selftrain_sgd": "pretrain", "lr_decay": "step", "val_every": 200},
+             "dice_loss": "acdc", "pretrain_loss": "regions", "selftrain_sgd": "pretrain"},
     "la": {"labeled_patients": 8, "batch_size": {"supervised": 4, "pretrain": 4, "selftrain": 8}, "labeled_batch_size": 4,
            "patch_size": [112, 112, 80], "num_classes": 2, "iterations": {"supervised": 6000, "pretrain": 2000, "selftrain": 15000},
            "lr_step": {"supervised": 2500, "pretrain": 0, "selftrain": 2500},
-           "dice_loss": "la", "pretrain_loss": "whole", "selftrain_sgd": "fresh", "lr_decay": "step", "val_every": 200,
+           "dice_loss": "la", "pretrain_loss": "whole", "selftrain_sgd": "fresh",
            "val_cases": 8, "scale": 1.0, "foreground_crops": 0.0, "standardize": False},
 }
 
@@ -144,7 +145,7 @@ def parse_args(argv=None):
     p.add_argument("--standardize", action=argparse.BooleanOptionalAction,
                    help="LA: z-score each volume as loaded (UA-MT z-scored the whole scans before cropping them "
                         "around the atrium; --schedule cpu)")
-    p.add_argument("--val-every", type=at_least(1), help="validate (and checkpoint) every N steps (200)")
+    p.add_argument("--val-every", type=at_least(1), help=f"validate (and checkpoint) every N steps ({METHOD['val_every']})")
     p.add_argument("--log-every", type=at_least(1), default=20, help="progress line and metrics row every N steps")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -399,7 +400,8 @@ def load_data(args, device):
             *zip(*[v[1:] for v in bcp.load_la_volumes(args.root, names, args.num_classes, args.scale, args.standardize)]), device,
             foreground, args.num_classes)
         labeled = bank(labeled_names, args.foreground_crops)  # crops centred on the organ need labels: labeled only
-        validation = bcp.load_la_volumes(args.root, val_names, args.num_classes, standardize=args.standardize)  # full resolution, as evaluated
+        # full resolution, as evaluated
+        validation = bcp.load_la_volumes(args.root, val_names, args.num_classes, standardize=args.standardize)
         held_aside = f"{len(val_names)} validation cases held aside from train.list ({val_names[0]} ...)"
     else:
         labeled_names, unlabeled_names = bcp.training_slices(args.root, args.labeled_patients)
@@ -731,7 +733,8 @@ def train(run, volumes, folder, progress):
             validation = f"val Dice {last_text} (best {progress['best_dice']:.4f} @ {best})" if best else "val Dice -"
             pseudo_text = f" | pseudo-label Dice {row['pseudo_dice']:.4f}" if "pseudo_dice" in row else ""
             seconds_left = (args.iterations - iteration) * seconds_per_step
-            schedule_eta = f" (schedule {format_seconds(seconds_left + later_phases_seconds(args, seconds_per_step))})" if args.schedule == "cpu" else ""
+            schedule_left = seconds_left + later_phases_seconds(args, seconds_per_step)
+            schedule_eta = f" (schedule {format_seconds(schedule_left)})" if args.schedule == "cpu" else ""
             folder.log(f"iter {iteration}/{args.iterations} | loss {mean_loss:.4f}{pseudo_text} | {speed:.2f} it/s | "
                        f"ETA {format_seconds(seconds_left)}{schedule_eta} | {validation}")
             loss_sum, pseudo_sum, window_steps, window_start = torch.zeros((), device=device), torch.zeros((), device=device), 0, now

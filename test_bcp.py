@@ -1577,7 +1577,7 @@ def test_la_defaults_are_the_authors_la_script(la_root):
 
 def test_cpu_schedule_sets_its_values_flags_win_and_paper_stays(synthetic_root, la_root):
     acdc = train.parse_args(["--root", str(synthetic_root), "--phase", "selftrain", "--schedule", "cpu", "--batch-size", "8"])
-    assert (acdc.patch_size, acdc.iterations, acdc.labeled_batch_size, acdc.lr_decay) == (128, 6000, 6, "poly")
+    assert (acdc.patch_size, acdc.iterations, acdc.labeled_batch_size, acdc.lr_decay) == (128, 4000, 6, "poly")
     assert acdc.batch_size == 8 and "batch_size" not in acdc.set_by_schedule and "patch_size" in acdc.set_by_schedule
     paper = train.parse_args(["--root", str(synthetic_root), "--phase", "selftrain"])
     assert (paper.patch_size, paper.iterations, paper.batch_size, paper.lr_decay, paper.val_every) == (256, 30000, 24, "step", 200)

@@ -55,17 +55,17 @@ DEFAULTS = {
 }
 
 # --schedule cpu: a pre-train and a self-train meant to end within an hour on a 2-core CPU, validations
-# included, chosen on the validation splits (docs/results.md, "An hour on a CPU", where LA's has not yet
-# been run as a whole). They replace the values above; a flag given on the command line still wins.
+# included, chosen on the validation splits (docs/results.md, "An hour on a CPU"). They replace the values
+# above; a flag given on the command line still wins.
 CPU_SCHEDULE = {
     "acdc": {"patch_size": [128], "batch_size": 12, "labeled_batch_size": 6, "lr_decay": "poly",
-             "iterations": {"pretrain": 2000, "selftrain": 6000}, "val_every": 500},
+             "iterations": {"pretrain": 6000, "selftrain": 4000}, "val_every": 500},
     "la": {"patch_size": [64, 64, 32], "scale": 0.5, "batch_size": 8, "labeled_batch_size": 4, "lr_decay": "poly",
            "lr_step": 0, "iterations": {"pretrain": 800, "selftrain": 2000}, "val_every": 200, "standardize": True},
 }
-# Seconds per step, validations included, on a 2-core CPU (ACDC: the schedule's run; LA: the 1/2-scale run of
-# docs/results.md): their ratio times self-training's steps into the schedule's ETA while pre-training.
-CPU_SECONDS_PER_STEP = {"acdc": {"pretrain": 0.15, "selftrain": 0.41}, "la": {"pretrain": 0.88, "selftrain": 1.63}}
+# Seconds per step, validations included, measured by the schedule's runs on a 2-core CPU (docs/results.md):
+# their ratio times self-training's steps into the schedule's ETA while pre-training.
+CPU_SECONDS_PER_STEP = {"acdc": {"pretrain": 0.13, "selftrain": 0.39}, "la": {"pretrain": 0.51, "selftrain": 1.28}}
 
 LA_ONLY = ("val_cases", "stride", "scale", "foreground_crops", "standardize")  # refused on ACDC, where they would change nothing
 OWN_FOREGROUND_CROPS = 1 / 3  # your own 3D scans: the share of labeled crops centred on the organ (nnU-Net's)

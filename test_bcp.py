@@ -1577,7 +1577,7 @@ def test_la_defaults_are_the_authors_la_script(la_root):
 
 def test_cpu_schedule_sets_its_values_flags_win_and_paper_stays(synthetic_root, la_root):
     acdc = train.parse_args(["--root", str(synthetic_root), "--phase", "selftrain", "--schedule", "cpu", "--batch-size", "8"])
-    assert (acdc.patch_size, acdc.iterations, acdc.labeled_batch_size, acdc.lr_decay) == (128, 4000, 6, "poly")
+    assert (acdc.patch_size, acdc.iterations, acdc.labeled_batch_size, acdc.lr_decay) == (160, 4000, 6, "poly")
     assert acdc.batch_size == 8 and "batch_size" not in acdc.set_by_schedule and "patch_size" in acdc.set_by_schedule
     paper = train.parse_args(["--root", str(synthetic_root), "--phase", "selftrain"])
     assert (paper.patch_size, paper.iterations, paper.batch_size, paper.lr_decay, paper.val_every) == (256, 30000, 24, "step", 200)
@@ -1599,6 +1599,19 @@ def test_hour_eta_adds_the_self_training_to_come_only_while_pretraining(syntheti
     measured, steps = train.CPU_SECONDS_PER_STEP["acdc"], train.CPU_SCHEDULE["acdc"]["iterations"]["selftrain"]
     assert train.later_phases_seconds(pretrain, 2 * measured["pretrain"]) == pytest.approx(2 * steps * measured["selftrain"])
     assert train.later_phases_seconds(train.parse_args(["--root", str(synthetic_root), "--schedule", "cpu", "--phase", "selftrain"]), 1.0) == 0
+
+
+def test_models_run_channels_last_on_the_cpu_with_the_same_logits(synthetic_root, la_root):
+    for root, network, image, expected in ((synthetic_root, bcp.UNet, torch.rand(2, 1, 32, 32), torch.channels_last),
+                                           (la_root, bcp.VNet, torch.rand(2, 1, 32, 32, 16), torch.channels_last_3d)):
+        _, _, memory_format, _ = train.runtime(train.parse_args(["--root", str(root), "--device", "cpu"]))
+        assert memory_format == expected
+        torch.manual_seed(0)
+        model = network(num_classes=2).eval()
+        contiguous = model(image)
+        model.to(memory_format=memory_format)
+        assert next(w for w in model.parameters() if w.dim() == image.dim()).is_contiguous(memory_format=expected)
+        assert torch.allclose(model(image), contiguous, atol=1e-5)
 
 
 def test_standardize_z_scores_each_la_volume(la_root, tmp_path):

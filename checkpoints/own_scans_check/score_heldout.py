@@ -3,7 +3,7 @@ Score --predict's label maps of the held-out scans against their references, on 
 (mm), as evaluate.py scores your own scans (nnU-Net's rule); then once more against an empty reference,
 which is scored (Dice 0, counted), not an error:
 
-    python checkpoints/own_scans_check/score_heldout.py data/Task02_LAfov/heldout runs/LAfov_labels
+    python checkpoints/own_scans_check/score_heldout.py data/Task02_LAfov/heldout runs/LAfov3_1337_labels
 """
 import sys
 from pathlib import Path

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 import bcp
+import data
 import train
 
 
@@ -47,8 +48,8 @@ def floor_seconds(args, steps):
     """Seconds per step of the bare compute of a phase on random tensors, with train.py's settings
     (device, precision, memory format, compile) for the same flags."""
     device, autocast, memory_format, compiled = train.runtime(args)
-    patch = bcp.patch_shape(args.patch_size)
-    network = bcp.NETWORKS[len(patch)]
+    patch = args.patch_size
+    network = args.data.network
     student = network(num_classes=args.num_classes).to(device, memory_format=memory_format)
     teacher = network(num_classes=args.num_classes).to(device, memory_format=memory_format).requires_grad_(False)
     student_forward, teacher_forward = compiled(student), compiled(teacher)
@@ -100,7 +101,7 @@ def train_seconds(flags, args):
 
 
 def logged_seconds(args):
-    rows, _ = train.read_metrics(Path(args.out) / args.phase / "metrics.jsonl")
+    rows, _ = data.read_metrics(Path(args.out) / args.phase / "metrics.jsonl")
     loss_rows = [r for r in rows if "loss" in r]
     first, last = loss_rows[1], loss_rows[-1]  # the first window holds the warm-up
     return (last["time"] - first["time"]) / (last["iter"] - first["iter"])
@@ -108,7 +109,7 @@ def logged_seconds(args):
 
 def cheap_la_validation(root, patch_size):
     """LA: one validation case, one window per window-sized block (the strides of the patch); nothing on ACDC."""
-    if not bcp.is_la_layout(root):
+    if data.Dataset(root).dims == 2:
         return []
     patch = patch_size * (3 // len(patch_size))
     return ["--val-cases", "1", "--stride", str(min(patch[:2])), str(patch[2])]
@@ -166,7 +167,7 @@ def bench_pseudo_labels(args):
     flags = train.parse_args(["--root", args.root, "--phase", "selftrain", "--device", args.device, "--precision", args.precision,
                               "--patch-size", *map(str, args.patch_size), "--labeled-patients", str(args.labeled_patients)])
     device, autocast, memory_format, _ = train.runtime(flags)
-    teacher, _ = bcp.load_model(args.checkpoint, device)  # in train mode, as train.py's teacher
+    teacher, _ = data.load_model(args.checkpoint, device)  # in train mode, as train.py's teacher
     teacher.to(memory_format=memory_format)
     _, bank, _, _, _ = train.load_data(flags, device)
     count = args.batch_size - args.labeled_batch_size
@@ -178,7 +179,7 @@ def bench_pseudo_labels(args):
     for batch in logits:
         bcp.pseudo_label(batch)
     synchronize(device)
-    size = " x ".join(map(str, bcp.patch_shape(flags.patch_size)))
+    size = " x ".join(map(str, flags.patch_size))
     print(f"device {device}: {1000 * (time.time() - start) / len(logits):.1f} ms per pseudo-label of {count} images "
           f"at {size} ({args.checkpoint}, {args.steps} batches)")
 
@@ -188,23 +189,24 @@ def bench_sliding_window(args):
     largest component), and for the largest component alone, at the given strides."""
     if not args.checkpoint:
         raise SystemExit("benchmark.py sliding-window: --checkpoint is required")
-    model, checkpoint = bcp.load_model(args.checkpoint, args.device)
+    model, checkpoint = data.load_model(args.checkpoint, args.device)
     model.eval()
     flags = checkpoint["flags"]
-    names = bcp.la_cases(args.root, flags["labeled_patients"], flags["val_cases"])[2][:args.volumes]
-    strides = [w // 2 for w in flags["patch_size"]] if args.windows == "gaussian" else bcp.window_strides(args.stride)
+    dataset = data.Dataset(args.root)
+    names = dataset.split("val", flags)[:args.volumes]
+    strides = [w // 2 for w in flags["patch_size"]] if args.windows == "gaussian" else data.window_strides(args.stride)
     segment_seconds, component_seconds = 0.0, 0.0
-    for _, image, _ in bcp.load_la_volumes(args.root, names):
+    for _, image, _ in dataset.volumes(names):
         image = torch.from_numpy(image).to(args.device)
         start = time.perf_counter()
-        labels = bcp.segment(model, image, flags["patch_size"], args.stride, flags.get("scale") or 1.0, args.windows == "gaussian")
+        labels = data.segment(model, image, flags["patch_size"], args.stride, flags.get("scale") or 1.0, args.windows == "gaussian")
         synchronize(image.device)
         middle = time.perf_counter()
-        bcp.largest_component_per_class(labels[None], flags["num_classes"])
+        bcp.keep_largest_components(labels[None], range(1, flags["num_classes"]))
         synchronize(image.device)
         segment_seconds, component_seconds = segment_seconds + middle - start, component_seconds + time.perf_counter() - middle
-    size = bcp.scaled_size(image.shape, flags.get("scale", 1.0))
-    windows = math.prod(len(bcp.window_starts(s, w, t)) for s, w, t in zip(size, flags["patch_size"], strides))
+    size = data.scaled_size(image.shape, flags.get("scale", 1.0))
+    windows = math.prod(len(data.window_starts(s, w, t)) for s, w, t in zip(size, flags["patch_size"], strides))
     print(f"device {args.device}, {torch.get_num_threads()} threads, window {flags['patch_size']}, {args.windows} windows, strides {strides}, "
           f"scale {flags.get('scale', 1.0)}: {segment_seconds / len(names):.2f} s per volume ({windows} windows on the last), "
           f"of which the largest component {component_seconds / len(names):.2f} s; {len(names)} volumes")
@@ -220,12 +222,12 @@ def bench_memory(args):
         for phase, steps in (("pretrain", 1), ("selftrain", 2)):
             subprocess.run([*common, "--phase", phase, "--iterations", str(steps)], check=True, capture_output=True)
             peaks[phase] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # KiB -> GiB; max over children
-        rows, _ = train.read_metrics(Path(out) / "selftrain" / "metrics.jsonl")
+        rows, _ = data.read_metrics(Path(out) / "selftrain" / "metrics.jsonl")
     loss_row = rows[0]  # logged at the last step, before its validation row
-    names = bcp.read_list(args.root, "train.list")[:-1]
-    data = sum(image.nbytes + label.nbytes for _, image, label in bcp.load_la_volumes(args.root, names))
+    names = data.read_list(args.root, "train.list")[:-1]
+    volumes = sum(image.nbytes + label.nbytes for _, image, label in data.Dataset(args.root).volumes(names))
     print(f"peak resident memory of train.py at 112 x 112 x 80, batch 8 (CPU): pretrain {peaks['pretrain']:.2f} GiB, "
-          f"selftrain {peaks['selftrain']:.2f} GiB, of which {data / 2**30:.2f} GiB are the {len(names)} training volumes; "
+          f"selftrain {peaks['selftrain']:.2f} GiB, of which {volumes / 2**30:.2f} GiB are the {len(names)} training volumes; "
           f"{loss_row['time'] / loss_row['iter']:.1f} s per self-train step ({loss_row['iter']} steps, the first included)")
 
 
@@ -243,7 +245,8 @@ def bench_metrics(args):
     each kind of prediction: seconds per class-volume and the largest difference."""
     from medpy.metric import binary as medpy_binary  # a reference for the benchmark only
 
-    volumes = bcp.load_volumes(args.root, "val", args.num_classes)
+    dataset = data.Dataset(args.root)
+    volumes = dataset.volumes(data.read_list(args.root, "val.list"))
     rng = np.random.default_rng(0)
     print(f"{len(volumes)} volumes x {args.num_classes - 1} classes; ms per class-volume")
     print(f"{'prediction':16s} {'ours':>8s} {'medpy':>8s} {'ours/medpy':>11s} {'largest difference':>19s}")

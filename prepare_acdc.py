@@ -29,13 +29,11 @@ holds the current directory; the old folder is renamed aside first and deleted l
 moment leaves the old data set or the new one, whole.
 """
 import argparse
-import gzip
 import json
 import math
 import os
 import re
 import shutil
-import struct
 import sys
 import tempfile
 import time
@@ -45,7 +43,7 @@ import h5py
 import numpy as np
 import torch
 
-import bcp
+import data
 
 # The standard ACDC split of SSL4MIS (used by BCP and every ACDC semi-supervised paper): 70 training
 # patients in labeling order (the first 3 are "5%", the first 7 "10%"), 10 validation patients, and the
@@ -74,7 +72,7 @@ LISTS = ("train", "val", "test", "train_slices")
 
 def is_dataset(folder):
     """A folder this script wrote: the SYNTHETIC marker, or the lists and data/."""
-    return (folder / "SYNTHETIC").is_file() or (folder / bcp.LA_FOLDER).is_dir() and (folder / "train.list").is_file() or (
+    return (folder / "SYNTHETIC").is_file() or (folder / data.LA_FOLDER).is_dir() and (folder / "train.list").is_file() or (
         (folder / "data").is_dir() and all((folder / f"{name}.list").is_file() for name in LISTS))
 
 
@@ -83,12 +81,12 @@ def check_replaceable(out, force):
     if not out.exists():
         return
     if not force:
-        raise bcp.DataError(f"{out}: already exists (pass --force to replace it)")
+        raise data.DataError(f"{out}: already exists (pass --force to replace it)")
     if not out.is_dir() or not is_dataset(out):
-        raise bcp.DataError(f"{out}: not a data set written by prepare_acdc.py (no SYNTHETIC marker, lists or data/); "
+        raise data.DataError(f"{out}: not a data set written by prepare_acdc.py (no SYNTHETIC marker, lists or data/); "
                             f"refusing to replace it, even with --force")
     if out == Path.cwd().resolve() or out in Path.cwd().resolve().parents:
-        raise bcp.DataError(f"{out}: holds the current directory; refusing to replace it")
+        raise data.DataError(f"{out}: holds the current directory; refusing to replace it")
 
 
 def clean_leftovers(out):
@@ -108,7 +106,7 @@ def write_layout(out, volumes, force, marker=None, info=None, la=False):
     into a temporary folder beside --out, slices for the training volumes, the lists, then swap it in
     for --out. `volumes` may be a generator: one volume is in memory at a time. info: written as
     dataset.json (your own data), after the last volume. la: UA-MT's layout instead (<case>/mri_norm2.h5
-    under bcp.LA_FOLDER, train.list and test.list)."""
+    under data.LA_FOLDER, train.list and test.list)."""
     out = Path(out).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     clean_leftovers(out)
@@ -123,8 +121,8 @@ def write_layout(out, volumes, force, marker=None, info=None, la=False):
         for split, name, image, label, *more in volumes:
             lists[split].append(name)
             if la:
-                (staging / bcp.LA_FOLDER / name).mkdir(parents=True)
-                write_h5(staging / bcp.LA_FOLDER / name / "mri_norm2.h5", image, label, **(more[0] if more else {}))
+                (staging / data.LA_FOLDER / name).mkdir(parents=True)
+                write_h5(staging / data.LA_FOLDER / name / "mri_norm2.h5", image, label, **(more[0] if more else {}))
                 continue
             write_h5(staging / "data" / f"{name}.h5", image, label)
             if split == "train":
@@ -150,116 +148,7 @@ def write_layout(out, volumes, force, marker=None, info=None, la=False):
     return lists
 
 
-def normalize(image, path):
-    low, high = float(image.min()), float(image.max())
-    if high <= low:
-        raise bcp.DataError(f"{path}: the image is constant ({low}); cannot min-max normalise")
-    return ((image - low) / (high - low)).astype(np.float32)
-
-
 # ----------------------------------------------------------------------------- the official NIfTI download
-
-NIFTI_DTYPES = {2: "u1", 4: "i2", 8: "i4", 16: "f4", 64: "f8", 256: "i1", 512: "u2", 768: "u4", 1024: "i8", 1280: "u8"}
-NIFTI_COMPLEX = {32, 1792, 2048}
-NIFTI_HEADER = 348  # bytes; a single-file NIfTI-1 (.nii) then has 4 extension bytes, data from byte 352
-
-
-def read_nifti_header(path):
-    """(the header's bytes, byte order) of a NIfTI-1 file, checked to be one. A gzipped file is
-    decompressed only as far as it is read."""
-    try:
-        with (gzip.open if str(path).endswith(".gz") else open)(path, "rb") as f:
-            raw = f.read(NIFTI_HEADER)
-    except (OSError, EOFError) as error:
-        raise bcp.DataError(f"{path}: cannot read ({error})") from None
-    if len(raw) < NIFTI_HEADER:
-        raise bcp.DataError(f"{path}: too short for a NIfTI-1 header ({len(raw)} bytes)")
-    endian = next((e for e in "<>" if struct.unpack(e + "i", raw[:4])[0] == NIFTI_HEADER), None)
-    if endian is None or raw[344:347] not in (b"n+1", b"ni1"):
-        raise bcp.DataError(f"{path}: not a NIfTI-1 file")
-    return raw, endian
-
-
-def read_nifti(path, with_header=False):
-    """A NIfTI-1 file (.nii or .nii.gz) -> numpy array in (slice, row, col) order, as SimpleITK's
-    GetArrayFromImage gives it: the reverse of the NIfTI index order (i, j, k), in the file's own data
-    type, decompressed straight into the array (no second copy of a large scan). scl_slope/scl_inter
-    are applied when set (the result is then float). with_header: also (header bytes, byte order),
-    for write_nifti_labels."""
-    header = raw, endian = read_nifti_header(path)
-    dims = struct.unpack(endian + "8h", raw[40:56])
-    datatype = struct.unpack(endian + "h", raw[70:72])[0]
-    offset = int(struct.unpack(endian + "f", raw[108:112])[0])
-    slope, inter = struct.unpack(endian + "2f", raw[112:120])
-    if datatype in NIFTI_COMPLEX:
-        raise bcp.DataError(f"{path}: complex-valued images are not supported (NIfTI datatype {datatype})")
-    if datatype not in NIFTI_DTYPES:
-        raise bcp.DataError(f"{path}: unsupported NIfTI datatype code {datatype}")
-    if not 1 <= dims[0] <= 7:
-        raise bcp.DataError(f"{path}: invalid number of dimensions {dims[0]}")
-    shape = dims[1:1 + dims[0]]
-    dtype = np.dtype(endian + NIFTI_DTYPES[datatype])
-    data = np.empty(shape[::-1], dtype)  # Fortran order (i, j, k) -> C order (k, j, i)
-    filled = memoryview(data.reshape(-1).view(np.uint8))
-    try:
-        with (gzip.open if str(path).endswith(".gz") else open)(path, "rb") as f:
-            f.seek(offset)
-            while filled.nbytes and (count := f.readinto(filled)):
-                filled = filled[count:]
-    except (OSError, EOFError) as error:
-        raise bcp.DataError(f"{path}: cannot read ({error})") from None
-    if filled.nbytes:
-        raise bcp.DataError(f"{path}: truncated: {shape} {dtype} needs {offset + data.nbytes} bytes, "
-                            f"has {offset + data.nbytes - filled.nbytes}")
-    while data.ndim > 3 and data.shape[0] == 1:  # a trailing singleton time axis
-        data = data[0]
-    slope = slope if math.isfinite(slope) and slope != 0 else 1.0  # 0 or NaN: no scaling (nibabel writes NaN)
-    inter = inter if math.isfinite(inter) else 0.0
-    if (slope, inter) != (1.0, 0.0):
-        data = data * np.float32(slope) + np.float32(inter)
-    return (data, header) if with_header else data
-
-
-def write_nifti_labels(path, labels, header):
-    """Write a (slice, row, col) uint8 label map as a gzipped NIfTI-1 with the geometry of the scan
-    whose (header bytes, byte order) read_nifti returned: its dims, pixdim, qform and sform are kept,
-    so the labels overlay the scan in ITK-SNAP, 3D Slicer or nibabel. The scan's data type, scaling and
-    extensions are replaced (uint8, none, none). Written to a temporary name, then renamed."""
-    raw, endian = header
-    fields = bytearray(raw)
-    struct.pack_into(endian + "2h", fields, 70, 2, 8)  # datatype uint8, 8 bits per voxel
-    struct.pack_into(endian + "3f", fields, 108, NIFTI_HEADER + 4, 1.0, 0.0)  # vox_offset, scl_slope, scl_inter
-    struct.pack_into(endian + "2f", fields, 124, float(labels.max(initial=0)), 0.0)  # cal_max, cal_min
-    fields[344:348] = b"n+1\0"  # one file
-    payload = bytes(fields) + bytes(4) + np.ascontiguousarray(labels, np.uint8).tobytes()  # C (k, j, i) = NIfTI (i, j, k)
-    bcp.write_atomic(path, gzip.compress(payload, compresslevel=6))
-
-
-def nifti_geometry(header, path):
-    """(voxel spacing along i, j, k in mm, 4 x 4 affine) of a header read_nifti returned: the affine of
-    the sform when its code is set, else of the qform, else nibabel's fallback (the pixdim scaling with
-    i flipped and the centre voxel at the origin), as nibabel chooses it."""
-    raw, endian = header
-    pixdim = np.array(struct.unpack(endian + "8f", raw[76:108]), dtype=float)
-    qform_code, sform_code = struct.unpack(endian + "2h", raw[252:256])
-    spacing = np.abs(pixdim[1:4])
-    if not (np.isfinite(spacing).all() and (spacing > 0).all()):
-        raise bcp.DataError(f"{path}: voxel spacing (pixdim) must be positive, got {pixdim[1:4].tolist()}")
-    shape = np.array(struct.unpack(endian + "3h", raw[42:48]), dtype=float)
-    affine = np.diag([-spacing[0], *spacing[1:], 1.0])
-    affine[:3, 3] = -(shape - 1) / 2 * np.diag(affine)[:3]
-    if sform_code > 0:
-        affine[:3] = np.array(struct.unpack(endian + "12f", raw[280:328]), dtype=float).reshape(3, 4)
-    elif qform_code > 0:
-        b, c, d, *offset = struct.unpack(endian + "6f", raw[256:280])
-        a = math.sqrt(max(0.0, 1 - b * b - c * c - d * d))
-        rotation = np.array([[a * a + b * b - c * c - d * d, 2 * (b * c - a * d), 2 * (b * d + a * c)],
-                             [2 * (b * c + a * d), a * a + c * c - b * b - d * d, 2 * (c * d - a * b)],
-                             [2 * (b * d - a * c), 2 * (c * d + a * b), a * a + d * d - c * c - b * b]])
-        qfac = -1.0 if pixdim[0] < 0 else 1.0
-        affine[:3, :3] = rotation * [spacing[0], spacing[1], qfac * spacing[2]]
-        affine[:3, 3] = offset
-    return spacing, affine
 
 
 def read_info(path):
@@ -268,9 +157,9 @@ def read_info(path):
         fields = dict(line.split(":", 1) for line in path.read_text().splitlines() if ":" in line)
         return {key: int(fields[key].strip()) for key in ("ED", "ES")}
     except FileNotFoundError:
-        raise bcp.DataError(f"{path}: missing") from None
+        raise data.DataError(f"{path}: missing") from None
     except (KeyError, ValueError):
-        raise bcp.DataError(f"{path}: needs 'ED: <frame>' and 'ES: <frame>' lines") from None
+        raise data.DataError(f"{path}: needs 'ED: <frame>' and 'ES: <frame>' lines") from None
 
 
 def read_frame(folder, patient, frame):
@@ -278,23 +167,23 @@ def read_frame(folder, patient, frame):
     image_path, label_path = Path(f"{stem}.nii.gz"), Path(f"{stem}_gt.nii.gz")
     for path in (image_path, label_path):
         if not path.exists():
-            raise bcp.DataError(f"{path}: missing")
-    image, label = read_nifti(image_path), read_nifti(label_path)
+            raise data.DataError(f"{path}: missing")
+    image, label = data.read_nifti(image_path), data.read_nifti(label_path)
     if image.ndim != 3 or image.shape != label.shape:
-        raise bcp.DataError(f"{label_path}: shape {label.shape} does not match the image's {image.shape}")
+        raise data.DataError(f"{label_path}: shape {label.shape} does not match the image's {image.shape}")
     if label.min() < 0 or label.max() >= NUM_CLASSES or not np.all(label == np.round(label)):
-        raise bcp.DataError(f"{label_path}: label values must be integers 0..{NUM_CLASSES - 1}, got {np.unique(label)[:10]}")
-    return normalize(image.astype(np.float64), image_path), label.astype(np.uint8)
+        raise data.DataError(f"{label_path}: label values must be integers 0..{NUM_CLASSES - 1}, got {np.unique(label)[:10]}")
+    return data.normalize(image.astype(np.float64), image_path), label.astype(np.uint8)
 
 
 def official_volumes(raw):
     """Yield (split, name, image, label) for every frame of the standard split found under raw."""
     raw = Path(raw)
     if not raw.is_dir():
-        raise bcp.DataError(f"{raw}: no such folder (expected the official ACDC download)")
+        raise data.DataError(f"{raw}: no such folder (expected the official ACDC download)")
     folders = {int(p.name[7:]): p for p in raw.rglob("patient[0-9][0-9][0-9]") if p.is_dir()}
     if not folders:
-        raise bcp.DataError(f"{raw}: no patientXXX folders found (expected the official ACDC download)")
+        raise data.DataError(f"{raw}: no patientXXX folders found (expected the official ACDC download)")
     outside = sorted(n for n in folders if n > 100)
     if outside:
         print(f"skipping {len(outside)} patients outside the standard split (patient{outside[0]:03d}-"
@@ -309,35 +198,19 @@ def official_volumes(raw):
             for name, frame in zip(FRAMES, (info["ED"], info["ES"])):
                 yield (split, f"patient{patient:03d}_{name}", *read_frame(folders[patient], patient, frame))
     if not found:
-        raise bcp.DataError(f"{raw}: none of patients 001-100 found")
+        raise data.DataError(f"{raw}: none of patients 001-100 found")
 
 
 # ----------------------------------------------------------------------------- your own scans (nnU-Net layout)
-
-def scan_stem(path):
-    """'heart_007_0000.nii.gz' or '.nii' -> 'heart_007_0000'."""
-    return path.name.removesuffix(".gz").removesuffix(".nii")
-
-
-def case_name(path, suffix=""):
-    """'imagesTr/heart_007_0000.nii.gz' -> 'heart-007': no '_', which separates patient and slice here."""
-    return scan_stem(path).removesuffix(suffix).replace("_", "-")
-
-
-def nifti_files(folder):
-    """The .nii and .nii.gz files of a folder, sorted, without dotfiles (the '._<case>.nii.gz' that macOS
-    leaves beside each file are not scans)."""
-    return sorted(p for p in Path(folder).glob("*.nii*") if not p.name.startswith(".") and p.name.endswith((".nii", ".nii.gz")))
-
-
-NNUNET_CHANNEL = "_0000"  # nnU-Net v2 names a case's first channel <case>_0000; the Decathlon names it <case>
 
 
 def dataset_channels(raw):
     """(DIR/dataset.json as a dict, {} without one; its channels: nnU-Net v2's 'channel_names' or the
     Decathlon's 'modality', {"0": "MRI"})."""
     path = raw / "dataset.json"
-    fields = json.loads(path.read_text()) if path.exists() else {}
+    fields = data.read_json(path) if path.exists() else {}
+    if not isinstance(fields, dict):
+        raise data.DataError(f"{path}: expected a JSON object with 'labels' and 'modality' or 'channel_names'")
     return fields, fields.get("channel_names") or fields.get("modality") or {}
 
 
@@ -347,22 +220,22 @@ def channel_suffix(raw, images):
     second channel (<case>_0001) or a multi-modal dataset.json is refused."""
     fields, channels = dataset_channels(raw)
     if len(channels) > 1:
-        raise bcp.DataError(f"{raw / 'dataset.json'}: {len(channels)} channels ({', '.join(map(str, channels.values()))}); "
+        raise data.DataError(f"{raw / 'dataset.json'}: {len(channels)} channels ({', '.join(map(str, channels.values()))}); "
                             f"one channel per case is supported")
-    numbered = [re.search(r"_\d{4}$", scan_stem(p)) is not None for p in images]
+    numbered = [re.search(r"_\d{4}$", data.scan_stem(p)) is not None for p in images]
     nnunet = "channel_names" in fields or "modality" not in fields and numbered and all(numbered)
-    second = next((p for p in images if nnunet and not scan_stem(p).endswith(NNUNET_CHANNEL)), None)
+    second = next((p for p in images if nnunet and not data.scan_stem(p).endswith(data.NNUNET_CHANNEL)), None)
     if second:
-        raise bcp.DataError(f"{second}: not channel 0 (<case>{NNUNET_CHANNEL}); one channel per case is supported")
-    return NNUNET_CHANNEL if nnunet else ""
+        raise data.DataError(f"{second}: not channel 0 (<case>{data.NNUNET_CHANNEL}); one channel per case is supported")
+    return data.NNUNET_CHANNEL if nnunet else ""
 
 
 def read_scan(path):
-    image = read_nifti(path)
+    image = data.read_nifti(path)
     if image.ndim == 2:
         image = image[None]
     if image.ndim != 3:
-        raise bcp.DataError(f"{path}: a {image.ndim}D image of shape {image.shape}; one 2D or 3D channel per file")
+        raise data.DataError(f"{path}: a {image.ndim}D image of shape {image.shape}; one 2D or 3D channel per file")
     return image
 
 
@@ -372,14 +245,15 @@ def class_names_of(raw):
     path = raw / "dataset.json"
     if not path.exists():
         return None
+    fields = data.read_json(path)
     try:
-        labels = json.loads(path.read_text())["labels"]
+        labels = fields["labels"]
         by_value = {int(v): k for k, v in labels.items()} if all(str(v).isdigit() for v in labels.values()) \
             else {int(k): v for k, v in labels.items()}
     except (ValueError, KeyError, TypeError, AttributeError) as error:
-        raise bcp.DataError(f"{path}: needs 'labels' as in nnU-Net or the Decathlon ({error!r})") from None
+        raise data.DataError(f"{path}: needs 'labels' as in nnU-Net or the Decathlon ({error!r})") from None
     if sorted(by_value) != list(range(len(by_value))) or len(by_value) < 2:
-        raise bcp.DataError(f"{path}: labels must be 0 .. C-1 with C >= 2, got {sorted(by_value)}")
+        raise data.DataError(f"{path}: labels must be 0 .. C-1 with C >= 2, got {sorted(by_value)}")
     return [str(by_value[c]) for c in range(1, len(by_value))]
 
 
@@ -391,35 +265,38 @@ def own_cases(raw, val_fraction, seed):
     the Decathlon withholds the labels) is 'unlabeled' (training, self-training only); imagesTs with
     labelsTs is the test split."""
     raw = Path(raw)
-    scans = {split: nifti_files(raw / folder) for folder, split in
+    scans = {split: data.nifti_files(raw / folder) for folder, split in
              (("imagesTr", "train"), ("imagesUnlabeled", "unlabeled"), ("imagesTs", "test"))}
     suffix = channel_suffix(raw, [path for paths in scans.values() for path in paths])
     images, labels = {}, {}
     for split, paths in scans.items():
         for path in paths:
-            name = case_name(path, suffix)
+            name = data.case_name(path, suffix)
             if name in images:
-                raise bcp.DataError(f"{path}: case {name} appears twice (names are compared with '_' read as '-')")
+                raise data.DataError(f"{path}: case {name} appears twice (names are compared with '_' read as '-')")
             images[name] = (split, path)
     for folder in ("labelsTr", "labelsTs"):
-        for path in nifti_files(raw / folder):
-            if case_name(path) not in images:
-                raise bcp.DataError(f"{path}: a label without an image ({raw / folder.replace('labels', 'images')}/"
-                                    f"{scan_stem(path)}{suffix}.nii.gz)")
-            labels[case_name(path)] = path
+        for path in data.nifti_files(raw / folder):
+            if data.case_name(path) not in images:
+                raise data.DataError(f"{path}: a label without an image ({raw / folder.replace('labels', 'images')}/"
+                                    f"{data.scan_stem(path)}{suffix}.nii.gz)")
+            labels[data.case_name(path)] = path
     if not any(split == "train" and name in labels for name, (split, _) in images.items()):
-        raise bcp.DataError(f"{raw}: no labeled training cases (imagesTr/<case>{suffix}.nii.gz with labelsTr/<case>.nii.gz)")
-    values = {name: np.unique(read_nifti(path)) for name, path in labels.items()}  # read again when written:
+        raise data.DataError(f"{raw}: no labeled training cases (imagesTr/<case>{suffix}.nii.gz with labelsTr/<case>.nii.gz)")
+    values = {name: np.unique(data.read_nifti(path)) for name, path in labels.items()}  # read again when written:
     # the classes must be known before the first volume is, and only one volume is held at a time
     for name, found in values.items():
         if found.min() < 0 or not np.array_equal(found, np.round(found)):
-            raise bcp.DataError(f"{labels[name]}: label values must be whole numbers from 0, got {found[:10]}")
+            raise data.DataError(f"{labels[name]}: label values must be whole numbers from 0, got {found[:10]}")
+    if not any(values[name].max() > 0 for name, (split, _) in images.items() if split == "train" and name in values):
+        raise data.DataError(f"{raw / 'labelsTr'}: every training label map is empty (background only); "
+                             f"there is no organ to learn")
     class_names = class_names_of(raw)
     num_classes = len(class_names) + 1 if class_names else int(max(v.max() for v in values.values())) + 1
     for name, found in values.items():
         others = [v.max() for n, v in values.items() if n != name]
         if found.max() >= num_classes or (not class_names and others and found.max() > max(others)):
-            raise bcp.DataError(f"{labels[name]}: holds class {found.max():g}, which "
+            raise data.DataError(f"{labels[name]}: holds class {found.max():g}, which "
                                 + (f"dataset.json does not list (classes 0..{num_classes - 1})" if class_names else
                                    "no other label has; list the classes in dataset.json 'labels' if that is right"))
     labeled = [name for name, (split, _) in images.items() if split == "train" and name in labels]
@@ -449,12 +326,11 @@ def own_volumes(raw, val_fraction, seed):
             image = read_scan(images[name])
             label = read_scan(labels[name]) if name in labels else np.zeros(image.shape, np.uint8)
             if label.shape != image.shape:
-                raise bcp.DataError(f"{labels[name]}: shape {label.shape} does not match the image's {image.shape}")
-            yield ("train" if split == "unlabeled" else split), name, normalize(image.astype(np.float64), images[name]), label.astype(np.uint8)
+                raise data.DataError(f"{labels[name]}: shape {label.shape} does not match the image's {image.shape}")
+            yield ("train" if split == "unlabeled" else split), name, data.normalize(image.astype(np.float64), images[name]), label.astype(np.uint8)
     return info, volumes()
 
 
-MAX_RESAMPLING = 16  # more than this many times the target spacing (or less than 1/16): a wrong header, not a thick slice
 FOREGROUND_SAMPLES = 100_000  # CT statistics: at most this many foreground voxels of each labeled scan
 
 
@@ -467,52 +343,21 @@ def modality_of(raw):
 
 def read_scan_3d(path):
     """(array (i, j, k) float32 in NIfTI index order, spacing, affine) of a 3D scan."""
-    array, header = read_nifti(path, with_header=True)
+    array, header = data.read_nifti(path, with_header=True)
     if array.ndim != 3:
-        raise bcp.DataError(f"{path}: a {array.ndim}D image of shape {array.shape}; --3d takes one 3D scan per file")
-    return (array.transpose(2, 1, 0).astype(np.float32), *nifti_geometry(header, path))
+        raise data.DataError(f"{path}: a {array.ndim}D image of shape {array.shape}; --3d takes one 3D scan per file")
+    return (array.transpose(2, 1, 0).astype(np.float32), *data.nifti_geometry(header, path))
 
 
 def read_labels_3d(path, shape, affine):
     """A label map (i, j, k) uint8 of any stored type (own_cases checked its values), on its scan's grid."""
-    labels, header = read_nifti(path, with_header=True)
+    labels, header = data.read_nifti(path, with_header=True)
     labels = labels.transpose(2, 1, 0)
-    label_affine = nifti_geometry(header, path)[1]
+    label_affine = data.nifti_geometry(header, path)[1]
     if labels.shape != shape or not np.allclose(label_affine, affine, atol=1e-3):
-        raise bcp.DataError(f"{path}: shape {labels.shape} and affine {np.round(label_affine, 3).tolist()} "
+        raise data.DataError(f"{path}: shape {labels.shape} and affine {np.round(label_affine, 3).tolist()} "
                             f"differ from the scan's {shape} and {np.round(affine, 3).tolist()}")
     return labels.astype(np.uint8)
-
-
-def normalize_3d(image, preprocessing):
-    """MRI: z-score over the whole scan (as UA-MT's LA arrays); CT: clipped to the window, then the
-    training foreground's mean and standard deviation (nnU-Net's CT scheme). In place, float32."""
-    if preprocessing["modality"] != "CT":
-        return bcp.zscore(image)
-    np.clip(image, *preprocessing["window"], out=image)
-    return bcp.standardize(image, preprocessing["mean"], preprocessing["std"])
-
-
-def resampled_size(shape, spacing, target):
-    return [max(1, round(n * s / t)) for n, s, t in zip(shape, spacing, target)]
-
-
-def check_spacing(spacing, target, path):
-    """Refuse a scan whose spacing is more than MAX_RESAMPLING times the target's (or less than its
-    1 / MAX_RESAMPLING) along an axis: that is a wrong header or a wrong --spacing, not a thick slice."""
-    ratio = np.asarray(spacing) / np.asarray(target)
-    if (ratio > MAX_RESAMPLING).any() or (ratio < 1 / MAX_RESAMPLING).any():
-        raise bcp.DataError(f"{path}: spacing {np.round(spacing, 4).tolist()} mm is more than {MAX_RESAMPLING} times "
-                            f"the target {target} (or less than 1/{MAX_RESAMPLING}) along an axis; give --spacing, "
-                            f"or check its header")
-
-
-def preprocess_3d(image, spacing, preprocessing, path):
-    """A scan (i, j, k) float32 normalised (in place), then resampled to the target spacing (trilinear)
-    -> float32 array."""
-    check_spacing(spacing, preprocessing["spacing"], path)
-    size = resampled_size(image.shape, spacing, preprocessing["spacing"])
-    return bcp.resample_image(torch.from_numpy(normalize_3d(image, preprocessing)), size).numpy()
 
 
 def own_volumes_3d(raw, val_fraction, seed, spacing=None, ct_window=None):
@@ -526,10 +371,10 @@ def own_volumes_3d(raw, val_fraction, seed, spacing=None, ct_window=None):
     -> (info, a generator of (split, name, image, label[, more label maps]))."""
     info, images, labels, splits = own_cases(raw, val_fraction, seed)
     training = [name for name, split in splits.items() if split == "train"]
-    spacings = {name: nifti_geometry(read_nifti_header(path), path)[0] for name, path in images.items()}  # headers only
+    spacings = {name: data.nifti_geometry(data.read_nifti_header(path), path)[0] for name, path in images.items()}  # headers only
     target = list(map(float, spacing)) if spacing else np.median([spacings[n] for n in training], axis=0).round(4).tolist()
     for name, case_spacing in spacings.items():
-        check_spacing(case_spacing, target, images[name])
+        data.check_spacing(case_spacing, target, images[name])
     preprocessing = {"spacing": target, "modality": modality_of(Path(raw))}
     if preprocessing["modality"] == "CT":
         rng, samples = np.random.default_rng(seed), []
@@ -551,13 +396,13 @@ def own_volumes_3d(raw, val_fraction, seed, spacing=None, ct_window=None):
             image, case_spacing, affine = read_scan_3d(images[name])
             label = read_labels_3d(labels[name], image.shape, affine) if name in labels else np.zeros(image.shape, np.uint8)
             native_shape = list(image.shape)
-            resampled = preprocess_3d(image, case_spacing, preprocessing, images[name])
+            resampled = data.preprocess_3d(image, case_spacing, preprocessing, images[name])
             del image
             info["cases"][name] = {"shape": native_shape, "spacing": case_spacing.tolist(), "affine": affine.tolist(),
                                    "resampled_shape": list(resampled.shape)}
             more = {"label_native": label} if split in ("val", "test") else {}
             yield ("test" if split == "test" else "train"), name, resampled, \
-                bcp.resample_labels(torch.from_numpy(label), resampled.shape).numpy(), more
+                data.resample_labels(torch.from_numpy(label), resampled.shape).numpy(), more
     return info, volumes()
 
 
@@ -630,7 +475,7 @@ def synthetic_volumes(patients, seed):
     n_val, n_test = max(1, round(patients * 0.1)), max(1, round(patients * 0.2))
     n_train = patients - n_val - n_test
     if n_train < 1:
-        raise bcp.DataError(f"--patients {patients}: need at least 3 patients (train, val, test)")
+        raise data.DataError(f"--patients {patients}: need at least 3 patients (train, val, test)")
     for position, patient in enumerate(order):
         split = "train" if position < n_train else "val" if position < n_train + n_val else "test"
         shape = (int(rng.integers(18, 29)) * 8, int(rng.integers(18, 29)) * 8)
@@ -638,7 +483,7 @@ def synthetic_volumes(patients, seed):
         anatomy = random_anatomy(rng, shape)
         for name, systole in zip(FRAMES, (False, True)):
             image, label = phantom_frame(rng, shape, slices, anatomy, systole)
-            yield split, f"patient{patient:03d}_{name}", normalize(image, f"synthetic patient{patient:03d}"), label
+            yield split, f"patient{patient:03d}_{name}", data.normalize(image, f"synthetic patient{patient:03d}"), label
 
 
 def tube(grid, start, direction, length, radius):
@@ -677,7 +522,7 @@ def synthetic_la_volumes(cases, seed):
     rng = np.random.default_rng(seed)
     n_test = max(1, cases // 5)
     if cases - n_test < 3:
-        raise bcp.DataError(f"--patients {cases}: need at least 4 cases (labeled, unlabeled, validation, test)")
+        raise data.DataError(f"--patients {cases}: need at least 4 cases (labeled, unlabeled, validation, test)")
     for i in range(cases):
         shape = (int(rng.integers(56, 73)), int(rng.integers(52, 65)), int(rng.integers(36, 45)))
         yield ("train" if i < cases - n_test else "test"), f"LA{i + 1:03d}", *la_phantom(rng, shape)
@@ -692,29 +537,28 @@ or use the SSL4MIS h5 copy (github.com/HiLab-git/SSL4MIS, data/ACDC) as --root d
 
 # ----------------------------------------------------------------------------- checking a folder
 
-def check_la(root):
+def check_la(dataset):
     """An LA root in UA-MT's layout: train.list and test.list, each listed case's mri_norm2.h5 readable
-    with a 3D image and a 0/1 label of one shape, no case listed twice or in both lists."""
-    problems, lists = [], {}
-    num_classes = bcp.dataset_info(root).get("num_classes", 2)  # your own 3D scans say theirs
+    with a 3D image and labels of one shape in 0..C-1, no case listed twice or in both lists."""
+    root, problems, lists = dataset.root, [], {}
     for split in ("train", "test"):
-        if split == "test" and "val_cases" in bcp.dataset_info(root) and not (root / "test.list").exists():
+        if split == "test" and dataset.native_grids and not (root / "test.list").exists():
             lists[split] = []  # your own 3D scans without imagesTs + labelsTs
             continue
         try:
-            lists[split] = bcp.read_list(root, f"{split}.list")
-        except bcp.DataError as error:
+            lists[split] = data.read_list(root, f"{split}.list")
+        except data.DataError as error:
             problems.append(str(error))
             lists[split] = []
     try:
-        bcp.check_splits(root)
-    except bcp.DataError as error:
+        data.check_splits(root)
+    except data.DataError as error:
         problems.append(str(error))
     for name in dict.fromkeys(lists["train"] + lists["test"]):
-        path = root / bcp.LA_FOLDER / name / "mri_norm2.h5"
+        path = dataset.path(name)
         try:
-            bcp.read_h5(path, 3, num_classes) if path.exists() else problems.append(f"{path}: listed but missing")
-        except bcp.DataError as error:
+            data.read_h5(path, 3, dataset.num_classes) if path.exists() else problems.append(f"{path}: listed but missing")
+        except data.DataError as error:
             problems.append(str(error))
     print(f"LA layout: {len(lists['train'])} train.list cases, {len(lists['test'])} test.list cases")
     return problems
@@ -726,25 +570,26 @@ def check(root):
     root, problems = Path(root), []
     if not root.is_dir():
         return [f"{root}: no such folder"]
-    if bcp.is_la_layout(root):
-        return check_la(root)
+    try:
+        dataset = data.Dataset(root)
+    except data.DataError as error:
+        return [str(error)]
+    if dataset.layout == "la":
+        return check_la(dataset)
     lists = {}
     for split in LISTS:
         path = root / f"{split}.list"
         lists[split] = path.read_text().split() if path.exists() else []
         if not path.exists() or (not lists[split] and split != "test"):  # your own data may have no test split
             problems.append(f"{path}: missing or empty")
+    num_classes = dataset.num_classes
     try:
-        num_classes = bcp.dataset_info(root).get("num_classes", NUM_CLASSES)
-    except bcp.DataError as error:
-        return problems + [str(error)]
-    try:
-        bcp.check_splits(root)
-    except bcp.DataError as error:
+        data.check_splits(root)
+    except data.DataError as error:
         problems.append(str(error))
-    train_patients = {bcp.patient_of(v) for v in lists["train"]}
+    train_patients = {data.patient_of(v) for v in lists["train"]}
     for name in lists["train_slices"]:
-        if bcp.patient_of(name) not in train_patients:
+        if data.patient_of(name) not in train_patients:
             problems.append(f"{root / 'train_slices.list'}: {name} belongs to no patient of train.list")
     items = [(root / "data" / "slices" / f"{n}.h5", 2) for n in lists["train_slices"]]
     items += [(root / "data" / f"{n}.h5", 3) for split in ("train", "val", "test") for n in lists[split]]
@@ -768,10 +613,10 @@ def check(root):
         elif label.max(initial=0) >= num_classes:
             problems.append(f"{path}: label values must lie in 0..{num_classes - 1}, got max {label.max()}")
     for split in ("train", "val", "test"):
-        patients = {bcp.patient_of(v) for v in lists[split]}
+        patients = {data.patient_of(v) for v in lists[split]}
         slices = len(lists["train_slices"]) if split == "train" else 0
         print(f"{split:5s}: {len(patients):3d} patients, {len(lists[split]):3d} volumes" + (f", {slices} slices" if slices else ""))
-    if (root / "SYNTHETIC").exists():
+    if dataset.synthetic:
         print("this folder holds SYNTHETIC phantoms, not ACDC")
     return problems
 
@@ -843,7 +688,7 @@ def main(argv=None):
             lists = write_layout(args.out, synthetic_volumes(args.patients, args.seed), args.force, marker=marker)
         print(f"wrote {args.out}: {len(lists['train'])} train volumes ({len(lists['train_slices'])} slices), "
               f"{len(lists['val'])} val, {len(lists['test'])} test volumes in {time.time() - start:.0f} s")
-    except bcp.DataError as error:
+    except data.DataError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0

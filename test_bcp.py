@@ -1,6 +1,22 @@
 """
 Tests for BCP: each checks one idea against a value worked out by hand or a trusted reference.
-    python -m pytest -q test_bcp.py
+The file follows the code's order, a section each:
+    method       bcp.py: the U-Net and V-Net, WholeBatchDropout, the EMA teacher, the mask and copy-paste,
+                 the losses, pseudo-labels, and the BCP step's formulas
+    components   bcp.py: largest_component, keep_largest_components
+    metrics      bcp.py: Dice, Jaccard, surfaces, nearest distances, HD95, ASD, dice_per_class, score_volume
+    data         data.py: lists and Dataset, h5 files, resampling, SliceBank and VolumeBank, checkpoints
+    scans        prepare_acdc.py: NIfTI files, the official download, synthetic sets, --check, your own scans
+    inference    data.py: whole volumes, sliding windows, segment, post-processing; pictures.py
+    training     train.py: flags, schedules, random streams, steps, runs, resume, stops; benchmark.py
+    evaluation   evaluate.py: a split's scores, json, --predict, --kde, exports; the README's route
+    torchrun     more than one process
+    cuda         on a GPU against the CPU (skipped without CUDA)
+Run them:
+    python -m pytest -q -m "not slow" test_bcp.py   # the unit tests alone
+    python -m pytest -q test_bcp.py                 # everything, the end-to-end runs included
+    python -m pytest -q -k cuda test_bcp.py         # on a GPU: CUDA against the CPU
+"slow" marks the end-to-end tests: those that train, evaluate a trained model, or start processes.
 scipy and nibabel serve only as references here (medpy's metric definitions rebuilt on
 scipy.ndimage; NIfTI headers as nibabel reads them); the product imports neither.
 """
@@ -31,39 +47,552 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import bcp
 import benchmark
+import data
 import evaluate
+import pictures
 import prepare_acdc
 import train
 
 
-def reference_surface_distances(pred, gt, spacing=None):
-    """medpy.metric.binary.__surface_distances, on scipy."""
-    cross = ndimage.generate_binary_structure(pred.ndim, 1)
-    pred_border = pred ^ ndimage.binary_erosion(pred, structure=cross, iterations=1)
-    gt_border = gt ^ ndimage.binary_erosion(gt, structure=cross, iterations=1)
-    return ndimage.distance_transform_edt(~gt_border, sampling=spacing)[pred_border]
+# The end-to-end tests carry @pytest.mark.slow. The project has no pytest ini file to declare the marker
+# in, so it is registered here, on the running pytest's configuration, before its first use below: no
+# PytestUnknownMarkWarning, and --strict-markers passes.
+running_config = getattr(pytest.mark, "_config", None)  # pytest's own, private; None outside a pytest run
+if running_config is not None:
+    running_config.addinivalue_line("markers", "slow: an end-to-end test (trains, evaluates a trained model, "
+                                               "or starts processes); deselect with -m 'not slow'")
 
 
-def reference_metrics(pred, gt, spacing=None):
-    pred_to_gt = reference_surface_distances(pred, gt, spacing)
-    gt_to_pred = reference_surface_distances(gt, pred, spacing)
-    overlap = np.logical_and(pred, gt).sum()
-    return {"dice": 2 * overlap / (pred.sum() + gt.sum()), "jaccard": overlap / np.logical_or(pred, gt).sum(),
-            "hd95": np.percentile(np.hstack([pred_to_gt, gt_to_pred]), 95), "asd": pred_to_gt.mean()}
-
+# ----------------------------------------------------------------------------- shared fixtures and helpers
 
 def random_blobs(shape, seed, threshold=0.55):
     noise = np.random.default_rng(seed).random(shape)
     return ndimage.uniform_filter(noise, 3) > threshold
 
 
+@pytest.fixture(scope="module")
+def synthetic_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic") / "ACDC"
+    assert prepare_acdc.main(["--out", str(root), "--patients", "10"]) == 0
+    return root
+
+
+@pytest.fixture(scope="module")
+def la_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("la") / "LA"
+    assert prepare_acdc.main(["--la", "--out", str(root), "--patients", "10"]) == 0
+    return root
+
+
+TINY = ["--patch-size", "32", "--batch-size", "4", "--labeled-batch-size", "2", "--labeled-patients", "2",
+        "--val-every", "2", "--log-every", "1"]
+
+
+LA_TINY = ["--patch-size", "32", "32", "16", "--batch-size", "4", "--labeled-batch-size", "2", "--labeled-patients", "2",
+           "--val-cases", "2", "--stride", "16", "16", "--val-every", "2", "--log-every", "1"]
+
+
+# ----------------------------------------------------------------------------- method: bcp.py's networks, EMA, copy-paste, losses, pseudo-labels, and the BCP step's formulas
+
+def test_unet_shape_and_parameter_count():
+    model = bcp.UNet(in_channels=1, num_classes=4)
+    assert sum(p.numel() for p in model.parameters()) == 1_813_764
+    assert model(torch.randn(2, 1, 32, 48)).shape == (2, 4, 32, 48)
+
+
+def test_vnet_shapes_and_parameter_count():
+    """UA-MT's V-Net, counted by hand: a conv with its BN has in * out * k^3 + out weights and 2 * out
+    BN parameters; a transposed conv the same. Encoder 1, 2, 3, 3, 3 convs, decoder 3, 3, 2, 1."""
+    def conv(i, o, k=3):
+        return i * o * k ** 3 + o + 2 * o
+    encoder = conv(1, 16) + 2 * conv(32, 32) + 3 * conv(64, 64) + 3 * conv(128, 128) + 3 * conv(256, 256)
+    resample = sum(conv(c, 2 * c, 2) + conv(2 * c, c, 2) for c in (16, 32, 64, 128))  # down and up
+    decoder = 3 * conv(128, 128) + 3 * conv(64, 64) + 2 * conv(32, 32) + conv(16, 16)
+    head = 16 * 2 + 2
+    model = bcp.VNet(num_classes=2)
+    assert sum(p.numel() for p in model.parameters()) == encoder + resample + decoder + head == 9_448_866
+    assert model(torch.randn(2, 1, 32, 16, 48)).shape == (2, 2, 32, 16, 48)
+
+
+def test_vnet_dropout_only_in_training_mode():
+    model = bcp.VNet().eval()
+    x = torch.randn(1, 1, 32, 32, 32)
+    assert torch.equal(model(x), model(x))
+    model.train()
+    torch.manual_seed(0)
+    first = model(x)
+    assert not torch.equal(first, model(x))
+
+
+def test_ema_decay_zero_copies_and_one_keeps():
+    torch.manual_seed(0)
+    student, teacher = bcp.UNet(), bcp.UNet()
+    student(torch.randn(2, 1, 16, 16))  # move the student's BN running statistics away from init
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    bcp.ema_update(teacher, student, decay=1.0)
+    for key, value in teacher.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    bcp.ema_update(teacher, student, decay=0.0)
+    for key, value in teacher.state_dict().items():
+        if value.is_floating_point():  # weights and BN running statistics; not the batch counter
+            assert torch.equal(value, student.state_dict()[key]), key
+
+
+def test_ema_averages_parameters():
+    """decay 0.99: teacher = 0.99 * teacher + 0.01 * student."""
+    student, teacher = bcp.UNet(), bcp.UNet()
+    expected = 0.99 * teacher.head.weight.detach() + 0.01 * student.head.weight.detach()
+    bcp.ema_update(teacher, student, decay=0.99)
+    torch.testing.assert_close(teacher.head.weight.detach(), expected)
+
+
+@pytest.mark.parametrize("centered", [False, True])
+def test_mask_area(centered):
+    """beta = 2/3 on 12 x 15: a zero rectangle of 8 x 10, ones elsewhere."""
+    mask = bcp.keep_mask((12, 15), beta=2 / 3, centered=centered, generator=torch.Generator().manual_seed(3))
+    zeros = torch.nonzero(mask == 0)
+    assert set(mask.unique().tolist()) == {0.0, 1.0} and len(zeros) == 8 * 10
+    assert (zeros.max(0).values - zeros.min(0).values + 1).tolist() == [8, 10]
+
+
+def test_centered_mask_position():
+    """beta = 0.5 on 12 x 12: the 6 x 6 hole spans rows and columns 3..8."""
+    mask = bcp.keep_mask((12, 12), beta=0.5, centered=True)
+    assert (mask[3:9, 3:9] == 0).all() and mask.sum() == 144 - 36
+
+
+def test_random_mask_position_as_the_authors_draw_it():
+    """The authors draw the corner with np.random.randint(0, H - h), upper end excluded. At 256 px with
+    beta = 2/3 the crop is 170 px, so rows and columns 0..85 (never 86); a 2 x 2 hole in 4 x 4 sits at
+    rows and columns 0..1 (never 2)."""
+    generator = torch.Generator().manual_seed(0)
+    corners = torch.tensor([torch.nonzero(bcp.keep_mask((256, 256), 2 / 3, generator=generator) == 0)[0].tolist()
+                            for _ in range(3000)])
+    assert corners.min().item() == 0 and corners.max(0).values.tolist() == [85, 85]
+    small = {tuple(torch.nonzero(bcp.keep_mask((4, 4), 0.5, generator=generator) == 0)[0].tolist()) for _ in range(300)}
+    assert small == {(r, c) for r in range(2) for c in range(2)}
+
+
+def test_la_mask_box_and_corners_as_the_authors_draw_them():
+    """112 x 112 x 80 with beta 2/3: a zero box of 74 x 74 x 53 at randint(0, 38), randint(0, 38),
+    randint(0, 27): corners 0..37, 0..37, 0..26."""
+    generator = torch.Generator().manual_seed(0)
+    corners = []
+    for _ in range(600):
+        mask = bcp.keep_mask((112, 112, 80), generator=generator)
+        zero = mask == 0
+        assert zero.sum() == 74 * 74 * 53
+        corners.append([int(zero.any(dim=[a for a in range(3) if a != axis]).int().argmax()) for axis in range(3)])
+    corners = torch.tensor(corners)
+    assert corners.min().item() == 0 and corners.max(0).values.tolist() == [37, 37, 26]
+
+
+def test_bidirectional_copy_paste_eq_1_to_4():
+    """On 1 x 2 x 2 images with M = [[1, 0], [1, 1]]: the inward image keeps the unlabeled pixels
+    where M = 1 and takes the labeled pixel where M = 0, the outward image the other way round.
+    The mixed targets follow the same rule and stay integer; M + (1 - M) = 1 everywhere."""
+    mask = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    labeled, unlabeled = torch.full((1, 1, 2, 2), 7.0), torch.full((1, 1, 2, 2), 3.0)
+    x_in = bcp.copy_paste(unlabeled, labeled, mask)  # Eq. 1
+    x_out = bcp.copy_paste(labeled, unlabeled, mask)  # Eq. 2
+    assert x_in.flatten().tolist() == [3, 7, 3, 3] and x_out.flatten().tolist() == [7, 3, 7, 7]
+    gt, pseudo = torch.tensor([[[1, 2], [3, 1]]]), torch.tensor([[[0, 3], [2, 2]]])
+    y_in = bcp.copy_paste(pseudo, gt, mask)  # Eq. 3
+    y_out = bcp.copy_paste(gt, pseudo, mask)  # Eq. 4
+    assert y_in.dtype == torch.long and y_in.tolist() == [[[0, 2], [2, 2]]] and y_out.tolist() == [[[1, 3], [3, 1]]]
+    assert torch.equal(x_in + x_out, labeled + unlabeled)
+
+
+def test_mixed_loss_by_hand():
+    """2 classes, logits 0 (p = 1/2 everywhere), target [[0, 1], [1, 1]], M = [[1, 1], [0, 0]],
+    weight 1 on the top row (M = 1) and alpha = 0.5 on the bottom row (M = 0).
+    Top row: CE = ln 2; Dice class 0 = 1 - 2*0.5/(0.5 + 1) = 1/3, class 1 the same: mean 1/3.
+    Bottom row: CE = ln 2; Dice class 0 = 1 - eps/(0.5 + eps) ~ 1, class 1 = 1 - 2*1/(0.5 + 2) = 0.2: mean 0.6.
+    Loss = (1/3 + ln 2 + 0.5 * (0.6 + ln 2)) / 2."""
+    logits = torch.zeros(1, 2, 2, 2)
+    target = torch.tensor([[[0, 1], [1, 1]]])
+    mask = torch.tensor([[1.0, 1.0], [0.0, 0.0]])
+    loss = bcp.mixed_loss(logits, target, mask, weight_base=1.0, weight_pasted=0.5)
+    expected = (1 / 3 + math.log(2) + 0.5 * (0.6 + math.log(2))) / 2
+    assert loss.item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_perfect_prediction_has_near_zero_loss():
+    target = torch.randint(4, (2, 8, 8), generator=torch.Generator().manual_seed(0))
+    logits = 50.0 * torch.nn.functional.one_hot(target, 4).permute(0, 3, 1, 2).float()
+    mask = bcp.keep_mask((8, 8), centered=True)
+    assert bcp.mixed_loss(logits, target, mask, 1.0, 0.5).item() < 1e-6
+
+
+def test_zero_weight_region_gets_no_gradient():
+    """With weight 0 on the pasted region (M = 0), its logits receive no gradient, the rest do."""
+    logits = torch.randn(1, 4, 6, 6, requires_grad=True)
+    mask = bcp.keep_mask((6, 6), beta=0.5, centered=True)
+    bcp.mixed_loss(logits, torch.randint(4, (1, 6, 6)), mask, weight_base=1.0, weight_pasted=0.0).backward()
+    grad = logits.grad.abs().sum(1)[0]
+    assert (grad[mask == 0] == 0).all() and (grad[mask == 1] > 0).all()
+
+
+def test_la_and_acdc_dice_losses_by_hand():
+    """Two crops of 1 x 1 x 2 voxels, logits 0 (p = 1/2), targets [1, 1] and [0, 1], the whole crop.
+    LA (per crop and class, p): crop 1 class 0 ~ 0, class 1 2/3; crop 2 both classes 1/2:
+    loss 1 - (0 + 2/3 + 1/2 + 1/2) / 4. ACDC (sums over the batch, p^2): class 0 2 * 0.5 / (1 + 1),
+    class 1 2 * 1.5 / (1 + 3): loss 1 - (0.5 + 0.75) / 2. CE is ln 2 either way."""
+    logits, target = torch.zeros(2, 2, 1, 1, 2), torch.tensor([[[[1, 1]]], [[[0, 1]]]])
+    everywhere = torch.ones(1, 1, 2)
+    la = bcp.mixed_loss(logits, target, everywhere, 1.0, 0.0, dice_loss=bcp.la_dice_loss)
+    acdc = bcp.mixed_loss(logits, target, everywhere, 1.0, 0.0, dice_loss=bcp.acdc_dice_loss)
+    assert la.item() == pytest.approx((1 - (2 / 3 + 1 / 2 + 1 / 2) / 4 + math.log(2)) / 2, abs=1e-5)
+    assert acdc.item() == pytest.approx((1 - (0.5 + 0.75) / 2 + math.log(2)) / 2, abs=1e-6)
+
+
+def test_la_dice_in_a_region_by_hand():
+    """One crop of 1 x 1 x 3, p1 = (0.2, 0.6, 0.9), target (0, 1, 1), region (1, 1, 0): only the
+    first two voxels count. Class 1: (2 * 0.6) / (0.8 + 1); class 0: (2 * 0.8) / (1.2 + 1).
+    CE in the region: mean of -ln 0.8 and -ln 0.6."""
+    p1 = torch.tensor([0.2, 0.6, 0.9])
+    logits = torch.stack([torch.zeros(3), torch.log(p1 / (1 - p1))]).view(1, 2, 1, 1, 3)
+    target, region = torch.tensor([0, 1, 1]).view(1, 1, 1, 3), torch.tensor([1.0, 1.0, 0.0]).view(1, 1, 3)
+    loss = bcp.mixed_loss(logits, target, region, weight_base=1.0, weight_pasted=0.0, dice_loss=bcp.la_dice_loss)
+    dice = (2 * 0.6 / 1.8 + 2 * 0.8 / 2.2) / 2
+    assert loss.item() == pytest.approx((1 - dice - (math.log(0.8) + math.log(0.6)) / 2) / 2, abs=1e-5)
+
+
+def test_pseudo_label_per_class():
+    """Class 1 wins on two separate blobs (3 px and 1 px), class 2 on one: the 1-px blob of class 1
+    becomes background, everything else keeps its argmax."""
+    prediction = torch.tensor([[[1, 1, 0, 2],
+                                [1, 0, 0, 2],
+                                [0, 0, 0, 0],
+                                [0, 0, 0, 1]]])
+    logits = torch.nn.functional.one_hot(prediction, 4).permute(0, 3, 1, 2).float()
+    expected = prediction.clone()
+    expected[0, 3, 3] = 0
+    assert torch.equal(bcp.pseudo_label(logits), expected)
+
+
+def test_pseudo_label_3d_joins_through_corners():
+    """Voxels (0, 0, 0), (1, 1, 1), (2, 2, 2) touch only at corners: one component of 3 in 26-connectivity,
+    kept; a block of 2 voxels elsewhere is dropped."""
+    prediction = torch.zeros(1, 5, 5, 5, dtype=torch.long)
+    for i in range(3):
+        prediction[0, i, i, i] = 1
+    prediction[0, 4, 0, 3:5] = 1
+    logits = torch.nn.functional.one_hot(prediction, 2).movedim(-1, 1).float()
+    expected = prediction.clone()
+    expected[0, 4, 0, 3:5] = 0
+    assert torch.equal(bcp.pseudo_label(logits), expected)
+
+
+def tiny_run(flags, labeled, unlabeled, device="cpu"):
+    """What train.main hands a step: flags, models, SGD and the two slice banks."""
+    args = train.parse_args(flags)
+    student, teacher = bcp.UNet().to(device), bcp.UNet().to(device).requires_grad_(False)
+    optimizer = torch.optim.SGD(student.parameters(), lr=args.lr, momentum=args.momentum)
+    return SimpleNamespace(args=args, device=torch.device(device), autocast=nullcontext(), optimizer=optimizer,
+                           student=student, teacher=teacher, student_forward=student, teacher_forward=teacher,
+                           labeled=labeled, unlabeled=unlabeled, unlabeled_truth=True, dice_loss=bcp.DICE_LOSSES[args.dice_loss])
+
+
+def selftrain_run(synthetic_root, mix="bidirectional"):
+    """What a self-train step gets, student and teacher fresh (seed 0) and in eval mode (no dropout), so
+    that every --mix sees the same outputs."""
+    banks = [data.Dataset(synthetic_root).bank(names, "cpu") for names in data.Dataset(synthetic_root).cases(2)[:2]]
+    torch.manual_seed(0)
+    run = tiny_run([*TINY, "--phase", "selftrain", "--mix", mix], *banks)
+    run.student.eval(), run.teacher.eval()
+    return run
+
+
+def step_draws(run, step):
+    """A step's L_a, L_b, their ground truth G_a, G_b, U_a, U_b, the teacher's P_a, P_b, and M."""
+    args = run.args
+    (l_a, l_b), (g_a, g_b) = train.draw_halves(run.labeled, step, args.labeled_batch_size, args, train.LABELED)
+    (u_a, u_b), _ = train.draw_halves(run.unlabeled, step, args.batch_size - args.labeled_batch_size, args, train.UNLABELED)
+    with torch.no_grad():
+        p_a, p_b = bcp.pseudo_label(torch.cat([run.teacher(u_a), run.teacher(u_b)])).chunk(2)
+    return l_a, l_b, g_a, g_b, u_a, u_b, p_a, p_b, train.draw_mask(step, args, "cpu")
+
+
+@pytest.mark.slow
+def test_bidirectional_loss_is_the_papers(synthetic_root):
+    """The default's loss equals Eq. 1-4 and 6 written out on the step's own draws: X_in with alpha on
+    its pseudo-labeled base region, X_out with alpha on its pseudo-labeled pasted region."""
+    run = selftrain_run(synthetic_root)
+    l_a, l_b, g_a, g_b, u_a, u_b, p_a, p_b, m = step_draws(run, 3)
+    with torch.no_grad():
+        inward = bcp.mixed_loss(run.student(u_a * m + l_a * (1 - m)), p_a * m.long() + g_a * (1 - m.long()), m, 0.5, 1.0)
+        outward = bcp.mixed_loss(run.student(l_b * m + u_b * (1 - m)), g_b * m.long() + p_b * (1 - m.long()), m, 1.0, 0.5)
+    assert train.selftrain_step(run, 3)[0].item() == pytest.approx((inward + outward).item(), rel=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mix", ["inward", "outward"])
+def test_one_way_variants_mix_both_halves_their_way(synthetic_root, mix):
+    """A one-way --mix shows the student as many images a step as BCP (half a and half b, 1 + 1 here),
+    each half mixed in the one direction: inward U * M + L * (1 - M) with target P * M + G * (1 - M),
+    alpha on the base; outward L * M + U * (1 - M) with target G * M + P * (1 - M), alpha on the crop."""
+    def images_seen(run):
+        seen, student = [], run.student_forward
+        run.student_forward = lambda x: seen.append(len(x)) or student(x)
+        return seen
+
+    default = selftrain_run(synthetic_root)
+    default_seen = images_seen(default)
+    train.selftrain_step(default, 3)
+    run = selftrain_run(synthetic_root, mix)
+    l_a, l_b, g_a, g_b, u_a, u_b, p_a, p_b, m = step_draws(run, 3)
+    expected = 0.0
+    with torch.no_grad():
+        for l, g, u, p in ((l_a, g_a, u_a, p_a), (l_b, g_b, u_b, p_b)):
+            if mix == "inward":
+                expected += bcp.mixed_loss(run.student(u * m + l * (1 - m)), p * m.long() + g * (1 - m.long()), m, 0.5, 1.0)
+            else:
+                expected += bcp.mixed_loss(run.student(l * m + u * (1 - m)), g * m.long() + p * (1 - m.long()), m, 1.0, 0.5)
+    seen = images_seen(run)
+    assert train.selftrain_step(run, 3)[0].item() == pytest.approx(expected.item(), rel=1e-6)
+    assert seen == default_seen == [1, 1]
+
+
+@pytest.mark.slow
+def test_no_mixing_loss_by_hand(synthetic_root):
+    """--mix none: the student sees U_a with its pseudo-label (weight alpha) and L_b with its ground
+    truth (weight 1), whole images: alpha * (Dice + CE)(U_a) / 2 + (Dice + CE)(L_b) / 2, with Dice over
+    the 4 classes of the whole batch and CE the mean over pixels."""
+    run = selftrain_run(synthetic_root, "none")
+    _, l_b, _, g_b, u_a, _, p_a, _, _ = step_draws(run, 3)
+
+    def dice_plus_ce(logits, target):
+        probs, one_hot = logits.softmax(1), torch.nn.functional.one_hot(target, 4).permute(0, 3, 1, 2).float()
+        dice = 1 - (2 * (probs * one_hot).sum((0, 2, 3)) + 1e-10) / ((probs ** 2).sum((0, 2, 3)) + one_hot.sum((0, 2, 3)) + 1e-10)
+        return dice.mean() + torch.nn.functional.cross_entropy(logits, target)
+
+    with torch.no_grad():
+        expected = 0.5 * dice_plus_ce(run.student(u_a), p_a) / 2 + dice_plus_ce(run.student(l_b), g_b) / 2
+    assert train.selftrain_step(run, 3)[0].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_pseudo_label_dice_is_against_the_unlabeled_images_true_labels(synthetic_root):
+    """The step's diagnostic: per foreground class, 2 |P & T| / (|P| + |T|) over the step's unlabeled
+    images (P the teacher's pseudo-labels, T the labels the loss never sees; 0 for a class P misses),
+    averaged over classes. Without true labels (your own unlabeled scans) there is none."""
+    run = selftrain_run(synthetic_root)
+    args = run.args
+    (u_a, u_b), (t_a, t_b) = train.draw_halves(run.unlabeled, 3, args.batch_size - args.labeled_batch_size, args, train.UNLABELED)
+    with torch.no_grad():
+        pseudo = torch.cat([bcp.pseudo_label(run.teacher(u_a)), bcp.pseudo_label(run.teacher(u_b))])
+    truth = torch.cat([t_a, t_b])
+    by_hand = [2 * ((pseudo == c) & (truth == c)).sum().item() / ((pseudo == c).sum() + (truth == c).sum()).item()
+               if (pseudo == c).any() else 0.0 for c in (1, 2, 3)]
+    assert train.selftrain_step(run, 3)[2].item() == pytest.approx(sum(by_hand) / 3, abs=1e-6)
+    run.unlabeled_truth = False
+    assert train.selftrain_step(run, 4)[2] is None
+
+
+def step_setup(root, flags, phase, out, device="cpu"):
+    """What train.main builds for a phase, from the data on disk: flags, banks, and models from
+    build_models (self-training from a pre-training checkpoint of seed-0 weights written here). The
+    teacher is then moved off the student (noise drawn on the CPU), so that the EMA's two sides differ."""
+    device = torch.device(device)
+    args = train.parse_args(["--root", str(root), *flags, "--phase", phase, "--out", str(out), "--device", str(device)])
+    labeled, unlabeled, _, _, _ = train.load_data(args, device)
+    torch.manual_seed(0)
+    network = args.data.network
+    (out / "pretrain").mkdir(parents=True, exist_ok=True)
+    torch.save({"model": network(num_classes=args.num_classes).state_dict()}, out / "pretrain" / "best.pt")
+    folder = SimpleNamespace(log=lambda message: None, last_path=out / phase / "last.pt")
+    student, teacher, optimizer, _ = train.build_models(args, device, torch.preserve_format, None, folder)
+    if teacher is not None:
+        noise = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for weight in teacher.parameters():
+                weight.add_(0.01 * torch.randn(weight.shape, generator=noise).to(device))
+    return SimpleNamespace(args=args, device=device, autocast=nullcontext(), optimizer=optimizer,
+                           student=student, teacher=teacher, student_forward=student, teacher_forward=teacher,
+                           labeled=labeled, unlabeled=unlabeled, unlabeled_truth=True,
+                           dice_loss=bcp.DICE_LOSSES[args.dice_loss])
+
+
+def sgd_step_copy(run):
+    """A copy of the student and of its SGD (same state), to take the reference step with."""
+    student = copy.deepcopy(run.student)
+    optimizer = torch.optim.SGD(student.parameters(), lr=run.args.lr, momentum=run.args.momentum,
+                                weight_decay=run.args.weight_decay)
+    optimizer.load_state_dict(run.optimizer.state_dict())
+    return student, optimizer
+
+
+def assert_same_weights(model, expected, rtol=1e-6):
+    for key, value in model.state_dict().items():
+        if value.is_floating_point():
+            torch.testing.assert_close(value, expected[key], rtol=rtol, atol=1e-7, msg=key)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["acdc", "la"])
+def test_a_selftrain_step_is_one_sgd_step_on_the_papers_loss_then_one_ema_update(layout, synthetic_root, la_root, tmp_path):
+    """From known weights: build_models leaves the teacher in train mode (dropout on, batch statistics,
+    as the authors); then one step. Recomputed here from the step's draws with the same dropout draws:
+    P_a, P_b = the teacher's pseudo-labels; X_in = U_a * M + L_a * (1 - M) against P_a * M + G_a * (1 - M),
+    alpha on M; X_out = L_b * M + U_b * (1 - M) against G_b * M + P_b * (1 - M), alpha on 1 - M (Eq. 1-4,
+    6); one SGD step on their sum; then every float tensor of the teacher = 0.99 * (the teacher after its
+    forwards, whose BN statistics moved) + 0.01 * the new student."""
+    root, flags = (synthetic_root, TINY) if layout == "acdc" else (la_root, LA_TINY)
+    run = step_setup(root, flags, "selftrain", tmp_path)
+    assert all(module.training for module in run.teacher.modules())
+    assert not any(weight.requires_grad for weight in run.teacher.parameters())
+    student, optimizer = sgd_step_copy(run)
+    teacher = copy.deepcopy(run.teacher)
+    args, alpha = run.args, run.args.u_weight
+
+    torch.manual_seed(5)
+    loss = train.selftrain_step(run, 3)[0]
+
+    torch.manual_seed(5)
+    (l_a, l_b), (g_a, g_b) = train.draw_halves(run.labeled, 3, args.labeled_batch_size, args, train.LABELED)
+    (u_a, u_b), _ = train.draw_halves(run.unlabeled, 3, args.batch_size - args.labeled_batch_size, args, train.UNLABELED)
+    m = train.draw_mask(3, args, "cpu")
+    with torch.no_grad():
+        p_a, p_b = bcp.pseudo_label(teacher(u_a)), bcp.pseudo_label(teacher(u_b))
+    expected = (bcp.mixed_loss(student(u_a * m + l_a * (1 - m)), p_a * m.long() + g_a * (1 - m.long()), m, alpha, 1.0, run.dice_loss)
+                + bcp.mixed_loss(student(l_b * m + u_b * (1 - m)), g_b * m.long() + p_b * (1 - m.long()), m, 1.0, alpha, run.dice_loss))
+    optimizer.zero_grad()
+    expected.backward()
+    optimizer.step()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert_same_weights(run.student, student.state_dict())
+    new_student = student.state_dict()
+    assert_same_weights(run.teacher, {key: 0.99 * value + 0.01 * new_student[key] if value.is_floating_point() else value
+                                      for key, value in teacher.state_dict().items()})
+    assert all(module.training for module in run.teacher.modules())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["acdc", "la"])
+@pytest.mark.parametrize("phase", ["pretrain", "supervised"])
+def test_pretrain_and_supervised_losses_by_formula(layout, phase, synthetic_root, la_root, tmp_path):
+    """Recomputed from the step's draws with the same dropout draws. Pre-training: the student on
+    L_a * M + L_b * (1 - M) against G_a * M + G_b * (1 - M), ACDC one term per region of M (both weighted
+    1), LA the whole crop one region; supervised: the labeled batch whole. Then one SGD step on it."""
+    root, flags = (synthetic_root, TINY) if layout == "acdc" else (la_root, LA_TINY)
+    run = step_setup(root, flags, phase, tmp_path)
+    student, optimizer = sgd_step_copy(run)
+    args = run.args
+    torch.manual_seed(5)
+    loss = train.STEPS[phase](run, 3)[0]
+    torch.manual_seed(5)
+    if phase == "pretrain":
+        (l_a, l_b), (g_a, g_b) = train.draw_halves(run.labeled, 3, args.labeled_batch_size, args, train.LABELED)
+        m = train.draw_mask(3, args, "cpu")
+        images, target = l_a * m + l_b * (1 - m), g_a * m.long() + g_b * (1 - m.long())
+    else:
+        images, target = train.draw_batch(run.labeled, 3, args.batch_size, args, train.LABELED)
+    everywhere = torch.ones(target.shape[1:])
+    if phase == "pretrain" and layout == "acdc":
+        expected = bcp.mixed_loss(student(images), target, m, 1.0, 1.0, bcp.acdc_dice_loss)
+    else:
+        expected = bcp.mixed_loss(student(images), target, everywhere, 1.0, 0.0, run.dice_loss)
+    optimizer.zero_grad()
+    expected.backward()
+    optimizer.step()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert_same_weights(run.student, student.state_dict())
+
+
+# ----------------------------------------------------------------------------- components: bcp.largest_component and keep_largest_components
+
+def test_largest_component_hand_drawn():
+    """Blob A (3 pixels, top left), blob B (2 x 2 square plus a pixel touching it diagonally = 5
+    pixels, 8-connectivity), and a lone pixel. Only B survives."""
+    drawing = ["##...",
+               "#..##",
+               "...##",
+               "..#..",
+               "#...."]
+    mask = torch.tensor([[ch == "#" for ch in row] for row in drawing])
+    expected = torch.zeros_like(mask)
+    expected[1:3, 3:5], expected[3, 2] = True, True
+    assert torch.equal(bcp.largest_component(mask[None])[0], expected)
+
+
+def test_largest_component_tie_goes_to_first_in_raster_order():
+    mask = torch.zeros(1, 4, 4, dtype=torch.bool)
+    mask[0, 3, 0:2], mask[0, 0, 2:4] = True, True  # two blobs of 2: the one in row 0 comes first
+    kept = bcp.largest_component(mask)[0]
+    assert kept[0, 2:4].all() and kept.sum() == 2
+
+
+def test_largest_component_matches_scipy_label():
+    masks = np.stack([random_blobs((24, 31), seed, threshold=0.5) for seed in range(8)])
+    masks[0] = False  # an empty slice stays empty
+    kept = bcp.largest_component(torch.from_numpy(masks)).numpy()
+    for mask, ours in zip(masks, kept):
+        labels, count = ndimage.label(mask, structure=np.ones((3, 3)))
+        expected = labels == (np.argmax(np.bincount(labels.ravel())[1:]) + 1) if count else mask
+        np.testing.assert_array_equal(ours, expected)
+
+
+def test_largest_component_3d_matches_scipy_label():
+    """26-connected components of random 3D masks near the percolation threshold, as scipy.ndimage.label
+    with a full 3 x 3 x 3 structure, the largest kept; an empty volume stays empty."""
+    masks = np.random.default_rng(5).random((4, 18, 15, 12)) < 0.2
+    masks[1] = False
+    kept = bcp.largest_component(torch.from_numpy(masks)).numpy()
+    for mask, ours in zip(masks, kept):
+        labels, count = ndimage.label(mask, structure=np.ones((3, 3, 3)))
+        expected = labels == (np.argmax(np.bincount(labels.ravel())[1:]) + 1) if count else mask
+        np.testing.assert_array_equal(ours, expected)
+
+
+def test_largest_component_matches_scipy_near_the_percolation_threshold():
+    """Random pixels at density 0.45 on 96 x 96: hundreds of tangled components per slice."""
+    masks = np.random.default_rng(3).random((4, 96, 96)) < 0.45
+    kept = bcp.largest_component(torch.from_numpy(masks)).numpy()
+    for mask, ours in zip(masks, kept):
+        labels, _ = ndimage.label(mask, structure=np.ones((3, 3)))
+        np.testing.assert_array_equal(ours, labels == np.argmax(np.bincount(labels.ravel())[1:]) + 1)
+
+
+def serpentine(size):
+    """A one-pixel-wide path snaking down a size x size slice: rows 0, 2, 4, ... joined at alternate ends."""
+    mask = torch.zeros(size, size, dtype=torch.bool)
+    mask[::2, :] = True
+    for row in range(1, size - 1, 2):
+        mask[row, size - 1 if row % 4 == 1 else 0] = True
+    return mask
+
+
+def test_largest_component_of_a_long_snake():
+    """A serpentine through a 21 x 21 slice (one component of 231 pixels) must be found whole, also
+    with a pixel that joins two of its rows in the middle."""
+    mask = serpentine(21)[None]
+    assert torch.equal(bcp.largest_component(mask), mask)
+    mask[0, 1, 5] = True  # touches rows 0 and 2: still one component
+    assert torch.equal(bcp.largest_component(mask), mask)
+
+
+@pytest.mark.parametrize("turn", ["none", "flip", "transpose", "both"])
+def test_components_take_few_rounds_on_a_long_snake(turn, monkeypatch):
+    """A 256 x 256 serpentine is one path of 33,000 pixels. Spreading the smallest label from neighbour
+    to neighbour needs hundreds of rounds on it (262 for the unturned one); hooking whole trees with
+    pointer jumping needs a handful, whichever way the path runs through raster order."""
+    mask = serpentine(256)
+    mask = {"none": mask, "flip": mask.flip(1), "transpose": mask.T, "both": mask.T.flip(0)}[turn].contiguous()
+    rounds = []
+    equal = torch.equal
+    monkeypatch.setattr(torch, "equal", lambda a, b: rounds.append(1) or equal(a, b))  # one check per round
+    kept = bcp.largest_component(mask[None])[0]
+    assert 1 <= len(rounds) <= 12 and equal(kept, mask)
+
+
+# ----------------------------------------------------------------------------- metrics: Dice, Jaccard, surfaces, distances, HD95, ASD, and a volume's scores
+
 def square(shape=(20, 20), top=5, left=5, size=8):
     mask = np.zeros(shape, dtype=bool)
     mask[top:top + size, left:left + size] = True
     return mask
 
-
-# ----------------------------------------------------------------------------- metrics
 
 def test_dice_and_jaccard_by_hand():
     """P = 8x8 square, G = the same square 2 rows lower: overlap 6*8 = 48, |P| = |G| = 64.
@@ -80,42 +609,15 @@ def test_empty_masks_dice_jaccard():
     assert bcp.dice(empty, square((4, 4), 0, 0, 2)) == 0.0
 
 
-def test_hd95_of_a_shifted_square_is_the_shift():
-    """Shifting a square by 2 pixels moves the top and bottom edges by exactly 2 and no surface
-    point further: the largest distance is 2 and more than 5% of the distances equal it."""
-    assert bcp.hd95(square(top=5), square(top=7)) == pytest.approx(2.0)
+def test_shape_mismatch_is_reported():
+    with pytest.raises(ValueError, match=r"\(3, 4\) and \(3, 5\)"):
+        bcp.dice(np.zeros((3, 4)), np.zeros((3, 5)))
 
 
-def test_single_points_distance_by_hand():
-    """One voxel at (0, 0), one at (3, 4): every distance is 5; with spacing (2, 1) it is sqrt(36 + 16)."""
-    pred, gt = np.zeros((6, 6), bool), np.zeros((6, 6), bool)
-    pred[0, 0], gt[3, 4] = True, True
-    assert bcp.hd95(pred, gt) == pytest.approx(5.0)
-    assert bcp.asd(pred, gt) == pytest.approx(5.0)
-    assert bcp.hd95(pred, gt, spacing=(2, 1)) == pytest.approx(math.sqrt(52))
-
-
-def test_asd_is_one_directional():
-    """A 1-voxel prediction inside a big square: its distance to the square's surface is 3 (one
-    direction only), while the square's surface is further from the single voxel on average."""
-    gt = square(size=7, top=2, left=2)  # rows/cols 2..8, centre (5, 5)
-    pred = np.zeros_like(gt)
-    pred[5, 5] = True
-    assert bcp.asd(pred, gt) == pytest.approx(3.0)
-    assert bcp.asd(gt, pred) > 3.0
-
-
-@pytest.mark.parametrize("shape,spacing", [((40, 36), None), ((40, 36), (1.5, 0.7)),
-                                           ((7, 30, 26), None), ((7, 30, 26), (5.0, 1.25, 1.25))])
-def test_metrics_match_scipy_reference(shape, spacing):
-    """Random blobs in 2D and 3D, with and without voxel spacing: equal to medpy's definitions to 1e-6."""
-    for seed in range(3):
-        pred, gt = random_blobs(shape, seed), random_blobs(shape, seed + 100)
-        ours, reference = bcp.binary_metrics(pred, gt, spacing), reference_metrics(pred, gt, spacing)
-        for name in reference:
-            assert ours[name] == pytest.approx(reference[name], abs=1e-6), name
-        assert bcp.hd95(pred, gt, spacing) == pytest.approx(reference["hd95"], abs=1e-6)
-        assert bcp.asd(pred, gt, spacing) == pytest.approx(reference["asd"], abs=1e-6)
+def test_surface_counts_the_array_border():
+    """A mask filling a 5x5 array: the 16 border pixels are surface, the 9 inner ones are not."""
+    full = np.ones((5, 5), dtype=bool)
+    assert bcp.surface(full).sum() == 16 and not bcp.surface(full)[1:-1, 1:-1].any()
 
 
 @pytest.mark.parametrize("shape", [(1,), (37,), (1, 1), (13, 9), (30, 41), (1, 6, 5), (7, 30, 26), (9, 23, 17)])
@@ -171,6 +673,68 @@ def test_nearest_distances_second_search_is_exact(monkeypatch):
     np.testing.assert_allclose(ours, expected, atol=1e-9)
 
 
+def test_hd95_of_a_shifted_square_is_the_shift():
+    """Shifting a square by 2 pixels moves the top and bottom edges by exactly 2 and no surface
+    point further: the largest distance is 2 and more than 5% of the distances equal it."""
+    assert bcp.hd95(square(top=5), square(top=7)) == pytest.approx(2.0)
+
+
+def test_single_points_distance_by_hand():
+    """One voxel at (0, 0), one at (3, 4): every distance is 5; with spacing (2, 1) it is sqrt(36 + 16)."""
+    pred, gt = np.zeros((6, 6), bool), np.zeros((6, 6), bool)
+    pred[0, 0], gt[3, 4] = True, True
+    assert bcp.hd95(pred, gt) == pytest.approx(5.0)
+    assert bcp.asd(pred, gt) == pytest.approx(5.0)
+    assert bcp.hd95(pred, gt, spacing=(2, 1)) == pytest.approx(math.sqrt(52))
+
+
+def test_asd_is_one_directional():
+    """A 1-voxel prediction inside a big square: its distance to the square's surface is 3 (one
+    direction only), while the square's surface is further from the single voxel on average."""
+    gt = square(size=7, top=2, left=2)  # rows/cols 2..8, centre (5, 5)
+    pred = np.zeros_like(gt)
+    pred[5, 5] = True
+    assert bcp.asd(pred, gt) == pytest.approx(3.0)
+    assert bcp.asd(gt, pred) > 3.0
+
+
+def test_empty_side_raises_naming_it():
+    empty, mask = np.zeros((5, 5), bool), square((5, 5), 1, 1, 2)
+    with pytest.raises(ValueError, match="prediction"):
+        bcp.hd95(empty, mask)
+    with pytest.raises(ValueError, match="ground truth"):
+        bcp.asd(mask, empty)
+
+
+def reference_surface_distances(pred, gt, spacing=None):
+    """medpy.metric.binary.__surface_distances, on scipy."""
+    cross = ndimage.generate_binary_structure(pred.ndim, 1)
+    pred_border = pred ^ ndimage.binary_erosion(pred, structure=cross, iterations=1)
+    gt_border = gt ^ ndimage.binary_erosion(gt, structure=cross, iterations=1)
+    return ndimage.distance_transform_edt(~gt_border, sampling=spacing)[pred_border]
+
+
+def reference_metrics(pred, gt, spacing=None):
+    pred_to_gt = reference_surface_distances(pred, gt, spacing)
+    gt_to_pred = reference_surface_distances(gt, pred, spacing)
+    overlap = np.logical_and(pred, gt).sum()
+    return {"dice": 2 * overlap / (pred.sum() + gt.sum()), "jaccard": overlap / np.logical_or(pred, gt).sum(),
+            "hd95": np.percentile(np.hstack([pred_to_gt, gt_to_pred]), 95), "asd": pred_to_gt.mean()}
+
+
+@pytest.mark.parametrize("shape,spacing", [((40, 36), None), ((40, 36), (1.5, 0.7)),
+                                           ((7, 30, 26), None), ((7, 30, 26), (5.0, 1.25, 1.25))])
+def test_metrics_match_scipy_reference(shape, spacing):
+    """Random blobs in 2D and 3D, with and without voxel spacing: equal to medpy's definitions to 1e-6."""
+    for seed in range(3):
+        pred, gt = random_blobs(shape, seed), random_blobs(shape, seed + 100)
+        ours, reference = bcp.binary_metrics(pred, gt, spacing), reference_metrics(pred, gt, spacing)
+        for name in reference:
+            assert ours[name] == pytest.approx(reference[name], abs=1e-6), name
+        assert bcp.hd95(pred, gt, spacing) == pytest.approx(reference["hd95"], abs=1e-6)
+        assert bcp.asd(pred, gt, spacing) == pytest.approx(reference["asd"], abs=1e-6)
+
+
 @pytest.mark.parametrize("spacing", [None, (5.0, 1.25, 1.25)])
 def test_metrics_of_scattered_false_positives_match_the_reference(spacing):
     """A weak model: a blob volume with 2% of its voxels flipped at random, against the blob. The
@@ -184,12 +748,6 @@ def test_metrics_of_scattered_false_positives_match_the_reference(spacing):
         assert ours[name] == pytest.approx(reference[name], abs=1e-9), name
 
 
-def test_surface_counts_the_array_border():
-    """A mask filling a 5x5 array: the 16 border pixels are surface, the 9 inner ones are not."""
-    full = np.ones((5, 5), dtype=bool)
-    assert bcp.surface(full).sum() == 16 and not bcp.surface(full)[1:-1, 1:-1].any()
-
-
 def test_metrics_do_not_modify_inputs():
     pred = random_blobs((12, 12), 1).astype(np.uint8) * 3  # non-boolean input too
     gt = random_blobs((12, 12), 2)
@@ -200,220 +758,199 @@ def test_metrics_do_not_modify_inputs():
     np.testing.assert_array_equal(gt, gt_copy)
 
 
-def test_empty_side_raises_naming_it():
-    empty, mask = np.zeros((5, 5), bool), square((5, 5), 1, 1, 2)
-    with pytest.raises(ValueError, match="prediction"):
-        bcp.hd95(empty, mask)
-    with pytest.raises(ValueError, match="ground truth"):
-        bcp.asd(mask, empty)
+NAN = float("nan")
 
 
-def test_shape_mismatch_is_reported():
-    with pytest.raises(ValueError, match=r"\(3, 4\) and \(3, 5\)"):
-        bcp.dice(np.zeros((3, 4)), np.zeros((3, 5)))
+def test_dice_per_class_by_scoring():
+    """Validation's Dice: a class in neither volume is 0 (paper) or NaN (nnU-Net, left out); one in the
+    reference alone, or in the prediction alone, is 0 under both."""
+    label, prediction = torch.zeros(4, 4, dtype=torch.long), torch.zeros(4, 4, dtype=torch.long)
+    label[:2, :2], prediction[:2, :1] = 1, 1  # class 1: Dice 2 * 2 / (4 + 2)
+    label[3, 3], prediction[0, 3] = 2, 3  # class 2 in the reference alone, 3 in the prediction alone, 4 in neither
+    torch.testing.assert_close(bcp.dice_per_class(prediction, label, 5), torch.tensor([2 / 3, 0, 0, 0]))
+    torch.testing.assert_close(bcp.dice_per_class(prediction, label, 5, "nnunet"), torch.tensor([2 / 3, 0, 0, NAN]), equal_nan=True)
 
 
-# ----------------------------------------------------------------------------- model and teacher
-
-def test_unet_shape_and_parameter_count():
-    model = bcp.UNet(in_channels=1, num_classes=4)
-    assert sum(p.numel() for p in model.parameters()) == 1_813_764
-    assert model(torch.randn(2, 1, 32, 48)).shape == (2, 4, 32, 48)
-
-
-def test_ema_decay_zero_copies_and_one_keeps():
-    torch.manual_seed(0)
-    student, teacher = bcp.UNet(), bcp.UNet()
-    student(torch.randn(2, 1, 16, 16))  # move the student's BN running statistics away from init
-    before = {k: v.clone() for k, v in teacher.state_dict().items()}
-    bcp.ema_update(teacher, student, decay=1.0)
-    for key, value in teacher.state_dict().items():
-        assert torch.equal(value, before[key]), key
-    bcp.ema_update(teacher, student, decay=0.0)
-    for key, value in teacher.state_dict().items():
-        if value.is_floating_point():  # weights and BN running statistics; not the batch counter
-            assert torch.equal(value, student.state_dict()[key]), key
-
-
-def test_ema_averages_parameters():
-    """decay 0.99: teacher = 0.99 * teacher + 0.01 * student."""
-    student, teacher = bcp.UNet(), bcp.UNet()
-    expected = 0.99 * teacher.head.weight.detach() + 0.01 * student.head.weight.detach()
-    bcp.ema_update(teacher, student, decay=0.99)
-    torch.testing.assert_close(teacher.head.weight.detach(), expected)
+@pytest.mark.parametrize("scoring", ["paper", "nnunet"])
+def test_score_volume_by_hand_with_missing_classes(scoring):
+    """Class 1 predicted exactly; class 2 missed: the paper's convention scores 0 on all four, nnU-Net's
+    Dice and Jaccard 0 with HD95 and ASD undefined (NaN); class 3 predicted where the reference has none:
+    Dice 0, HD95 and ASD undefined, under both, and no error; class 4 in neither: 0 (paper) or left out
+    (nnU-Net: NaN on all four)."""
+    label = np.zeros((2, 6, 6), np.uint8)
+    label[:, 1:3, 1:3], label[:, 4:, 4:] = 1, 2
+    prediction = label.copy()
+    prediction[label == 2] = 0
+    prediction[0, 0, 5] = 3
+    scores = bcp.score_volume(prediction, label, 5, scoring=scoring)
+    assert scores[0] == {"dice": 100.0, "jaccard": 100.0, "hd95": 0.0, "asd": 0.0, "case": "scored"}
+    paper = scoring == "paper"
+    expected = [{"dice": 0.0, "jaccard": 0.0, "hd95": 0.0 if paper else NAN, "asd": 0.0 if paper else NAN, "case": "empty prediction"},
+                {"dice": 0.0, "jaccard": 0.0, "hd95": NAN, "asd": NAN, "case": "empty reference"},
+                {**dict.fromkeys(bcp.METRICS, 0.0 if paper else NAN), "case": "empty prediction" if paper else "absent from both"}]
+    for score, wanted in zip(scores[1:], expected):
+        assert score["case"] == wanted["case"]
+        np.testing.assert_array_equal([score[m] for m in bcp.METRICS], [wanted[m] for m in bcp.METRICS])
 
 
-# ----------------------------------------------------------------------------- copy-paste
+# ----------------------------------------------------------------------------- data: data.py's lists, h5 files, resampling, the training banks, checkpoints
 
-@pytest.mark.parametrize("centered", [False, True])
-def test_mask_area(centered):
-    """beta = 2/3 on 12 x 15: a zero rectangle of 8 x 10, ones elsewhere."""
-    mask = bcp.keep_mask((12, 15), beta=2 / 3, centered=centered, generator=torch.Generator().manual_seed(3))
-    zeros = torch.nonzero(mask == 0)
-    assert set(mask.unique().tolist()) == {0.0, 1.0} and len(zeros) == 8 * 10
-    assert (zeros.max(0).values - zeros.min(0).values + 1).tolist() == [8, 10]
-
-
-def test_centered_mask_position():
-    """beta = 0.5 on 12 x 12: the 6 x 6 hole spans rows and columns 3..8."""
-    mask = bcp.keep_mask((12, 12), beta=0.5, centered=True)
-    assert (mask[3:9, 3:9] == 0).all() and mask.sum() == 144 - 36
+def test_dataset_errors_name_the_file(tmp_path):
+    path = tmp_path / "bad.h5"
+    with h5py.File(path, "w") as f:
+        f["image"], f["label"] = np.zeros((4, 4), np.float32), np.zeros((4, 5), np.uint8)
+    with pytest.raises(data.DataError, match=r"bad\.h5.*\(4, 4\) and \(4, 5\)"):
+        data.read_h5(path, 2, 4)
+    with pytest.raises(data.DataError, match="train.list: missing"):
+        data.read_list(tmp_path, "train.list")
 
 
-def test_random_mask_position_as_the_authors_draw_it():
-    """The authors draw the corner with np.random.randint(0, H - h), upper end excluded. At 256 px with
-    beta = 2/3 the crop is 170 px, so rows and columns 0..85 (never 86); a 2 x 2 hole in 4 x 4 sits at
-    rows and columns 0..1 (never 2)."""
-    generator = torch.Generator().manual_seed(0)
-    corners = torch.tensor([torch.nonzero(bcp.keep_mask((256, 256), 2 / 3, generator=generator) == 0)[0].tolist()
-                            for _ in range(3000)])
-    assert corners.min().item() == 0 and corners.max(0).values.tolist() == [85, 85]
-    small = {tuple(torch.nonzero(bcp.keep_mask((4, 4), 0.5, generator=generator) == 0)[0].tolist()) for _ in range(300)}
-    assert small == {(r, c) for r in range(2) for c in range(2)}
+def test_labeled_patients_without_slices_are_named(synthetic_root, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(synthetic_root, copy)
+    first = (copy / "train.list").read_text().split()[0].split("_")[0]
+    slices = (copy / "train_slices.list").read_text().split()
+    (copy / "train_slices.list").write_text("".join(s + "\n" for s in slices if not s.startswith(first)))
+    with pytest.raises(data.DataError, match=f"train_slices.list: no slices of the labeled patients \\['{first}'\\]"):
+        data.Dataset(copy).cases(1)
 
 
-def test_bidirectional_copy_paste_eq_1_to_4():
-    """On 1 x 2 x 2 images with M = [[1, 0], [1, 1]]: the inward image keeps the unlabeled pixels
-    where M = 1 and takes the labeled pixel where M = 0, the outward image the other way round.
-    The mixed targets follow the same rule and stay integer; M + (1 - M) = 1 everywhere."""
-    mask = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
-    labeled, unlabeled = torch.full((1, 1, 2, 2), 7.0), torch.full((1, 1, 2, 2), 3.0)
-    x_in = bcp.copy_paste(unlabeled, labeled, mask)  # Eq. 1
-    x_out = bcp.copy_paste(labeled, unlabeled, mask)  # Eq. 2
-    assert x_in.flatten().tolist() == [3, 7, 3, 3] and x_out.flatten().tolist() == [7, 3, 7, 7]
-    gt, pseudo = torch.tensor([[[1, 2], [3, 1]]]), torch.tensor([[[0, 3], [2, 2]]])
-    y_in = bcp.copy_paste(pseudo, gt, mask)  # Eq. 3
-    y_out = bcp.copy_paste(gt, pseudo, mask)  # Eq. 4
-    assert y_in.dtype == torch.long and y_in.tolist() == [[[0, 2], [2, 2]]] and y_out.tolist() == [[[1, 3], [3, 1]]]
-    assert torch.equal(x_in + x_out, labeled + unlabeled)
+def test_a_root_in_neither_layout_is_named_with_what_was_looked_for(la_root):
+    """--root at the LA cases' folder (what UA-MT's scripts take): not an ACDC root with 3 patch numbers."""
+    with pytest.raises(data.DataError, match=re.escape(f"{la_root / data.LA_FOLDER}: neither the ACDC layout (train.list, data/) "
+                                                      f"nor the LA layout") + f".*its parent is an LA root: --root {re.escape(str(la_root))}"):
+        train.parse_args(["--root", str(la_root / data.LA_FOLDER), "--patch-size", "32", "32", "16"])
 
 
-# ----------------------------------------------------------------------------- loss
-
-def test_mixed_loss_by_hand():
-    """2 classes, logits 0 (p = 1/2 everywhere), target [[0, 1], [1, 1]], M = [[1, 1], [0, 0]],
-    weight 1 on the top row (M = 1) and alpha = 0.5 on the bottom row (M = 0).
-    Top row: CE = ln 2; Dice class 0 = 1 - 2*0.5/(0.5 + 1) = 1/3, class 1 the same: mean 1/3.
-    Bottom row: CE = ln 2; Dice class 0 = 1 - eps/(0.5 + eps) ~ 1, class 1 = 1 - 2*1/(0.5 + 2) = 0.2: mean 0.6.
-    Loss = (1/3 + ln 2 + 0.5 * (0.6 + ln 2)) / 2."""
-    logits = torch.zeros(1, 2, 2, 2)
-    target = torch.tensor([[[0, 1], [1, 1]]])
-    mask = torch.tensor([[1.0, 1.0], [0.0, 0.0]])
-    loss = bcp.mixed_loss(logits, target, mask, weight_base=1.0, weight_pasted=0.5)
-    expected = (1 / 3 + math.log(2) + 0.5 * (0.6 + math.log(2))) / 2
-    assert loss.item() == pytest.approx(expected, abs=1e-6)
-
-
-def test_perfect_prediction_has_near_zero_loss():
-    target = torch.randint(4, (2, 8, 8), generator=torch.Generator().manual_seed(0))
-    logits = 50.0 * torch.nn.functional.one_hot(target, 4).permute(0, 3, 1, 2).float()
-    mask = bcp.keep_mask((8, 8), centered=True)
-    assert bcp.mixed_loss(logits, target, mask, 1.0, 0.5).item() < 1e-6
-
-
-def test_zero_weight_region_gets_no_gradient():
-    """With weight 0 on the pasted region (M = 0), its logits receive no gradient, the rest do."""
-    logits = torch.randn(1, 4, 6, 6, requires_grad=True)
-    mask = bcp.keep_mask((6, 6), beta=0.5, centered=True)
-    bcp.mixed_loss(logits, torch.randint(4, (1, 6, 6)), mask, weight_base=1.0, weight_pasted=0.0).backward()
-    grad = logits.grad.abs().sum(1)[0]
-    assert (grad[mask == 0] == 0).all() and (grad[mask == 1] > 0).all()
+@pytest.mark.slow
+def test_a_case_listed_twice_or_in_two_splits_is_refused(la_root, synthetic_root, tmp_path):
+    """A labeled LA case listed again among the last (validation) cases, a test case that is also a
+    training case, an ACDC validation volume of a training patient: one line naming the list and the
+    case, before anything is written."""
+    la = tmp_path / "LA"
+    shutil.copytree(la_root, la)
+    cases = data.read_list(la, "train.list")
+    (la / "train.list").write_text("\n".join(cases[:-1] + [cases[0]]) + "\n")
+    with pytest.raises(data.DataError, match=re.escape(f"{la / 'train.list'}: {cases[0]} is listed twice")):
+        train.main(["--root", str(la), *LA_TINY, "--out", str(tmp_path / "run"), "--phase", "pretrain", "--iterations", "1"])
+    (la / "train.list").write_text("\n".join(cases) + "\n")
+    (la / "test.list").write_text((la / "test.list").read_text() + cases[3] + "\n")
+    with pytest.raises(data.DataError, match=re.escape(f"{la / 'test.list'}: {cases[3]} is also a training case")):
+        train.main(["--root", str(la), *LA_TINY, "--out", str(tmp_path / "run"), "--phase", "pretrain", "--iterations", "1"])
+    torch.save({"model": bcp.VNet().state_dict(), "flags": {"num_classes": 2, "patch_size": [32, 32, 16]}}, tmp_path / "v.pt")
+    with pytest.raises(data.DataError, match="is also a training case"):
+        evaluate.main(["--root", str(la), "--checkpoint", str(tmp_path / "v.pt")])
+    acdc = tmp_path / "ACDC"
+    shutil.copytree(synthetic_root, acdc)
+    trained = data.read_list(acdc, "train.list")[2].replace("frame01", "frame02")
+    (acdc / "val.list").write_text((acdc / "val.list").read_text() + trained + "\n")
+    with pytest.raises(data.DataError, match=re.escape(f"{acdc / 'val.list'}: {trained} is also a training case")):
+        train.main(["--root", str(acdc), *TINY, "--out", str(tmp_path / "run"), "--phase", "pretrain", "--iterations", "1"])
+    assert prepare_acdc.check(acdc)[-1].endswith(f"{trained} is also a training case ({acdc / 'train.list'})")
+    assert not (tmp_path / "run").exists()
 
 
-# ----------------------------------------------------------------------------- pseudo-labels
-
-def test_largest_component_hand_drawn():
-    """Blob A (3 pixels, top left), blob B (2 x 2 square plus a pixel touching it diagonally = 5
-    pixels, 8-connectivity), and a lone pixel. Only B survives."""
-    drawing = ["##...",
-               "#..##",
-               "...##",
-               "..#..",
-               "#...."]
-    mask = torch.tensor([[ch == "#" for ch in row] for row in drawing])
-    expected = torch.zeros_like(mask)
-    expected[1:3, 3:5], expected[3, 2] = True, True
-    assert torch.equal(bcp.largest_component(mask[None])[0], expected)
-
-
-def test_largest_component_tie_goes_to_first_in_raster_order():
-    mask = torch.zeros(1, 4, 4, dtype=torch.bool)
-    mask[0, 3, 0:2], mask[0, 0, 2:4] = True, True  # two blobs of 2: the one in row 0 comes first
-    kept = bcp.largest_component(mask)[0]
-    assert kept[0, 2:4].all() and kept.sum() == 2
+@pytest.mark.slow
+def test_la_bad_input_is_named_and_nothing_is_written(la_root, tmp_path):
+    broken = tmp_path / "LA"
+    shutil.copytree(la_root, broken)
+    (broken / "train.list").unlink()
+    with pytest.raises(data.DataError, match=re.escape(str(broken / "train.list")) + ": missing list file"):
+        train.main(["--root", str(broken), *LA_TINY, "--out", str(tmp_path / "run"), "--phase", "pretrain"])
+    shutil.copy(la_root / "train.list", broken / "train.list")
+    case = data.read_list(broken, "train.list")[1]
+    path = broken / data.LA_FOLDER / case / "mri_norm2.h5"
+    with h5py.File(path, "r+") as f:
+        label = f["label"][()]
+        del f["label"]
+        f["label"] = label[:-1]
+    with pytest.raises(data.DataError, match=re.escape(str(path)) + ": expected 3D image and label of one shape"):
+        train.main(["--root", str(broken), *LA_TINY, "--out", str(tmp_path / "run"), "--phase", "pretrain"])
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(data.DataError, match="5 labeled and 4 validation cases are more than its 8"):
+        data.la_cases(la_root, 5, 4)
 
 
-def test_largest_component_matches_scipy_label():
-    masks = np.stack([random_blobs((24, 31), seed, threshold=0.5) for seed in range(8)])
-    masks[0] = False  # an empty slice stays empty
-    kept = bcp.largest_component(torch.from_numpy(masks)).numpy()
-    for mask, ours in zip(masks, kept):
-        labels, count = ndimage.label(mask, structure=np.ones((3, 3)))
-        expected = labels == (np.argmax(np.bincount(labels.ravel())[1:]) + 1) if count else mask
-        np.testing.assert_array_equal(ours, expected)
+def write_h5(path, image, label):
+    with h5py.File(path, "w") as f:
+        f["image"], f["label"] = image, label
 
 
-def serpentine(size):
-    """A one-pixel-wide path snaking down a size x size slice: rows 0, 2, 4, ... joined at alternate ends."""
-    mask = torch.zeros(size, size, dtype=torch.bool)
-    mask[::2, :] = True
-    for row in range(1, size - 1, 2):
-        mask[row, size - 1 if row % 4 == 1 else 0] = True
-    return mask
+@pytest.mark.parametrize("image,label,message", [
+    (np.array([[0.5, np.nan], [0.1, 0.2]], np.float32), np.zeros((2, 2), np.uint8), "1 NaN or infinite"),
+    (np.ones((2, 2), np.float32), np.array([[0, 2.5], [1, 1]]), "whole numbers"),
+    (np.ones((2, 2), np.float32), np.array([[0, 3], [1, 1]], np.uint8), r"0\.\.2 \(--num-classes 3\), got 0\.\.3"),
+    (np.zeros((0, 0), np.float32), np.zeros((0, 0), np.uint8), "empty image"),
+    (np.array([[b"a", b"b"]]), np.zeros((1, 2), np.uint8), "must hold numbers"),
+])
+def test_read_h5_rejects_bad_arrays_naming_the_file(tmp_path, image, label, message):
+    write_h5(tmp_path / "slice.h5", image, label)
+    with pytest.raises(data.DataError, match=rf"slice\.h5: .*{message}"):
+        data.read_h5(tmp_path / "slice.h5", 2, num_classes=3)
 
 
-def test_largest_component_of_a_long_snake():
-    """A serpentine through a 21 x 21 slice (one component of 231 pixels) must be found whole, also
-    with a pixel that joins two of its rows in the middle."""
-    mask = serpentine(21)[None]
-    assert torch.equal(bcp.largest_component(mask), mask)
-    mask[0, 1, 5] = True  # touches rows 0 and 2: still one component
-    assert torch.equal(bcp.largest_component(mask), mask)
+def test_read_h5_rejects_a_group_where_the_image_should_be(tmp_path):
+    with h5py.File(tmp_path / "slice.h5", "w") as f:
+        f.create_group("image")
+        f["label"] = np.zeros((2, 2), np.uint8)
+    with pytest.raises(data.DataError, match=r"slice\.h5: no 'image' array"):
+        data.read_h5(tmp_path / "slice.h5", 2, 4)
 
 
-@pytest.mark.parametrize("turn", ["none", "flip", "transpose", "both"])
-def test_components_take_few_rounds_on_a_long_snake(turn, monkeypatch):
-    """A 256 x 256 serpentine is one path of 33,000 pixels. Spreading the smallest label from neighbour
-    to neighbour needs hundreds of rounds on it (262 for the unturned one); hooking whole trees with
-    pointer jumping needs a handful, whichever way the path runs through raster order."""
-    mask = serpentine(256)
-    mask = {"none": mask, "flip": mask.flip(1), "transpose": mask.T, "both": mask.T.flip(0)}[turn].contiguous()
-    rounds = []
-    equal = torch.equal
-    monkeypatch.setattr(torch, "equal", lambda a, b: rounds.append(1) or equal(a, b))  # one check per round
-    kept = bcp.largest_component(mask[None])[0]
-    assert 1 <= len(rounds) <= 12 and equal(kept, mask)
+def test_resize_nearest_matches_scipy_zoom():
+    volume = np.random.default_rng(1).random((3, 19, 27)).astype(np.float32)
+    ours = data.resize_nearest(torch.from_numpy(volume), 32, 32).numpy()
+    np.testing.assert_array_equal(ours, ndimage.zoom(volume, (1, 32 / 19, 32 / 27), order=0))
+    back = data.resize_nearest(torch.from_numpy(ours), 19, 27).numpy()
+    np.testing.assert_array_equal(back, ndimage.zoom(ours, (1, 19 / 32, 27 / 32), order=0))
 
 
-def test_largest_component_matches_scipy_near_the_percolation_threshold():
-    """Random pixels at density 0.45 on 96 x 96: hundreds of tangled components per slice."""
-    masks = np.random.default_rng(3).random((4, 96, 96)) < 0.45
-    kept = bcp.largest_component(torch.from_numpy(masks)).numpy()
-    for mask, ours in zip(masks, kept):
-        labels, _ = ndimage.label(mask, structure=np.ones((3, 3)))
-        np.testing.assert_array_equal(ours, labels == np.argmax(np.bincount(labels.ravel())[1:]) + 1)
+def test_rescaled_labels_are_scipy_zoom_order_0():
+    """--scale 0.5 on an 11 x 9 x 8 label map: 6 x 4 x 4 (Python's round, as scipy's output shape), the
+    voxels scipy.ndimage.zoom picks with order 0."""
+    rng = np.random.default_rng(0)
+    label = rng.integers(0, 2, (11, 9, 8)).astype(np.uint8)
+    image, small = data.rescale(rng.random((11, 9, 8)).astype(np.float32), label, 0.5)
+    assert image.shape == small.shape == (6, 4, 4)
+    np.testing.assert_array_equal(small, ndimage.zoom(label, [n / s for n, s in zip(small.shape, label.shape)], order=0))
 
 
-def test_pseudo_label_per_class():
-    """Class 1 wins on two separate blobs (3 px and 1 px), class 2 on one: the 1-px blob of class 1
-    becomes background, everything else keeps its argmax."""
-    prediction = torch.tensor([[[1, 1, 0, 2],
-                                [1, 0, 0, 2],
-                                [0, 0, 0, 0],
-                                [0, 0, 0, 1]]])
-    logits = torch.nn.functional.one_hot(prediction, 4).permute(0, 3, 1, 2).float()
-    expected = prediction.clone()
-    expected[0, 3, 3] = 0
-    assert torch.equal(bcp.pseudo_label(logits), expected)
+def test_resampled_labels_keep_their_values_at_equal_size_and_their_geometry_there_and_back():
+    """Nearest neighbour as scipy's zoom (order 0), the identity at equal size; a ball and a smaller one
+    beside it, resampled coarser and back, keep their place (Dice > 0.8 against the original)."""
+    rng = np.random.default_rng(0)
+    grid = np.indices((30, 26, 14))
+    label = torch.from_numpy((((grid - np.array([14, 12, 7])[:, None, None, None]) ** 2).sum(0) < 36).astype(np.uint8))
+    label[(((grid - np.array([4, 20, 7])[:, None, None, None]) ** 2).sum(0) < 9)] = 2
+    assert torch.equal(data.resample_labels(label, label.shape), label)
+    coarse = data.resample_labels(label, (24, 21, 11))
+    np.testing.assert_array_equal(coarse.numpy(), ndimage.zoom(label.numpy(), [24 / 30, 21 / 26, 11 / 14], order=0))
+    back = data.resample_labels(coarse, label.shape)
+    assert back.shape == label.shape
+    for c in (1, 2):
+        assert bcp.dice(back.numpy() == c, label.numpy() == c) > 0.8
+    image = torch.from_numpy(rng.random((5, 4, 3)).astype(np.float32))
+    torch.testing.assert_close(data.resample(image, (5, 4, 3), corners_aligned=True), image)
+    torch.testing.assert_close(data.resample(image, (9, 7, 5), corners_aligned=True)[::2, ::2, ::2], image)  # corners aligned
 
 
-# ----------------------------------------------------------------------------- data
+def test_standardize_z_scores_each_la_volume(la_root, tmp_path):
+    case = data.read_list(la_root, "train.list")[0]
+    _, image, label = data.Dataset(la_root).volumes([case])[0]
+    (tmp_path / data.LA_FOLDER / case).mkdir(parents=True)
+    prepare_acdc.write_h5(tmp_path / data.LA_FOLDER / case / "mri_norm2.h5", 3 * image + 5, label)
+    _, raw, _ = data.Dataset(tmp_path).volumes([case])[0]
+    _, standardized, same_label = data.Dataset(tmp_path).volumes([case], standardize=True)[0]
+    assert raw.mean() == pytest.approx(3 * image.mean() + 5, abs=1e-3) and (label == same_label).all()
+    assert abs(standardized.mean()) < 1e-4 and standardized.std() == pytest.approx(1, abs=1e-4)
+    assert np.corrcoef(raw.ravel(), standardized.ravel())[0, 1] == pytest.approx(1)
+
 
 def two_slice_bank():
     rng = np.random.default_rng(0)
     images = [rng.random((37, 29)).astype(np.float32) + 1, rng.random((20, 41)).astype(np.float32) + 1]
     labels = [(image * 2).astype(np.uint8) for image in images]
-    return bcp.SliceBank(images, labels, "cpu"), images
+    return data.SliceBank(images, labels, "cpu"), images
 
 
 @pytest.mark.parametrize("k", range(4))
@@ -423,7 +960,7 @@ def test_rot_flip_augmentation_matches_numpy(k, axis):
     bank, images = two_slice_bank()
     aug = bank.no_augmentation(2)
     aug["rot_flip"][:], aug["k"][:], aug["flip_axis"][:] = True, k, axis
-    batch, labels = bank.batch(torch.tensor([0, 1]), 32, aug)
+    batch, labels = bank.batch(torch.tensor([0, 1]), (32, 32), aug)
     for image, ours, our_labels in zip(images, batch[:, 0].numpy(), labels.numpy()):
         turned = np.flip(np.rot90(image, k), axis)
         expected = ndimage.zoom(turned, (32 / turned.shape[0], 32 / turned.shape[1]), order=0)
@@ -436,7 +973,7 @@ def test_rotation_augmentation_matches_scipy(angle):
     bank, images = two_slice_bank()
     aug = bank.no_augmentation(2)
     aug["rotate"][:], aug["angle"][:] = True, angle
-    batch, _ = bank.batch(torch.tensor([0, 1]), 32, aug)
+    batch, _ = bank.batch(torch.tensor([0, 1]), (32, 32), aug)
     for image, ours in zip(images, batch[:, 0].numpy()):
         turned = ndimage.rotate(image, angle, order=0, reshape=False, mode="constant", cval=0)
         expected = ndimage.zoom(turned, (32 / turned.shape[0], 32 / turned.shape[1]), order=0)
@@ -445,60 +982,180 @@ def test_rotation_augmentation_matches_scipy(angle):
 
 def test_random_augmentation_draws_the_authors_mix():
     """p(rot90+flip) = 1/2, p(rotation) = 1/2 * 1/2, angles in [-20, 20)."""
-    aug = bcp.SliceBank.random_augmentation(20000, torch.Generator().manual_seed(0))
+    aug = data.SliceBank.random_augmentation(20000, torch.Generator().manual_seed(0))
     assert aug["rot_flip"].float().mean() == pytest.approx(0.5, abs=0.02)
     assert aug["rotate"].float().mean() == pytest.approx(0.25, abs=0.02)
     assert not (aug["rot_flip"] & aug["rotate"]).any()
     assert aug["angle"].min() == -20 and aug["angle"].max() == 19
 
 
-def test_resize_nearest_matches_scipy_zoom():
-    volume = np.random.default_rng(1).random((3, 19, 27)).astype(np.float32)
-    ours = bcp.resize_nearest(torch.from_numpy(volume), 32, 32).numpy()
-    np.testing.assert_array_equal(ours, ndimage.zoom(volume, (1, 32 / 19, 32 / 27), order=0))
-    back = bcp.resize_nearest(torch.from_numpy(ours), 19, 27).numpy()
-    np.testing.assert_array_equal(back, ndimage.zoom(ours, (1, 19 / 32, 27 / 32), order=0))
+@pytest.mark.parametrize("k", range(4))
+@pytest.mark.parametrize("axis", range(2))
+def test_volume_bank_crops_like_the_authors(k, axis):
+    """np.rot90(k) over axes 0, 1, np.flip(axis), then UA-MT's RandomCrop to 8 x 8 x 8: an axis no larger
+    than 8 is padded by (8 - size) // 2 + 3 on each side, the corner is randint(0, size - 8)."""
+    rng = np.random.default_rng(0)
+    image = rng.random((11, 8, 6)).astype(np.float32)
+    label = (image > 0.5).astype(np.uint8)
+    bank = data.VolumeBank([image], [label], "cpu")
+    corner = torch.tensor([[0.0, 0.5, 0.99]])
+    images, labels = bank.batch(torch.tensor([0]), (8, 8, 8), {"k": torch.tensor([k]), "flip_axis": torch.tensor([axis]),
+                                                               "corner": corner})
+    for ours, array in ((images[0, 0], image), (labels[0], label)):
+        turned = np.flip(np.rot90(array, k), axis)
+        padded = np.pad(turned, [((8 - s) // 2 + 3,) * 2 if s <= 8 else (0, 0) for s in turned.shape])
+        start = [int(f * (s - 8)) for f, s in zip(corner[0].tolist(), padded.shape)]
+        np.testing.assert_array_equal(ours.numpy(), padded[tuple(slice(c, c + 8) for c in start)])
 
 
-def test_predict_volume_is_slice_by_slice_resize_argmax_resize_back():
-    """Each slice resized to 32 x 32 as scipy.ndimage.zoom(order=0), segmented, the argmax zoomed back."""
-    torch.manual_seed(0)
-    model = bcp.UNet().eval()
-    volume = torch.rand(3, 21, 30)
-    prediction = bcp.predict_volume(model, volume, patch_size=32)
-    resized = ndimage.zoom(volume.numpy(), (1, 32 / 21, 32 / 30), order=0)
-    with torch.no_grad():
-        labels = model(torch.from_numpy(resized)[:, None]).argmax(1).numpy()
-    assert prediction.shape == (3, 21, 30) and prediction.dtype == torch.long
-    np.testing.assert_array_equal(prediction.numpy(), ndimage.zoom(labels, (1, 21 / 32, 30 / 32), order=0))
+def test_rotated_and_flipped_points_follow_the_volume():
+    """rot90_flip_point against torch.rot90 then flip on a volume with one marked voxel."""
+    shape = (5, 7, 3)
+    for k, axis, point in itertools.product(range(4), range(2), [(0, 0, 0), (4, 6, 2), (1, 5, 1), (3, 2, 0)]):
+        volume = torch.zeros(shape)
+        volume[point] = 1
+        moved = torch.rot90(volume, k, (0, 1)).flip(axis)
+        where, new_shape = data.rot90_flip_point(point, shape, k, axis)
+        assert list(moved.shape) == new_shape and moved[tuple(where)] == 1, (k, axis, point)
 
 
-# ----------------------------------------------------------------------------- prepare_acdc.py
+def test_foreground_crops_find_an_organ_at_one_percent():
+    """An organ of 1 % of a 128 x 128 x 64 volume, crops of 32 x 32 x 16: uniform crops hold some of it
+    in about 3 of 10 (the small class included); with foreground 1/3, a third of the crops are centred on a voxel of a class (the
+    organ or a small second class, at the crop's centre after rotation and flip), so the share holding
+    foreground is measured, not assumed."""
+    label = np.zeros((128, 128, 64), np.uint8)
+    label[60:82, 50:72, 20:42] = 1  # 22^3 voxels, 1.0 %
+    label[20:26, 90:100, 40:46] = 2  # a second, small class
+    image = label.astype(np.float32)
+    uniform = data.VolumeBank([image], [label], "cpu")
+    centred = data.VolumeBank([image], [label], "cpu", foreground=1 / 3, num_classes=3)
+    shares = {}
+    for name, bank in (("uniform", uniform), ("centred", centred)):
+        generator = torch.Generator().manual_seed(0)
+        augmentation = bank.random_augmentation(600, generator)
+        _, labels = bank.batch(torch.zeros(600, dtype=torch.long), (32, 32, 16), augmentation)
+        shares[name] = (labels.flatten(1) > 0).any(1).float().mean().item()
+        if name == "centred":
+            forced = augmentation["centred"]
+            assert 0.28 < forced.float().mean() < 0.39
+            assert (labels[forced].flatten(1) > 0).any(1).all()  # every centred crop holds the organ
+            assert (labels[forced][:, 15:17, 15:17, 7:9] > 0).flatten(1).any(1).float().mean() > 0.9  # near its centre
+    assert shares["uniform"] < 0.35 and shares["centred"] > shares["uniform"] + 0.2, shares  # measured: 0.31, 0.56
+
+
+def test_foreground_crops_are_the_steps_draws(monkeypatch):
+    """The centred crops come from the step's keyed generator: the same step draws the same batch, and
+    the shares of two processes put together are the one process's batch (resume and torchrun exact)."""
+    label = np.zeros((40, 40, 24), np.uint8)
+    label[30:36, 4:10, 4:10] = 1
+    image = np.random.default_rng(0).random(label.shape).astype(np.float32)
+    bank = data.VolumeBank([image, image[::-1].copy()], [label, label[::-1].copy()], "cpu", foreground=0.5)
+    args = SimpleNamespace(seed=3, phase="pretrain", patch_size=(16, 16, 8))
+    whole = train.draw_batch(bank, 5, 8, args, train.LABELED, parts=2)
+    again = train.draw_batch(bank, 5, 8, args, train.LABELED, parts=2)
+    torch.testing.assert_close(whole, again)
+    shares = []
+    for rank in range(2):
+        monkeypatch.setattr(bcp, "process_share", lambda rank=rank: (2, rank))
+        shares.append(train.draw_batch(bank, 5, 8, args, train.LABELED, parts=2))
+    for part in range(2):  # each half: rank 0's share, then rank 1's
+        joined = torch.cat([shares[0][0][2 * part:2 * part + 2], shares[1][0][2 * part:2 * part + 2]])
+        torch.testing.assert_close(joined, whole[0][4 * part:4 * part + 4])
+
+
+def test_a_checkpoint_weights_only_refuses_is_one_line(tmp_path):
+    torch.save({"model": SimpleNamespace(weights=1), "flags": {}}, tmp_path / "pickled.pt")
+    with pytest.raises(data.DataError) as error:
+        data.load_checkpoint(tmp_path / "pickled.pt")
+    assert str(error.value).startswith(f"{tmp_path / 'pickled.pt'}: not a readable checkpoint") and "\n" not in str(error.value)
+
+
+def test_committed_checkpoints_load_on_the_cpu():
+    """The fp16 weights under measurements/ (README's results) load into the U-Net their flags describe."""
+    paths = sorted(Path(__file__).parent.glob("measurements/**/best_fp16.pt"))
+    assert len(paths) >= 3
+    for path in paths:
+        assert (path.parent / "flags.json").exists() and (path.parent / "metrics.jsonl").exists()
+        model, _ = data.load_model(path)
+        assert torch.isfinite(model.eval()(torch.rand(1, 1, 64, 64))).all(), path
+
+
+@pytest.mark.slow
+def test_checkpoints_that_do_not_fit_are_named(synthetic_root, tmp_path):
+    """A file without 'flags', weights of another shape, and an --init that is not a checkpoint: one
+    line each, naming the file."""
+    torch.save({"model": bcp.UNet().state_dict()}, tmp_path / "no_flags.pt")
+    with pytest.raises(data.DataError, match=r"no_flags\.pt: not a train\.py checkpoint \(no 'flags'\)"):
+        evaluate.main(["--root", str(synthetic_root), "--checkpoint", str(tmp_path / "no_flags.pt")])
+    torch.save({"model": bcp.UNet(num_classes=3).state_dict(), "flags": {"num_classes": 4, "patch_size": [32, 32]}},
+               tmp_path / "three.pt")
+    with pytest.raises(data.DataError, match=r"three\.pt: the weights do not fit this UNet \(.*size mismatch"):
+        evaluate.main(["--root", str(synthetic_root), "--checkpoint", str(tmp_path / "three.pt")])
+    (tmp_path / "junk.pt").write_text("not a checkpoint")
+    with pytest.raises(data.DataError, match=r"junk\.pt: not a readable checkpoint"):
+        train.main(["--root", str(synthetic_root), *TINY, "--out", str(tmp_path / "run"), "--phase", "selftrain",
+                    "--iterations", "1", "--init", str(tmp_path / "junk.pt")])
+
+
+@pytest.mark.slow
+def test_leftover_temporary_checkpoints_are_removed(synthetic_root, tmp_path):
+    (tmp_path / "pretrain").mkdir()
+    (tmp_path / "pretrain" / "last.pt.tmp").write_bytes(b"half a checkpoint")
+    train.main(["--root", str(synthetic_root), *TINY, "--out", str(tmp_path), "--phase", "pretrain", "--iterations", "1"])
+    assert not (tmp_path / "pretrain" / "last.pt.tmp").exists()
+
+
+# ----------------------------------------------------------------------------- scans: prepare_acdc.py's NIfTI reading, the official download, synthetic sets, --check, your own scans
 
 NIFTI_CODES = {"u1": 2, "i2": 4, "f4": 16}
 
 
-def write_nifti(path, data, endian="<", slope=0.0, inter=0.0):
-    """A minimal NIfTI-1 writer for the tests: data indexed (i, j, k), stored in Fortran order."""
+def write_nifti(path, array, endian="<", slope=0.0, inter=0.0):
+    """A minimal NIfTI-1 writer for the tests: array indexed (i, j, k), stored in Fortran order."""
     header = bytearray(352)
     struct.pack_into(endian + "i", header, 0, 348)
-    struct.pack_into(endian + "8h", header, 40, data.ndim, *data.shape, *[1] * (7 - data.ndim))
-    struct.pack_into(endian + "2h", header, 70, NIFTI_CODES[data.dtype.str[1:]], data.dtype.itemsize * 8)
+    struct.pack_into(endian + "8h", header, 40, array.ndim, *array.shape, *[1] * (7 - array.ndim))
+    struct.pack_into(endian + "2h", header, 70, NIFTI_CODES[array.dtype.str[1:]], array.dtype.itemsize * 8)
     struct.pack_into(endian + "8f", header, 76, *[1.0] * 8)
     struct.pack_into(endian + "3f", header, 108, 352.0, slope, inter)
     header[344:348] = b"n+1\0"
-    payload = bytes(header) + data.astype(data.dtype.newbyteorder(endian)).tobytes(order="F")
+    payload = bytes(header) + array.astype(array.dtype.newbyteorder(endian)).tobytes(order="F")
     (gzip.open if str(path).endswith(".gz") else open)(path, "wb").write(payload)
 
 
 def test_read_nifti_orders_axes_like_simpleitk_and_scales(tmp_path):
     """Element (i, j, k) of the NIfTI lands at [k, j, i]; big-endian files read alike; slope/inter apply."""
-    data = np.arange(4 * 3 * 2, dtype=np.int16).reshape(4, 3, 2)
+    array = np.arange(4 * 3 * 2, dtype=np.int16).reshape(4, 3, 2)
     for endian, name in (("<", "a.nii.gz"), (">", "b.nii")):
-        write_nifti(tmp_path / name, data, endian)
-        np.testing.assert_array_equal(prepare_acdc.read_nifti(tmp_path / name), data.transpose(2, 1, 0))
-    write_nifti(tmp_path / "c.nii.gz", data, slope=2.0, inter=-1.0)
-    np.testing.assert_allclose(prepare_acdc.read_nifti(tmp_path / "c.nii.gz"), data.transpose(2, 1, 0) * 2.0 - 1.0)
+        write_nifti(tmp_path / name, array, endian)
+        np.testing.assert_array_equal(data.read_nifti(tmp_path / name), array.transpose(2, 1, 0))
+    write_nifti(tmp_path / "c.nii.gz", array, slope=2.0, inter=-1.0)
+    np.testing.assert_allclose(data.read_nifti(tmp_path / "c.nii.gz"), array.transpose(2, 1, 0) * 2.0 - 1.0)
+
+
+def rotated_affine(spacing, angle, offset=(-40.0, 12.5, 30.0)):
+    """A NIfTI affine: voxel spacing (mm) along i, j, k, rotated by `angle` about the k axis."""
+    cos, sin = math.cos(angle), math.sin(angle)
+    affine = np.eye(4)
+    affine[:3, :3] = np.array([[cos, -sin, 0], [sin, cos, 0], [0, 0, 1]]) * spacing
+    affine[:3, 3] = offset
+    return affine
+
+
+def test_nifti_geometry_matches_nibabel(tmp_path):
+    """Our reading of the spacing and the affine (sform, else qform, else nibabel's fallback: the pixdim
+    scaling with i flipped and the centre voxel at the origin) against nibabel's."""
+    affine = rotated_affine((0.8, 1.1, 3.0), 0.7)
+    for qform, sform in ((1, 2), (1, 0), (0, 0)):
+        scan = nibabel.Nifti1Image(np.zeros((4, 5, 6), np.float32), affine)
+        scan.set_qform(affine, code=qform)
+        scan.set_sform(affine, code=sform)
+        nibabel.save(scan, tmp_path / "scan.nii.gz")
+        loaded = nibabel.load(tmp_path / "scan.nii.gz")
+        spacing, ours = data.nifti_geometry(data.read_nifti(tmp_path / "scan.nii.gz", with_header=True)[1], "scan")
+        np.testing.assert_allclose(spacing, loaded.header.get_zooms(), rtol=1e-6)
+        np.testing.assert_allclose(ours, loaded.affine, atol=1e-5)
 
 
 def fake_official_download(root, patients=(99, 38, 28, 1, 101)):
@@ -558,25 +1215,18 @@ def test_prepare_bad_download_names_the_file_and_writes_nothing(tmp_path, capsys
     assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"]  # no output, no leftover staging folder
 
 
-@pytest.fixture(scope="module")
-def synthetic_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synthetic") / "ACDC"
-    assert prepare_acdc.main(["--out", str(root), "--patients", "10"]) == 0
-    return root
-
-
 def test_synthetic_set_layout(synthetic_root, capsys):
     assert (synthetic_root / "SYNTHETIC").exists()
     assert prepare_acdc.main(["--out", str(synthetic_root), "--patients", "10"]) == 0  # a rerun has nothing to do
     assert "nothing to do" in capsys.readouterr().out
     assert prepare_acdc.main(["--out", str(synthetic_root), "--patients", "12"]) == 1  # another set: refuses
     assert prepare_acdc.check(synthetic_root) == []
-    volumes = bcp.load_volumes(synthetic_root, "val", 4)
+    volumes = data.Dataset(synthetic_root).volumes(data.read_list(synthetic_root, "val.list"))
     assert len(volumes) == 2 and all(set(np.unique(label)) == {0, 1, 2, 3} for _, _, label in volumes)
-    labeled, unlabeled = bcp.training_slices(synthetic_root, 2)
-    assert {bcp.patient_of(s) for s in labeled} == set(list(dict.fromkeys(
-        bcp.patient_of(v) for v in (synthetic_root / "train.list").read_text().split()))[:2])
-    assert not {bcp.patient_of(s) for s in labeled} & {bcp.patient_of(s) for s in unlabeled}
+    labeled, unlabeled, _ = data.Dataset(synthetic_root).cases(2)
+    assert {data.patient_of(s) for s in labeled} == set(list(dict.fromkeys(
+        data.patient_of(v) for v in (synthetic_root / "train.list").read_text().split()))[:2])
+    assert not {data.patient_of(s) for s in labeled} & {data.patient_of(s) for s in unlabeled}
 
 
 def test_check_finds_a_corrupted_copy(synthetic_root, tmp_path):
@@ -593,269 +1243,6 @@ def test_check_finds_a_corrupted_copy(synthetic_root, tmp_path):
     assert prepare_acdc.main(["--check", str(copy)]) == 1
 
 
-def test_dataset_errors_name_the_file(tmp_path):
-    path = tmp_path / "bad.h5"
-    with h5py.File(path, "w") as f:
-        f["image"], f["label"] = np.zeros((4, 4), np.float32), np.zeros((4, 5), np.uint8)
-    with pytest.raises(bcp.DataError, match=r"bad\.h5.*\(4, 4\) and \(4, 5\)"):
-        bcp.read_h5(path, 2, 4)
-    with pytest.raises(bcp.DataError, match="train.list: missing"):
-        bcp.read_list(tmp_path, "train.list")
-
-
-# ----------------------------------------------------------------------------- train.py and evaluate.py
-
-TINY = ["--patch-size", "32", "--batch-size", "4", "--labeled-batch-size", "2", "--labeled-patients", "2",
-        "--val-every", "2", "--log-every", "1"]
-
-
-def final_weights(run, phase):
-    return bcp.load_checkpoint(run / phase / "last.pt")["model"]
-
-
-def test_resumed_training_ends_with_the_same_weights(synthetic_root, tmp_path):
-    """Pre-train 4 steps straight vs 2 steps + resume to 4; then self-train the same way. On the CPU
-    with one seed both runs must end with identical student weights (and teacher for self-training)."""
-    common = ["--root", str(synthetic_root), *TINY]
-    for phase in ("pretrain", "selftrain"):
-        train.main([*common, "--out", str(tmp_path / "straight"), "--phase", phase, "--iterations", "4"])
-        train.main([*common, "--out", str(tmp_path / "resumed"), "--phase", phase, "--iterations", "2"])
-        train.main([*common, "--out", str(tmp_path / "resumed"), "--phase", phase, "--iterations", "4", "--resume"])
-        straight, resumed = (bcp.load_checkpoint(tmp_path / run / phase / "last.pt") for run in ("straight", "resumed"))
-        assert resumed["iteration"] == 4
-        for part in ("model", "teacher") if phase == "selftrain" else ("model",):
-            for key, value in straight[part].items():
-                assert torch.equal(value, resumed[part][key]), (phase, part, key)
-    rows = [json.loads(line) for line in (tmp_path / "resumed" / "selftrain" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["iter"] for r in rows if "loss" in r] == [1, 2, 3, 4]
-    assert all(r["time"] >= 0 and r["lr"] == 0.01 for r in rows if "loss" in r)
-    assert [r["iter"] for r in rows if "val_dice" in r] == [2, 4]
-
-
-def tiny_run(flags, labeled, unlabeled, device="cpu"):
-    """What train.main hands a step: flags, models, SGD and the two slice banks."""
-    args = train.parse_args(flags)
-    student, teacher = bcp.UNet().to(device), bcp.UNet().to(device).requires_grad_(False)
-    optimizer = torch.optim.SGD(student.parameters(), lr=args.lr, momentum=args.momentum)
-    return SimpleNamespace(args=args, device=torch.device(device), autocast=nullcontext(), optimizer=optimizer,
-                           student=student, teacher=teacher, student_forward=student, teacher_forward=teacher,
-                           labeled=labeled, unlabeled=unlabeled, unlabeled_truth=True, dice_loss=bcp.DICE_LOSSES[args.dice_loss])
-
-
-class BlockingCopies(TorchDispatchMode):
-    """Records each host -> device copy that makes the host wait for the device (non_blocking=False)."""
-
-    def __init__(self):
-        super().__init__()
-        self.seen = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is torch.ops.aten._to_copy.default:
-            source, target, blocking = args[0].device, kwargs.get("device", args[0].device), not kwargs.get("non_blocking")
-        elif func is torch.ops.aten.copy_.default:
-            source, target, blocking = args[1].device, args[0].device, not (args[2:] or [kwargs.get("non_blocking")])[0]
-        else:
-            return func(*args, **kwargs)
-        if source.type == "cpu" and target.type != "cpu" and blocking:
-            self.seen.append(func)
-        return func(*args, **kwargs)
-
-
-@pytest.mark.parametrize("phase", ["pretrain", "selftrain"])
-def test_a_step_never_waits_for_the_device(phase, monkeypatch):
-    """Batches, augmentation, mask, step, SGD and EMA on the meta device, which stands in for a GPU: it
-    holds no data, so any op that must read values on the host fails there, and every host -> device
-    copy is seen by the dispatcher. The teacher's connected components are the one part that reads
-    values (bcp.largest_component); here the pseudo-label is the plain argmax."""
-    monkeypatch.setattr(bcp, "pseudo_label", lambda logits: logits.argmax(1))
-    device = torch.device("meta")
-    rng = np.random.default_rng(0)
-    images = [rng.random(shape).astype(np.float32) for shape in [(37, 29), (20, 41), (32, 32), (30, 30)]]
-    bank = bcp.SliceBank(images, [(image * 4).astype(np.uint8) for image in images], device)
-    run = tiny_run(["--phase", phase, *TINY], bank, bank, device)
-    with BlockingCopies() as copies:
-        loss, _, _ = train.STEPS[phase](run, 7)
-    assert loss.device == device and copies.seen == []
-
-
-def test_step_benchmark_runs_every_phase(synthetic_root, monkeypatch, capsys):
-    """benchmark.py steps end to end on the tiny set: one row per phase, positive times."""
-    monkeypatch.setattr("sys.argv", ["benchmark.py", "steps", "--root", str(synthetic_root), "--patch-size", "32",
-                                     "--batch-size", "4", "--labeled-batch-size", "2", "--labeled-patients", "2", "--steps", "16"])
-    benchmark.main()
-    rows = [line.split() for line in capsys.readouterr().out.splitlines()[-3:]]
-    assert [row[0] for row in rows] == ["supervised", "pretrain", "selftrain"]
-    assert all(float(value) > 0 for row in rows for value in row[1:])
-
-
-def test_pseudo_label_benchmark_runs(synthetic_root, tmp_path, monkeypatch, capsys):
-    train.main(["--root", str(synthetic_root), *TINY, "--out", str(tmp_path), "--phase", "pretrain", "--iterations", "1"])
-    monkeypatch.setattr("sys.argv", ["benchmark.py", "pseudo-labels", "--root", str(synthetic_root), "--patch-size", "32",
-                                     "--checkpoint", str(tmp_path / "pretrain" / "best.pt"), "--steps", "3"])
-    benchmark.main()
-    assert "ms per pseudo-label of 6 images at 32 x 32" in capsys.readouterr().out
-
-
-def test_supervised_phase_and_evaluation_json(synthetic_root, tmp_path, capsys):
-    train.main(["--root", str(synthetic_root), *TINY, "--out", str(tmp_path), "--phase", "supervised", "--iterations", "2"])
-    scores_path = tmp_path / "scores.json"
-    evaluate.main(["--root", str(synthetic_root), "--checkpoint", str(tmp_path / "supervised" / "best.pt"),
-                   "--json", str(scores_path), "--save-png", str(tmp_path / "pictures"), "--kde", str(tmp_path / "kde")])
-    scores = json.loads(scores_path.read_text())
-    evaluate.main(["--root", str(synthetic_root), "--checkpoint", str(tmp_path / "supervised" / "best.pt"),
-                   "--export", str(tmp_path / "small.pt")])
-    evaluate.main(["--root", str(synthetic_root), "--checkpoint", str(tmp_path / "small.pt"), "--json", str(tmp_path / "small.json")])
-    small = json.loads((tmp_path / "small.json").read_text())
-    full, half = (bcp.load_model(path)[0].eval() for path in (tmp_path / "supervised" / "best.pt", tmp_path / "small.pt"))
-    slices = torch.cat([bcp.resize_nearest(torch.from_numpy(image), 32, 32) for _, image, _ in bcp.load_volumes(synthetic_root, "test", 4)])
-    with torch.no_grad():  # fp16 weights, cast back to float32, give the same probabilities to rounding
-        probabilities = [model(slices[:, None]).softmax(1) for model in (full, half)]
-    assert (probabilities[0] - probabilities[1]).abs().max() < 1e-2
-    assert not all(torch.equal(a, b) for a, b in zip(full.state_dict().values(), half.state_dict().values()))
-    assert small["mean"]["dice"] == pytest.approx(scores["mean"]["dice"], abs=1.0)
-    assert scores["volumes"] == 4 and scores["split"] == "test"
-    assert set(scores["per_class"]) == {"RV", "Myo", "LV"} and set(scores["mean"]) == {"dice", "jaccard", "hd95", "asd"}
-    assert 0 <= scores["empty_predictions"] <= 12 and 0 <= scores["mean"]["dice"] <= 100
-    assert "do not apply" in capsys.readouterr().out
-    assert len(list((tmp_path / "pictures").glob("*.png"))) == 4
-    assert (tmp_path / "kde" / "kde.csv").read_text().splitlines()[0] == "x,labeled,unlabeled"
-    assert (tmp_path / "kde" / "kde.svg").read_text().count("<polyline") == 2
-    assert len(list((tmp_path / "supervised" / "pictures").glob("iter_*.png"))) == 1
-
-
-def test_gaussian_kde_matches_scipy():
-    from scipy.stats import gaussian_kde
-    samples, grid = np.random.default_rng(0).normal(size=50), np.linspace(-3, 3, 41)
-    np.testing.assert_allclose(evaluate.gaussian_kde(samples, grid), gaussian_kde(samples)(grid), rtol=1e-10)
-
-
-@pytest.mark.parametrize("log_every", ["1", "5"])  # 5: the loss must still be checked before each checkpoint
-def test_nan_loss_stops_and_keeps_checkpoints(synthetic_root, tmp_path, capsys, log_every):
-    """A learning rate of 1e30 blows the loss up: the run stops with a message, last.pt stays loadable."""
-    args = ["--root", str(synthetic_root), *TINY, "--log-every", log_every, "--out", str(tmp_path), "--phase", "pretrain",
-            "--iterations", "2"]
-    train.main(args)
-    with pytest.raises(SystemExit):
-        train.main([*args[:-1], "6", "--resume", "--lr", "1e30"])
-    assert "stopping: the loss became" in capsys.readouterr().out
-    checkpoint = bcp.load_checkpoint(tmp_path / "pretrain" / "last.pt")
-    assert checkpoint["iteration"] == 2 and all(torch.isfinite(v).all() for v in checkpoint["model"].values() if v.is_floating_point())
-
-
-def test_png_writer_round_trip(tmp_path):
-    """Decode our PNG with zlib by hand: the pixels come back unchanged."""
-    rgb = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
-    bcp.write_png(tmp_path / "a.png", rgb)
-    data = (tmp_path / "a.png").read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", data[16:24]) == (7, 5)
-    idat = data.index(b"IDAT")
-    length = struct.unpack(">I", data[idat - 4:idat])[0]
-    rows = np.frombuffer(zlib.decompress(data[idat + 4:idat + 4 + length]), np.uint8).reshape(5, 1 + 7 * 3)
-    assert (rows[:, 0] == 0).all()
-    np.testing.assert_array_equal(rows[:, 1:].reshape(5, 7, 3), rgb)
-
-
-def test_bf16_autocast_path_trains(synthetic_root, tmp_path):
-    """The GPU default (bf16 autocast) also runs on the CPU: two steps give a finite checkpoint whose
-    weights differ from the same two steps in fp32 (bf16 was used), though not by much."""
-    for precision in ("bf16", "fp32"):
-        train.main(["--root", str(synthetic_root), *TINY, "--out", str(tmp_path / precision), "--phase", "pretrain",
-                    "--iterations", "2", "--precision", precision])
-    bf16, fp32 = (bcp.load_checkpoint(tmp_path / p / "pretrain" / "last.pt") for p in ("bf16", "fp32"))
-    assert bf16["flags"]["precision"] == "bf16"
-    weights = [(bf16["model"][k], v) for k, v in fp32["model"].items() if v.is_floating_point()]
-    assert all(torch.isfinite(a).all() for a, _ in weights)
-    assert max((a - b).abs().max().item() for a, b in weights) > 0
-    assert all(torch.allclose(a, b, atol=0.05) for a, b in weights)
-
-
-def test_committed_checkpoints_load_on_the_cpu():
-    """The fp16 weights under checkpoints/ (README's results) load into the U-Net their flags describe."""
-    paths = sorted(Path(__file__).parent.glob("checkpoints/*/*/best_fp16.pt"))
-    assert len(paths) >= 3
-    for path in paths:
-        assert (path.parent / "flags.json").exists() and (path.parent / "metrics.jsonl").exists()
-        model, _ = bcp.load_model(path)
-        assert torch.isfinite(model.eval()(torch.rand(1, 1, 64, 64))).all(), path
-
-
-NAN = float("nan")
-
-
-@pytest.mark.parametrize("scoring", ["paper", "nnunet"])
-def test_score_volume_by_hand_with_missing_classes(scoring):
-    """Class 1 predicted exactly; class 2 missed: the paper's convention scores 0 on all four, nnU-Net's
-    Dice and Jaccard 0 with HD95 and ASD undefined (NaN); class 3 predicted where the reference has none:
-    Dice 0, HD95 and ASD undefined, under both, and no error; class 4 in neither: 0 (paper) or left out
-    (nnU-Net: NaN on all four)."""
-    label = np.zeros((2, 6, 6), np.uint8)
-    label[:, 1:3, 1:3], label[:, 4:, 4:] = 1, 2
-    prediction = label.copy()
-    prediction[label == 2] = 0
-    prediction[0, 0, 5] = 3
-    scores = evaluate.score_volume(prediction, label, 5, scoring=scoring)
-    assert scores[0] == {"dice": 100.0, "jaccard": 100.0, "hd95": 0.0, "asd": 0.0, "case": "scored"}
-    paper = scoring == "paper"
-    expected = [{"dice": 0.0, "jaccard": 0.0, "hd95": 0.0 if paper else NAN, "asd": 0.0 if paper else NAN, "case": "empty prediction"},
-                {"dice": 0.0, "jaccard": 0.0, "hd95": NAN, "asd": NAN, "case": "empty reference"},
-                {**dict.fromkeys(evaluate.METRICS, 0.0 if paper else NAN), "case": "empty prediction" if paper else "absent from both"}]
-    for score, wanted in zip(scores[1:], expected):
-        assert score["case"] == wanted["case"]
-        np.testing.assert_array_equal([score[m] for m in evaluate.METRICS], [wanted[m] for m in evaluate.METRICS])
-
-
-def test_dice_per_class_by_scoring():
-    """Validation's Dice: a class in neither volume is 0 (paper) or NaN (nnU-Net, left out); one in the
-    reference alone, or in the prediction alone, is 0 under both."""
-    label, prediction = torch.zeros(4, 4, dtype=torch.long), torch.zeros(4, 4, dtype=torch.long)
-    label[:2, :2], prediction[:2, :1] = 1, 1  # class 1: Dice 2 * 2 / (4 + 2)
-    label[3, 3], prediction[0, 3] = 2, 3  # class 2 in the reference alone, 3 in the prediction alone, 4 in neither
-    torch.testing.assert_close(bcp.dice_per_class(prediction, label, 5), torch.tensor([2 / 3, 0, 0, 0]))
-    torch.testing.assert_close(bcp.dice_per_class(prediction, label, 5, "nnunet"), torch.tensor([2 / 3, 0, 0, NAN]), equal_nan=True)
-
-
-# ----------------------------------------------------------------------------- nothing lost (issue 13)
-
-def dataset_names(folder):
-    return sorted(p.name for p in folder.iterdir())
-
-
-def test_force_never_replaces_the_current_folder_or_a_foreign_one(tmp_path, monkeypatch, capsys):
-    """`--out . --force` once deleted a whole clone: now a folder that holds the current directory,
-    or that is not a data set this script wrote, survives --force with its files."""
-    project = tmp_path / "project"
-    (project / "data").mkdir(parents=True)
-    (project / "sentinel.txt").write_text("keep me")
-    monkeypatch.chdir(project)
-    for name in ("train", "val", "test", "train_slices"):  # even when it looks like a data set
-        (project / f"{name}.list").write_text("x\n")
-    assert prepare_acdc.main(["--out", ".", "--force", "--patients", "3"]) == 1
-    assert "current directory" in capsys.readouterr().err
-    foreign = tmp_path / "photos"
-    foreign.mkdir()
-    (foreign / "holiday.jpg").write_text("keep me too")
-    assert prepare_acdc.main(["--out", str(foreign), "--force", "--patients", "3"]) == 1
-    assert "not a data set" in capsys.readouterr().err
-    assert (project / "sentinel.txt").read_text() == "keep me" and (foreign / "holiday.jpg").exists()
-    assert dataset_names(tmp_path) == ["photos", "project"]  # no staging folder left behind
-
-
-def test_forced_replace_is_atomic_and_leftovers_are_cleaned(tmp_path):
-    """A forced replace swaps the folders by renames: the new set is complete and nothing is left
-    beside it. A kill between the two renames leaves the old set renamed aside; the next run puts it
-    back before it starts. A staging folder of a killed run is deleted, and the set is not private."""
-    out = tmp_path / "ACDC"
-    assert prepare_acdc.main(["--out", str(out), "--patients", "3"]) == 0
-    assert (out.stat().st_mode & 0o777) != 0o700
-    assert prepare_acdc.main(["--out", str(out), "--patients", "4", "--force"]) == 0
-    assert "--patients 4" in (out / "SYNTHETIC").read_text() and dataset_names(tmp_path) == ["ACDC"]
-    out.rename(tmp_path / ".ACDC.old-999")  # killed between "old aside" and "new in"
-    (tmp_path / ".ACDC.staging-abc").mkdir()  # killed while building
-    prepare_acdc.clean_leftovers(out)
-    assert dataset_names(tmp_path) == ["ACDC"] and prepare_acdc.check(out) == []
-
-
 def test_check_requires_every_list(synthetic_root, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(synthetic_root, copy)
@@ -863,439 +1250,21 @@ def test_check_requires_every_list(synthetic_root, tmp_path):
     assert any("test.list: missing" in p for p in prepare_acdc.check(copy))
 
 
-def write_h5(path, image, label):
-    with h5py.File(path, "w") as f:
-        f["image"], f["label"] = image, label
+def test_check_verifies_an_la_root(la_root, tmp_path, capsys):
+    """--check on UA-MT's layout: a fresh set is OK; a case whose h5 is gone, and a label holding 2, are
+    named."""
+    assert prepare_acdc.check(la_root) == []
+    assert "LA layout: 8 train.list cases, 2 test.list cases" in capsys.readouterr().out
+    broken = tmp_path / "LA"
+    shutil.copytree(la_root, broken)
+    gone, bad = data.read_list(broken, "train.list")[:2]
+    (broken / data.LA_FOLDER / gone / "mri_norm2.h5").unlink()
+    path = broken / data.LA_FOLDER / bad / "mri_norm2.h5"
+    with h5py.File(path, "r+") as f:
+        f["label"][0, 0, 0] = 2
+    assert prepare_acdc.check(broken) == [f"{broken / data.LA_FOLDER / gone / 'mri_norm2.h5'}: listed but missing",
+                                          f"{path}: label values must lie in 0..1 (--num-classes 2), got 0..2"]
 
-
-@pytest.mark.parametrize("image,label,message", [
-    (np.array([[0.5, np.nan], [0.1, 0.2]], np.float32), np.zeros((2, 2), np.uint8), "1 NaN or infinite"),
-    (np.ones((2, 2), np.float32), np.array([[0, 2.5], [1, 1]]), "whole numbers"),
-    (np.ones((2, 2), np.float32), np.array([[0, 3], [1, 1]], np.uint8), r"0\.\.2 \(--num-classes 3\), got 0\.\.3"),
-    (np.zeros((0, 0), np.float32), np.zeros((0, 0), np.uint8), "empty image"),
-    (np.array([[b"a", b"b"]]), np.zeros((1, 2), np.uint8), "must hold numbers"),
-])
-def test_read_h5_rejects_bad_arrays_naming_the_file(tmp_path, image, label, message):
-    write_h5(tmp_path / "slice.h5", image, label)
-    with pytest.raises(bcp.DataError, match=rf"slice\.h5: .*{message}"):
-        bcp.read_h5(tmp_path / "slice.h5", 2, num_classes=3)
-
-
-def test_read_h5_rejects_a_group_where_the_image_should_be(tmp_path):
-    with h5py.File(tmp_path / "slice.h5", "w") as f:
-        f.create_group("image")
-        f["label"] = np.zeros((2, 2), np.uint8)
-    with pytest.raises(bcp.DataError, match=r"slice\.h5: no 'image' array"):
-        bcp.read_h5(tmp_path / "slice.h5", 2, 4)
-
-
-def test_nan_in_a_test_volume_stops_evaluation_naming_it(synthetic_root, tmp_path):
-    copy = tmp_path / "copy"
-    shutil.copytree(synthetic_root, copy)
-    volume = (copy / "test.list").read_text().split()[0]
-    with h5py.File(copy / "data" / f"{volume}.h5", "r+") as f:
-        f["image"][0, :4, :4] = np.nan
-    run = tmp_path / "run"
-    train.main(["--root", str(copy), *TINY, "--out", str(run), "--phase", "supervised", "--iterations", "1"])
-    with pytest.raises(bcp.DataError, match=f"{volume}.h5: the image holds 16 NaN"):
-        evaluate.main(["--root", str(copy), "--checkpoint", str(run / "supervised" / "best.pt")])
-
-
-def test_nan_weights_never_reach_a_checkpoint(synthetic_root, tmp_path):
-    """--lr 1e9 with a validation every step: the weights turn non-finite a step before the loss
-    does. The run stops, and whatever checkpoint exists holds only finite numbers."""
-    with pytest.raises(SystemExit):
-        train.main(["--root", str(synthetic_root), *TINY, "--val-every", "1", "--lr", "1e9", "--out", str(tmp_path),
-                    "--phase", "pretrain", "--iterations", "8"])
-    checkpoints = list((tmp_path / "pretrain").glob("*.pt"))
-    assert checkpoints
-    for path in checkpoints:
-        assert train.all_finite(bcp.load_checkpoint(path)), path
-    assert "stopping" in (tmp_path / "pretrain" / "train.log").read_text()
-
-
-def test_rerun_without_resume_leaves_the_run_untouched(synthetic_root, tmp_path):
-    """The same command again without --resume once overwrote best.pt and cut metrics.jsonl; now it
-    refuses, naming the folder, and every file is byte-identical. --overwrite starts again: a new log,
-    nothing of the old run's lines."""
-    command = ["--root", str(synthetic_root), *TINY, "--out", str(tmp_path), "--phase", "pretrain", "--iterations", "4"]
-    train.main(command)
-    run = tmp_path / "pretrain"
-    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
-    with pytest.raises(bcp.DataError, match="already holds a run.*--resume.*--overwrite"):
-        train.main([*command[:-1], "2"])
-    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
-    train.main([*command[:-1], "2", "--overwrite"])
-    assert bcp.load_checkpoint(run / "last.pt")["iteration"] == 2
-    assert "iter 4" not in (run / "train.log").read_text() and "iter 2" in (run / "train.log").read_text()
-
-
-def test_a_picture_that_cannot_be_written_costs_nothing_else(synthetic_root, tmp_path, monkeypatch, capsys):
-    def fail(path, *args):
-        raise OSError(f"[Errno 28] No space left on device: '{path}'")
-    monkeypatch.setattr(train, "save_step_picture", fail)
-    train.main(["--root", str(synthetic_root), *TINY, "--out", str(tmp_path), "--phase", "pretrain", "--iterations", "4"])
-    assert bcp.load_checkpoint(tmp_path / "pretrain" / "last.pt")["iteration"] == 4
-    assert "could not write the step picture" in capsys.readouterr().out
-
-
-def test_resume_survives_a_torn_metrics_line_and_refuses_other_flags(synthetic_root, tmp_path):
-    command = ["--root", str(synthetic_root), *TINY, "--out", str(tmp_path), "--phase", "pretrain", "--iterations", "2"]
-    train.main(command)
-    metrics = tmp_path / "pretrain" / "metrics.jsonl"
-    metrics.write_text(metrics.read_text() + '{"iter": 3, "lo')  # killed in the middle of a write
-    with pytest.raises(bcp.DataError, match=r"last\.pt: trained with --patch-size 32 \(now 64\)"):
-        train.main([*command[:-1], "4", "--resume", "--patch-size", "64"])
-    with pytest.raises(bcp.DataError, match=r"--labeled-patients 2 \(now 3\)"):
-        train.main([*command[:-1], "4", "--resume", "--labeled-patients", "3"])
-    train.main([*command[:-1], "4", "--resume"])
-    rows, torn = train.read_metrics(metrics)
-    assert torn == 0 and [r["iter"] for r in rows if "loss" in r] == [1, 2, 3, 4]
-    assert not list((tmp_path / "pretrain").glob("*.tmp"))
-
-
-@pytest.mark.parametrize("flags,message", [
-    (["--iterations", "0"], "--iterations: must be at least 1"),
-    (["--iterations", "-5"], "--iterations: must be at least 1"),
-    (["--val-every", "0"], "--val-every: must be at least 1"),
-    (["--log-every", "0"], "--log-every: must be at least 1"),
-    (["--time-limit", "0.5"], "--time-limit: must be at least 1.0"),
-    (["--phase", "supervised", "--batch-size", "0"], "--batch-size: must be at least 1"),
-    (["--patch-size", "40"], "--patch-size must be a multiple of 16"),
-    (["--device", "banana"], "--device banana: not a device"),
-    (["--beta", "1.5"], "--beta must lie between 0 and 1"),
-    (["--resume", "--overwrite"], "give one"),
-    (["--scale", "0.5"], "--scale applies to LA (3D) only"),
-    (["--stride", "16", "8"], "--stride applies to LA (3D) only"),
-    (["--val-cases", "3"], "--val-cases applies to LA (3D) only"),
-    (["--standardize"], "--standardize applies to LA (3D) only"),
-    (["--schedule", "cpu", "--phase", "supervised"], "--schedule cpu times pre-training and self-training"),
-])
-def test_bad_flags_get_one_line_before_any_work(flags, message, capsys):
-    with pytest.raises(SystemExit) as stop:
-        train.parse_args(flags)
-    error = capsys.readouterr().err.strip().splitlines()[-1]
-    assert stop.value.code == 2 and message in error
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
-def test_cuda_device_without_cuda_is_one_line(capsys):
-    with pytest.raises(SystemExit):
-        train.parse_args(["--device", "cuda"])
-    assert "CUDA is not available" in capsys.readouterr().err
-
-
-def test_checkpoints_that_do_not_fit_are_named(synthetic_root, tmp_path):
-    """A file without 'flags', weights of another shape, and an --init that is not a checkpoint: one
-    line each, naming the file."""
-    torch.save({"model": bcp.UNet().state_dict()}, tmp_path / "no_flags.pt")
-    with pytest.raises(bcp.DataError, match=r"no_flags\.pt: not a train\.py checkpoint \(no 'flags'\)"):
-        evaluate.main(["--root", str(synthetic_root), "--checkpoint", str(tmp_path / "no_flags.pt")])
-    torch.save({"model": bcp.UNet(num_classes=3).state_dict(), "flags": {"num_classes": 4, "patch_size": 32}},
-               tmp_path / "three.pt")
-    with pytest.raises(bcp.DataError, match=r"three\.pt: the weights do not fit this U-Net \(.*size mismatch"):
-        evaluate.main(["--root", str(synthetic_root), "--checkpoint", str(tmp_path / "three.pt")])
-    (tmp_path / "junk.pt").write_text("not a checkpoint")
-    with pytest.raises(bcp.DataError, match=r"junk\.pt: not a readable checkpoint"):
-        train.main(["--root", str(synthetic_root), *TINY, "--out", str(tmp_path / "run"), "--phase", "selftrain",
-                    "--iterations", "1", "--init", str(tmp_path / "junk.pt")])
-
-
-def test_unwritable_outputs_fail_before_the_evaluation(synthetic_root, tmp_path, capsys):
-    train.main(["--root", str(synthetic_root), *TINY, "--out", str(tmp_path), "--phase", "supervised", "--iterations", "1"])
-    (tmp_path / "a_file").write_text("")
-    capsys.readouterr()
-    with pytest.raises(OSError, match="a_file"):
-        evaluate.main(["--root", str(synthetic_root), "--checkpoint", str(tmp_path / "supervised" / "best.pt"),
-                       "--json", str(tmp_path / "a_file" / "scores.json")])
-    assert capsys.readouterr().out == ""  # nothing was evaluated
-
-
-def test_labeled_patients_without_slices_are_named(synthetic_root, tmp_path):
-    copy = tmp_path / "copy"
-    shutil.copytree(synthetic_root, copy)
-    first = (copy / "train.list").read_text().split()[0].split("_")[0]
-    slices = (copy / "train_slices.list").read_text().split()
-    (copy / "train_slices.list").write_text("".join(s + "\n" for s in slices if not s.startswith(first)))
-    with pytest.raises(bcp.DataError, match=f"train_slices.list: no slices of the labeled patients \\['{first}'\\]"):
-        bcp.training_slices(copy, 1)
-
-
-def test_command_line_errors_are_one_line(synthetic_root, tmp_path):
-    """As a user runs them: an --out that cannot be written (under a file), a --root without lists, a
-    checkpoint that does not exist: exit status 1 and one line, no traceback."""
-    (tmp_path / "a_file").write_text("")
-    for command in (["train.py", "--root", str(synthetic_root), *TINY, "--out", str(tmp_path / "a_file" / "run")],
-                    ["train.py", "--root", str(tmp_path), *TINY, "--out", str(tmp_path / "run")],
-                    ["evaluate.py", "--root", str(synthetic_root), "--checkpoint", str(tmp_path / "missing.pt")]):
-        done = subprocess.run([sys.executable, *command], capture_output=True, text=True, cwd=Path(__file__).parent)
-        assert done.returncode == 1 and done.stderr.startswith("error: ") and done.stderr.count("\n") == 1, done.stderr
-
-
-def test_leftover_temporary_checkpoints_are_removed(synthetic_root, tmp_path):
-    (tmp_path / "pretrain").mkdir()
-    (tmp_path / "pretrain" / "last.pt.tmp").write_bytes(b"half a checkpoint")
-    train.main(["--root", str(synthetic_root), *TINY, "--out", str(tmp_path), "--phase", "pretrain", "--iterations", "1"])
-    assert not (tmp_path / "pretrain" / "last.pt.tmp").exists()
-
-
-# ----------------------------------------------------------------------------- time limits, streams, Dice variant (issue 11)
-
-def test_time_limit_stops_cleanly_and_resume_ends_identical(synthetic_root, tmp_path, monkeypatch, capsys):
-    """A clock that advances 4 s at every reading and a 1-minute limit cut an 8-step pre-train
-    mid-way: last.pt is written, one line says where, the run returns normally. --resume then
-    ends with weights identical to an uninterrupted run."""
-    common = ["--root", str(synthetic_root), *TINY, "--phase", "pretrain", "--iterations", "8"]
-    train.main([*common, "--out", str(tmp_path / "straight")])
-    clock = iter(range(0, 10**6, 4))
-    monkeypatch.setattr(train, "time", SimpleNamespace(time=lambda: float(next(clock))))
-    train.main([*common, "--out", str(tmp_path / "cut"), "--time-limit", "1"])
-    stopped = bcp.load_checkpoint(tmp_path / "cut" / "pretrain" / "last.pt")["iteration"]
-    assert 1 <= stopped < 8
-    assert f"time limit: stopped at iteration {stopped} of 8; continue with --resume" in capsys.readouterr().out
-    monkeypatch.undo()
-    train.main([*common, "--out", str(tmp_path / "cut"), "--resume"])
-    straight, resumed = (bcp.load_checkpoint(tmp_path / run / "pretrain" / "last.pt") for run in ("straight", "cut"))
-    assert resumed["iteration"] == 8
-    for key, value in straight["model"].items():
-        assert torch.equal(value, resumed["model"][key]), key
-
-
-def test_each_phase_draws_its_own_batches_and_masks(synthetic_root):
-    """Self-training's step t must not replay pre-training's step t (same labeled slices, same mask)."""
-    bank = bcp.SliceBank(*bcp.load_slices(synthetic_root, bcp.training_slices(synthetic_root, 2)[0], 4), "cpu")
-    args = {phase: train.parse_args(["--phase", phase, *TINY]) for phase in ("pretrain", "selftrain")}
-    for step in (1, 2, 3):
-        assert not torch.equal(*[train.draw_batch(bank, step, 2, args[phase], train.LABELED)[0] for phase in args])
-    assert any(not torch.equal(*[train.draw_mask(step, args[phase], "cpu") for phase in args]) for step in range(1, 6))
-
-
-# ----------------------------------------------------------------------------- the authors' self-train start (issue 16)
-
-def test_selftrain_carries_the_pretrain_momentum(synthetic_root, tmp_path, capsys):
-    """From pretrain/best.pt the SGD momentum buffers come along (the authors' load_net_opt); from the
-    same weights without SGD state they start fresh. After one identical step the buffers differ by
-    exactly momentum * the pre-train's buffers (SGD: buffer = momentum * buffer + gradient)."""
-    common = ["--root", str(synthetic_root), *TINY]
-    train.main([*common, "--out", str(tmp_path), "--phase", "pretrain", "--iterations", "2"])
-    pretrained = bcp.load_checkpoint(tmp_path / "pretrain" / "best.pt")
-    torch.save({"model": pretrained["model"], "flags": pretrained["flags"]}, tmp_path / "weights_only.pt")
-    for run, init in (("with", tmp_path / "pretrain" / "best.pt"), ("without", tmp_path / "weights_only.pt")):
-        train.main([*common, "--out", str(tmp_path / run), "--phase", "selftrain", "--iterations", "1",
-                    "--val-every", "1", "--init", str(init)])
-    assert "holds no SGD state" in capsys.readouterr().out
-    carried, fresh = (bcp.load_checkpoint(tmp_path / run / "selftrain" / "last.pt")["optimizer"]["state"]
-                      for run in ("with", "without"))
-    for index, state in pretrained["optimizer"]["state"].items():
-        torch.testing.assert_close(carried[index]["momentum_buffer"] - fresh[index]["momentum_buffer"],
-                                   0.9 * state["momentum_buffer"], atol=1e-5, rtol=1e-4)
-
-
-# ----------------------------------------------------------------------------- --mix ablations (issue 12)
-
-def selftrain_run(synthetic_root, mix="bidirectional"):
-    """What a self-train step gets, student and teacher fresh (seed 0) and in eval mode (no dropout), so
-    that every --mix sees the same outputs."""
-    banks = [bcp.SliceBank(*bcp.load_slices(synthetic_root, names, 4), "cpu") for names in bcp.training_slices(synthetic_root, 2)]
-    torch.manual_seed(0)
-    run = tiny_run([*TINY, "--phase", "selftrain", "--mix", mix], *banks)
-    run.student.eval(), run.teacher.eval()
-    return run
-
-
-def step_draws(run, step):
-    """A step's L_a, L_b, their ground truth G_a, G_b, U_a, U_b, the teacher's P_a, P_b, and M."""
-    args = run.args
-    (l_a, l_b), (g_a, g_b) = train.draw_halves(run.labeled, step, args.labeled_batch_size, args, train.LABELED)
-    (u_a, u_b), _ = train.draw_halves(run.unlabeled, step, args.batch_size - args.labeled_batch_size, args, train.UNLABELED)
-    with torch.no_grad():
-        p_a, p_b = bcp.pseudo_label(torch.cat([run.teacher(u_a), run.teacher(u_b)])).chunk(2)
-    return l_a, l_b, g_a, g_b, u_a, u_b, p_a, p_b, train.draw_mask(step, args, "cpu")
-
-
-@pytest.mark.parametrize("mix", ["inward", "outward"])
-def test_one_way_variants_mix_both_halves_their_way(synthetic_root, mix):
-    """A one-way --mix shows the student as many images a step as BCP (half a and half b, 1 + 1 here),
-    each half mixed in the one direction: inward U * M + L * (1 - M) with target P * M + G * (1 - M),
-    alpha on the base; outward L * M + U * (1 - M) with target G * M + P * (1 - M), alpha on the crop."""
-    def images_seen(run):
-        seen, student = [], run.student_forward
-        run.student_forward = lambda x: seen.append(len(x)) or student(x)
-        return seen
-
-    default = selftrain_run(synthetic_root)
-    default_seen = images_seen(default)
-    train.selftrain_step(default, 3)
-    run = selftrain_run(synthetic_root, mix)
-    l_a, l_b, g_a, g_b, u_a, u_b, p_a, p_b, m = step_draws(run, 3)
-    expected = 0.0
-    with torch.no_grad():
-        for l, g, u, p in ((l_a, g_a, u_a, p_a), (l_b, g_b, u_b, p_b)):
-            if mix == "inward":
-                expected += bcp.mixed_loss(run.student(u * m + l * (1 - m)), p * m.long() + g * (1 - m.long()), m, 0.5, 1.0)
-            else:
-                expected += bcp.mixed_loss(run.student(l * m + u * (1 - m)), g * m.long() + p * (1 - m.long()), m, 1.0, 0.5)
-    seen = images_seen(run)
-    assert train.selftrain_step(run, 3)[0].item() == pytest.approx(expected.item(), rel=1e-6)
-    assert seen == default_seen == [1, 1]
-
-
-def test_bidirectional_loss_is_the_papers(synthetic_root):
-    """The default's loss equals Eq. 1-4 and 6 written out on the step's own draws: X_in with alpha on
-    its pseudo-labeled base region, X_out with alpha on its pseudo-labeled pasted region."""
-    run = selftrain_run(synthetic_root)
-    l_a, l_b, g_a, g_b, u_a, u_b, p_a, p_b, m = step_draws(run, 3)
-    with torch.no_grad():
-        inward = bcp.mixed_loss(run.student(u_a * m + l_a * (1 - m)), p_a * m.long() + g_a * (1 - m.long()), m, 0.5, 1.0)
-        outward = bcp.mixed_loss(run.student(l_b * m + u_b * (1 - m)), g_b * m.long() + p_b * (1 - m.long()), m, 1.0, 0.5)
-    assert train.selftrain_step(run, 3)[0].item() == pytest.approx((inward + outward).item(), rel=1e-6)
-
-
-def test_no_mixing_loss_by_hand(synthetic_root):
-    """--mix none: the student sees U_a with its pseudo-label (weight alpha) and L_b with its ground
-    truth (weight 1), whole images: alpha * (Dice + CE)(U_a) / 2 + (Dice + CE)(L_b) / 2, with Dice over
-    the 4 classes of the whole batch and CE the mean over pixels."""
-    run = selftrain_run(synthetic_root, "none")
-    _, l_b, _, g_b, u_a, _, p_a, _, _ = step_draws(run, 3)
-
-    def dice_plus_ce(logits, target):
-        probs, one_hot = logits.softmax(1), torch.nn.functional.one_hot(target, 4).permute(0, 3, 1, 2).float()
-        dice = 1 - (2 * (probs * one_hot).sum((0, 2, 3)) + 1e-10) / ((probs ** 2).sum((0, 2, 3)) + one_hot.sum((0, 2, 3)) + 1e-10)
-        return dice.mean() + torch.nn.functional.cross_entropy(logits, target)
-
-    with torch.no_grad():
-        expected = 0.5 * dice_plus_ce(run.student(u_a), p_a) / 2 + dice_plus_ce(run.student(l_b), g_b) / 2
-    assert train.selftrain_step(run, 3)[0].item() == pytest.approx(expected.item(), rel=1e-5)
-
-
-def test_pseudo_label_dice_is_against_the_unlabeled_images_true_labels(synthetic_root):
-    """The step's diagnostic: per foreground class, 2 |P & T| / (|P| + |T|) over the step's unlabeled
-    images (P the teacher's pseudo-labels, T the labels the loss never sees; 0 for a class P misses),
-    averaged over classes. Without true labels (your own unlabeled scans) there is none."""
-    run = selftrain_run(synthetic_root)
-    args = run.args
-    (u_a, u_b), (t_a, t_b) = train.draw_halves(run.unlabeled, 3, args.batch_size - args.labeled_batch_size, args, train.UNLABELED)
-    with torch.no_grad():
-        pseudo = torch.cat([bcp.pseudo_label(run.teacher(u_a)), bcp.pseudo_label(run.teacher(u_b))])
-    truth = torch.cat([t_a, t_b])
-    by_hand = [2 * ((pseudo == c) & (truth == c)).sum().item() / ((pseudo == c).sum() + (truth == c).sum()).item()
-               if (pseudo == c).any() else 0.0 for c in (1, 2, 3)]
-    assert train.selftrain_step(run, 3)[2].item() == pytest.approx(sum(by_hand) / 3, abs=1e-6)
-    run.unlabeled_truth = False
-    assert train.selftrain_step(run, 4)[2] is None
-
-
-# ----------------------------------------------------------------------------- CUDA (run on a GPU: python -m pytest -q test_bcp.py -k cuda)
-
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-
-
-@needs_cuda
-def test_cuda_selftrain_step_in_bf16_matches_the_cpu_in_fp32(synthetic_root):
-    """One self-train step from the same weights and draws, models in eval mode (dropout would draw
-    different masks on the two devices): the CUDA bf16 loss is within 0.05 of the CPU fp32 loss (bf16
-    keeps 8 bits of mantissa, and a few pseudo-label pixels may flip)."""
-    names = bcp.training_slices(synthetic_root, 2)
-    losses = {}
-    for device, precision in (("cpu", "fp32"), ("cuda", "bf16")):
-        banks = [bcp.SliceBank(*bcp.load_slices(synthetic_root, n, 4), device) for n in names]
-        torch.manual_seed(0)
-        run = tiny_run([*TINY, "--phase", "selftrain", "--device", device, "--precision", precision], *banks, device)
-        run.autocast = train.runtime(run.args)[1]
-        run.student.eval(), run.teacher.eval()
-        losses[device] = train.selftrain_step(run, 3)[0].item()
-    assert losses["cuda"] == pytest.approx(losses["cpu"], abs=0.05)
-
-
-@needs_cuda
-def test_cuda_pseudo_labels_equal_the_cpu():
-    """The connected components on the GPU, 2D slices and 3D crops, and the 2D pseudo-labels: equal."""
-    for shape in ((64, 80), (24, 30, 20)):
-        masks = torch.from_numpy(np.stack([random_blobs(shape, seed, threshold=0.5) for seed in range(6)]))
-        assert torch.equal(bcp.largest_component(masks.cuda()).cpu(), bcp.largest_component(masks)), shape
-    logits = torch.nn.functional.avg_pool2d(torch.randn(6, 4, 64, 80, generator=torch.Generator().manual_seed(0)), 5, 1, 2)
-    assert torch.equal(bcp.pseudo_label(logits.cuda()).cpu(), bcp.pseudo_label(logits))
-
-
-# TF32 convolutions (cuDNN's default, and train.py's on CUDA, as the authors) round their inputs to 10
-# bits of mantissa: probabilities may move by up to this much, and a label only where the CPU's two
-# most likely classes are closer than CUDA_LABEL_MARGIN.
-CUDA_PROBABILITY_TOLERANCE, CUDA_LABEL_MARGIN = 0.02, 0.05
-
-
-@needs_cuda
-@pytest.mark.parametrize("data", ["acdc", "la"])
-def test_cuda_evaluation_matches_the_cpu_voxel_by_voxel(data, synthetic_root, la_root, tmp_path):
-    """A trained model's probabilities on the validation volumes (ACDC: the resized slices; LA: the
-    sliding window's average) on CUDA within CUDA_PROBABILITY_TOLERANCE of the CPU's, and evaluate.py's
-    labels equal wherever the CPU's margin is larger than CUDA_LABEL_MARGIN."""
-    root, flags = (synthetic_root, TINY) if data == "acdc" else (la_root, LA_TINY)
-    train.main(["--root", str(root), *flags, "--out", str(tmp_path), "--phase", "supervised", "--iterations", "8"])
-    args = train.parse_args(["--root", str(root), *flags, "--phase", "supervised"])
-    _, _, volumes, _, _ = train.load_data(args, torch.device("cpu"))
-    models = {device: bcp.load_model(tmp_path / "supervised" / "best.pt", device)[0].eval() for device in ("cpu", "cuda")}
-    for image, _ in volumes:
-        probabilities, labels = {}, {}
-        for device, model in models.items():
-            with torch.no_grad():
-                if data == "acdc":
-                    probabilities[device] = model(bcp.resize_nearest(image.to(device), 32, 32)[:, None]).softmax(1).cpu()
-                else:
-                    probabilities[device] = bcp.sliding_window_probabilities(model, image.to(device), (32, 32, 16), (16, 16, 16)).cpu()
-                labels[device] = bcp.segment(model, image.to(device), args.patch_size, args.stride).cpu()
-        assert (probabilities["cuda"] - probabilities["cpu"]).abs().max() < CUDA_PROBABILITY_TOLERANCE
-        top2 = probabilities["cpu"].topk(2, dim=1 if data == "acdc" else 0).values
-        clear = (top2.select(1 if data == "acdc" else 0, 0) - top2.select(1 if data == "acdc" else 0, 1)) > CUDA_LABEL_MARGIN
-        if data == "acdc":  # the margin on the 32 x 32 grid, taken back to the slice's grid as the labels are
-            clear = bcp.resize_nearest(clear, *image.shape[-2:])
-        assert torch.equal(labels["cuda"][clear], labels["cpu"][clear])
-
-
-@needs_cuda
-@pytest.mark.parametrize("data", ["acdc", "la"])
-def test_cuda_selftrain_step_in_train_mode_matches_the_cpu(data, synthetic_root, la_root, tmp_path, monkeypatch):
-    """One self-train step from the same weights and draws, the teacher in train mode (batch
-    statistics) as in training, fp32 without TF32, dropout at p = 0 (the devices draw other masks):
-    after the pseudo-labels, SGD and the EMA, CUDA's student and teacher (BN statistics included) equal
-    the CPU's within 1e-4 (float sums in another order)."""
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    root, flags = (synthetic_root, TINY) if data == "acdc" else (la_root, LA_TINY)
-    states = {}
-    for device in ("cpu", "cuda"):
-        run = step_setup(root, flags, "selftrain", tmp_path / device, device)
-        for module in [*run.student.modules(), *run.teacher.modules()]:
-            if isinstance(module, bcp.BatchDropout):
-                module.p = 0.0
-        assert run.teacher.training
-        train.selftrain_step(run, 3)
-        states[device] = {part: {k: v.cpu() for k, v in model.state_dict().items() if v.is_floating_point()}
-                          for part, model in (("student", run.student), ("teacher", run.teacher))}
-    for part in ("student", "teacher"):
-        for key, value in states["cpu"][part].items():
-            torch.testing.assert_close(states["cuda"][part][key], value, atol=1e-4, rtol=1e-3, msg=f"{part} {key}")
-
-
-@needs_cuda
-def test_cuda_compiled_run_cut_by_the_time_limit_resumes_to_the_straight_runs_weights(synthetic_root, tmp_path, monkeypatch):
-    """--compile on CUDA: 12 pre-train steps straight, and cut by a 1-minute limit on a clock that
-    advances 4 s a reading, then resumed: the same weights within 1e-5 (cuDNN's backward may sum in
-    another order from run to run)."""
-    common = ["--root", str(synthetic_root), *TINY, "--device", "cuda", "--phase", "pretrain", "--iterations", "12", "--compile"]
-    train.main([*common, "--out", str(tmp_path / "straight")])
-    clock = iter(range(0, 10**6, 4))
-    monkeypatch.setattr(train, "time", SimpleNamespace(time=lambda: float(next(clock))))
-    train.main([*common, "--out", str(tmp_path / "cut"), "--time-limit", "1"])
-    assert bcp.load_checkpoint(tmp_path / "cut" / "pretrain" / "last.pt")["iteration"] < 12
-    monkeypatch.undo()
-    train.main([*common, "--out", str(tmp_path / "cut"), "--resume"])
-    straight, resumed = (bcp.load_checkpoint(tmp_path / run / "pretrain" / "last.pt") for run in ("straight", "cut"))
-    assert resumed["iteration"] == 12 and train.all_finite(resumed["model"])
-    for key, value in straight["model"].items():
-        torch.testing.assert_close(resumed["model"][key], value, atol=1e-5, rtol=1e-4, msg=key)
-
-
-# ----------------------------------------------------------------------------- your own scans (issue 14)
 
 def own_data_folder(root, labeled=5, unlabeled=2, extra_unlabeled=1, test=2, dataset_json=True):
     """A tiny nnU-Net-layout folder of phantom scans: imagesTr with and without labelsTr,
@@ -1318,6 +1287,7 @@ def own_data_folder(root, labeled=5, unlabeled=2, extra_unlabeled=1, test=2, dat
                                                        "channel_names": {"0": "MRI"}}))
 
 
+@pytest.mark.slow
 def test_own_scans_end_to_end(tmp_path):
     """prepare (nnU-Net layout) -> pretrain -> selftrain -> evaluate -> predict on the CPU. The labeled
     set defaults to every labeled case, the unlabeled ones only feed self-training, and --predict on a
@@ -1325,71 +1295,29 @@ def test_own_scans_end_to_end(tmp_path):
     own_data_folder(tmp_path / "raw")
     root, run = tmp_path / "mine", tmp_path / "run"
     assert prepare_acdc.main(["--raw", str(tmp_path / "raw"), "--out", str(root)]) == 0
-    info = bcp.dataset_info(root)
+    info = data.read_plan(root)
     assert info["num_classes"] == 4 and info["class_names"] == ["RV", "Myo", "LV"]
     assert sorted(info["unlabeled"]) == ["extra-000", "heart-005", "heart-006"]
     assert len((root / "val.list").read_text().split()) == 1 and len((root / "test.list").read_text().split()) == 2
     assert prepare_acdc.check(root) == []
-    labeled, unlabeled = bcp.training_slices(root, len(bcp.labeled_patients(root)))
+    labeled, unlabeled, _ = data.Dataset(root).cases(data.Dataset(root).labeled_count())
     assert len(labeled) == 4 * 4 and len(unlabeled) == 3 * 4  # 4 labeled training cases, 3 unlabeled, 4 slices each
     at = TINY.index("--labeled-patients")
     tiny = TINY[:at] + TINY[at + 2:]  # the default: every labeled case
     for phase in ("pretrain", "selftrain"):
         train.main(["--root", str(root), *tiny, "--out", str(run), "--phase", phase, "--iterations", "4"])
-    flags = bcp.load_checkpoint(run / "selftrain" / "best.pt")["flags"]
+    flags = data.load_checkpoint(run / "selftrain" / "best.pt")["flags"]
     assert flags["labeled_patients"] == 4 and flags["num_classes"] == 4
     evaluate.main(["--root", str(root), "--checkpoint", str(run / "selftrain" / "best.pt"), "--json", str(tmp_path / "s.json")])
     assert set(json.loads((tmp_path / "s.json").read_text())["per_class"]) == {"RV", "Myo", "LV"}
     evaluate.main(["--checkpoint", str(run / "selftrain" / "best.pt"), "--predict", str(tmp_path / "raw" / "imagesTs"),
                    "--out", str(tmp_path / "labels"), "--save-png", str(tmp_path / "pictures")])
-    model, _ = bcp.load_model(run / "selftrain" / "best.pt")
-    for name, image, _ in bcp.load_volumes(root, "test", 4):
-        expected = bcp.predict_volume(model.eval(), torch.from_numpy(image), 32).numpy()
-        written = prepare_acdc.read_nifti(tmp_path / "labels" / f"{name.replace('-', '_')}_0000.nii.gz")
+    model, _ = data.load_model(run / "selftrain" / "best.pt")
+    for name, image, _ in data.Dataset(root).volumes(data.read_list(root, "test.list")):
+        expected = data.segment_slices(model.eval(), torch.from_numpy(image), (32, 32)).numpy()
+        written = data.read_nifti(tmp_path / "labels" / f"{name.replace('-', '_')}.nii.gz")  # labelsTr's names: no channel suffix
         np.testing.assert_array_equal(written, expected)
     assert len(list((tmp_path / "pictures").glob("*.png"))) == 2
-
-
-def test_predicted_nifti_keeps_the_scans_geometry(synthetic_root, tmp_path):
-    """A scan with a rotated, anisotropic affine (qform and sform) written by nibabel: the label map
-    read back by nibabel has the scan's shape, affine, pixdim, qform/sform codes, and our labels."""
-    train.main(["--root", str(synthetic_root), *TINY, "--out", str(tmp_path), "--phase", "supervised", "--iterations", "1"])
-    angle = 0.3
-    affine = np.array([[1.4 * math.cos(angle), -1.4 * math.sin(angle), 0, -80.5],
-                       [1.4 * math.sin(angle), 1.4 * math.cos(angle), 0, 20.0],
-                       [0, 0, 8.0, -33.0], [0, 0, 0, 1]])
-    data = np.random.default_rng(0).random((40, 36, 5)).astype(np.float32) * 300
-    scan = nibabel.Nifti1Image(data, affine)
-    scan.set_qform(affine, code=1)
-    scan.set_sform(affine, code=2)
-    nibabel.save(scan, tmp_path / "scan.nii.gz")
-    scan = nibabel.load(tmp_path / "scan.nii.gz")
-    evaluate.main(["--checkpoint", str(tmp_path / "supervised" / "best.pt"), "--predict", str(tmp_path / "scan.nii.gz"),
-                   "--out", str(tmp_path / "labels")])
-    labels = nibabel.load(tmp_path / "labels" / "scan.nii.gz")
-    assert labels.shape == scan.shape and labels.get_data_dtype() == np.uint8
-    np.testing.assert_allclose(labels.affine, scan.affine, atol=1e-5)
-    for field in ("pixdim", "qform_code", "sform_code", "quatern_b", "quatern_c", "quatern_d",
-                  "qoffset_x", "qoffset_y", "qoffset_z", "srow_x", "srow_y", "srow_z"):
-        np.testing.assert_array_equal(labels.header[field], scan.header[field], err_msg=field)
-    ours = prepare_acdc.read_nifti(tmp_path / "labels" / "scan.nii.gz")
-    np.testing.assert_array_equal(np.asarray(labels.dataobj), ours.transpose(2, 1, 0))
-
-
-@pytest.mark.parametrize("kind,message", [("4d", "a 4D image"), ("complex", "complex-valued"), ("text", "not a NIfTI-1 file")])
-def test_predict_refuses_what_it_cannot_segment(synthetic_root, tmp_path, kind, message):
-    train.main(["--root", str(synthetic_root), *TINY, "--out", str(tmp_path), "--phase", "supervised", "--iterations", "1"])
-    scan = tmp_path / "scans" / "bad.nii.gz"
-    scan.parent.mkdir()
-    if kind == "text":
-        scan.write_bytes(gzip.compress(b"hello" * 100))
-    else:
-        data = np.ones((8, 8, 3, 2), np.float32) if kind == "4d" else np.ones((8, 8, 3), np.complex64)
-        nibabel.save(nibabel.Nifti1Image(data, np.eye(4)), scan)
-    with pytest.raises(bcp.DataError, match=f"bad.nii.gz: .*{message}"):
-        evaluate.main(["--checkpoint", str(tmp_path / "supervised" / "best.pt"), "--predict", str(scan.parent),
-                       "--out", str(tmp_path / "labels")])
-    assert list((tmp_path / "labels").iterdir()) == []  # nothing written, not even half a file
 
 
 @pytest.mark.parametrize("damage,message", [
@@ -1404,610 +1332,6 @@ def test_own_layout_problems_name_the_file(tmp_path, capsys, damage, message):
     error = capsys.readouterr().err
     assert re.search(message, error) and error.count("\n") == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"]
-
-
-# ----------------------------------------------------------------------------- 3D: the left atrium (LA) with a V-Net
-
-def test_vnet_shapes_and_parameter_count():
-    """UA-MT's V-Net, counted by hand: a conv with its BN has in * out * k^3 + out weights and 2 * out
-    BN parameters; a transposed conv the same. Encoder 1, 2, 3, 3, 3 convs, decoder 3, 3, 2, 1."""
-    def conv(i, o, k=3):
-        return i * o * k ** 3 + o + 2 * o
-    encoder = conv(1, 16) + 2 * conv(32, 32) + 3 * conv(64, 64) + 3 * conv(128, 128) + 3 * conv(256, 256)
-    resample = sum(conv(c, 2 * c, 2) + conv(2 * c, c, 2) for c in (16, 32, 64, 128))  # down and up
-    decoder = 3 * conv(128, 128) + 3 * conv(64, 64) + 2 * conv(32, 32) + conv(16, 16)
-    head = 16 * 2 + 2
-    model = bcp.VNet(num_classes=2)
-    assert sum(p.numel() for p in model.parameters()) == encoder + resample + decoder + head == 9_448_866
-    assert model(torch.randn(2, 1, 32, 16, 48)).shape == (2, 2, 32, 16, 48)
-
-
-def test_vnet_dropout_only_in_training_mode():
-    model = bcp.VNet().eval()
-    x = torch.randn(1, 1, 32, 32, 32)
-    assert torch.equal(model(x), model(x))
-    model.train()
-    torch.manual_seed(0)
-    first = model(x)
-    assert not torch.equal(first, model(x))
-
-
-def test_la_mask_box_and_corners_as_the_authors_draw_them():
-    """112 x 112 x 80 with beta 2/3: a zero box of 74 x 74 x 53 at randint(0, 38), randint(0, 38),
-    randint(0, 27): corners 0..37, 0..37, 0..26."""
-    generator = torch.Generator().manual_seed(0)
-    corners = []
-    for _ in range(600):
-        mask = bcp.keep_mask((112, 112, 80), generator=generator)
-        zero = mask == 0
-        assert zero.sum() == 74 * 74 * 53
-        corners.append([int(zero.any(dim=[a for a in range(3) if a != axis]).int().argmax()) for axis in range(3)])
-    corners = torch.tensor(corners)
-    assert corners.min().item() == 0 and corners.max(0).values.tolist() == [37, 37, 26]
-
-
-def test_la_and_acdc_dice_losses_by_hand():
-    """Two crops of 1 x 1 x 2 voxels, logits 0 (p = 1/2), targets [1, 1] and [0, 1], the whole crop.
-    LA (per crop and class, p): crop 1 class 0 ~ 0, class 1 2/3; crop 2 both classes 1/2:
-    loss 1 - (0 + 2/3 + 1/2 + 1/2) / 4. ACDC (sums over the batch, p^2): class 0 2 * 0.5 / (1 + 1),
-    class 1 2 * 1.5 / (1 + 3): loss 1 - (0.5 + 0.75) / 2. CE is ln 2 either way."""
-    logits, target = torch.zeros(2, 2, 1, 1, 2), torch.tensor([[[[1, 1]]], [[[0, 1]]]])
-    everywhere = torch.ones(1, 1, 2)
-    la = bcp.mixed_loss(logits, target, everywhere, 1.0, 0.0, dice_loss=bcp.la_dice_loss)
-    acdc = bcp.mixed_loss(logits, target, everywhere, 1.0, 0.0, dice_loss=bcp.acdc_dice_loss)
-    assert la.item() == pytest.approx((1 - (2 / 3 + 1 / 2 + 1 / 2) / 4 + math.log(2)) / 2, abs=1e-5)
-    assert acdc.item() == pytest.approx((1 - (0.5 + 0.75) / 2 + math.log(2)) / 2, abs=1e-6)
-
-
-def test_la_dice_in_a_region_by_hand():
-    """One crop of 1 x 1 x 3, p1 = (0.2, 0.6, 0.9), target (0, 1, 1), region (1, 1, 0): only the
-    first two voxels count. Class 1: (2 * 0.6) / (0.8 + 1); class 0: (2 * 0.8) / (1.2 + 1).
-    CE in the region: mean of -ln 0.8 and -ln 0.6."""
-    p1 = torch.tensor([0.2, 0.6, 0.9])
-    logits = torch.stack([torch.zeros(3), torch.log(p1 / (1 - p1))]).view(1, 2, 1, 1, 3)
-    target, region = torch.tensor([0, 1, 1]).view(1, 1, 1, 3), torch.tensor([1.0, 1.0, 0.0]).view(1, 1, 3)
-    loss = bcp.mixed_loss(logits, target, region, weight_base=1.0, weight_pasted=0.0, dice_loss=bcp.la_dice_loss)
-    dice = (2 * 0.6 / 1.8 + 2 * 0.8 / 2.2) / 2
-    assert loss.item() == pytest.approx((1 - dice - (math.log(0.8) + math.log(0.6)) / 2) / 2, abs=1e-5)
-
-
-def test_largest_component_3d_matches_scipy_label():
-    """26-connected components of random 3D masks near the percolation threshold, as scipy.ndimage.label
-    with a full 3 x 3 x 3 structure, the largest kept; an empty volume stays empty."""
-    masks = np.random.default_rng(5).random((4, 18, 15, 12)) < 0.2
-    masks[1] = False
-    kept = bcp.largest_component(torch.from_numpy(masks)).numpy()
-    for mask, ours in zip(masks, kept):
-        labels, count = ndimage.label(mask, structure=np.ones((3, 3, 3)))
-        expected = labels == (np.argmax(np.bincount(labels.ravel())[1:]) + 1) if count else mask
-        np.testing.assert_array_equal(ours, expected)
-
-
-def test_pseudo_label_3d_joins_through_corners():
-    """Voxels (0, 0, 0), (1, 1, 1), (2, 2, 2) touch only at corners: one component of 3 in 26-connectivity,
-    kept; a block of 2 voxels elsewhere is dropped."""
-    prediction = torch.zeros(1, 5, 5, 5, dtype=torch.long)
-    for i in range(3):
-        prediction[0, i, i, i] = 1
-    prediction[0, 4, 0, 3:5] = 1
-    logits = torch.nn.functional.one_hot(prediction, 2).movedim(-1, 1).float()
-    expected = prediction.clone()
-    expected[0, 4, 0, 3:5] = 0
-    assert torch.equal(bcp.pseudo_label(logits), expected)
-
-
-def test_window_starts_by_hand():
-    """UA-MT: ceil((size - window) / stride) + 1 windows, the last flush with the end."""
-    assert bcp.window_starts(100, 64, 18) == [0, 18, 36]
-    assert bcp.window_starts(101, 64, 18) == [0, 18, 36, 37]
-    assert bcp.window_starts(64, 64, 18) == [0]
-
-
-def test_sliding_window_is_the_direct_forward_when_the_volume_is_the_window():
-    model = bcp.VNet().eval()
-    image = torch.randn(32, 16, 16)
-    with torch.no_grad():
-        direct = model(image[None, None]).softmax(1)[0]
-    torch.testing.assert_close(bcp.sliding_window_probabilities(model, image, (32, 16, 16), (18, 18, 4)), direct)
-
-
-def test_sliding_window_pads_a_volume_smaller_than_the_window():
-    """A 32 x 12 x 16 volume under a 32 x 16 x 16 window: zero-padded by 2 on each side of axis 1 (UA-MT
-    pads evenly), one window, the result cropped back to 32 x 12 x 16."""
-    model = bcp.VNet().eval()
-    image = torch.randn(32, 12, 16)
-    with torch.no_grad():
-        expected = model(torch.nn.functional.pad(image, (0, 0, 2, 2))[None, None]).softmax(1)[0, :, :, 2:14]
-    probabilities = bcp.sliding_window_probabilities(model, image, (32, 16, 16), (18, 18, 4))
-    assert probabilities.shape == (2, 32, 12, 16)
-    torch.testing.assert_close(probabilities, expected)
-
-
-def test_overlapping_windows_average_the_probabilities():
-    """Windows overlapping on a 48-long axis (starts 0, 16, 32 for a 16 window, stride 16... and 8): each
-    voxel's probability is the mean over the windows that cover it, computed here window by window."""
-    model = bcp.VNet().eval()
-    image = torch.randn(48, 16, 16)
-    with torch.no_grad():
-        windows = {start: model(image[start:start + 32][None, None]).softmax(1)[0] for start in (0, 8, 16)}
-    total, count = torch.zeros(2, 48, 16, 16), torch.zeros(48, 1, 1)
-    for start, probs in windows.items():
-        total[:, start:start + 32] += probs
-        count[start:start + 32] += 1
-    torch.testing.assert_close(bcp.sliding_window_probabilities(model, image, (32, 16, 16), (8, 8, 8)), total / count)
-
-
-@pytest.mark.parametrize("k", range(4))
-@pytest.mark.parametrize("axis", range(2))
-def test_volume_bank_crops_like_the_authors(k, axis):
-    """np.rot90(k) over axes 0, 1, np.flip(axis), then UA-MT's RandomCrop to 8 x 8 x 8: an axis no larger
-    than 8 is padded by (8 - size) // 2 + 3 on each side, the corner is randint(0, size - 8)."""
-    rng = np.random.default_rng(0)
-    image = rng.random((11, 8, 6)).astype(np.float32)
-    label = (image > 0.5).astype(np.uint8)
-    bank = bcp.VolumeBank([image], [label], "cpu")
-    corner = torch.tensor([[0.0, 0.5, 0.99]])
-    images, labels = bank.batch(torch.tensor([0]), (8, 8, 8), {"k": torch.tensor([k]), "flip_axis": torch.tensor([axis]),
-                                                               "corner": corner})
-    for ours, array in ((images[0, 0], image), (labels[0], label)):
-        turned = np.flip(np.rot90(array, k), axis)
-        padded = np.pad(turned, [((8 - s) // 2 + 3,) * 2 if s <= 8 else (0, 0) for s in turned.shape])
-        start = [int(f * (s - 8)) for f, s in zip(corner[0].tolist(), padded.shape)]
-        np.testing.assert_array_equal(ours.numpy(), padded[tuple(slice(c, c + 8) for c in start)])
-
-
-LA_TINY = ["--patch-size", "32", "32", "16", "--batch-size", "4", "--labeled-batch-size", "2", "--labeled-patients", "2",
-           "--val-cases", "2", "--stride", "16", "16", "--val-every", "2", "--log-every", "1"]
-
-
-@pytest.fixture(scope="module")
-def la_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("la") / "LA"
-    assert prepare_acdc.main(["--la", "--out", str(root), "--patients", "10"]) == 0
-    return root
-
-
-def test_la_defaults_are_the_authors_la_script(la_root):
-    args = train.parse_args(["--root", str(la_root), "--phase", "selftrain"])
-    assert (args.patch_size, args.batch_size, args.labeled_batch_size, args.iterations, args.lr_step) == ([112, 112, 80], 8, 4, 15000, 2500)
-    assert (args.dice_loss, args.selftrain_sgd, args.num_classes, args.labeled_patients) == ("la", "fresh", 2, 8)
-    assert train.parse_args(["--root", str(la_root), "--phase", "pretrain"]).pretrain_loss == "whole"
-    assert [train.learning_rate(args, t) for t in (1, 2500, 2501, 5001)] == pytest.approx([0.01, 0.01, 0.001, 0.0001])
-
-
-def test_cpu_schedule_sets_its_values_flags_win_and_paper_stays(synthetic_root, la_root):
-    acdc = train.parse_args(["--root", str(synthetic_root), "--phase", "selftrain", "--schedule", "cpu", "--batch-size", "8"])
-    assert (acdc.patch_size, acdc.iterations, acdc.labeled_batch_size, acdc.lr_decay) == (160, 4000, 6, "poly")
-    assert acdc.batch_size == 8 and "batch_size" not in acdc.set_by_schedule and "patch_size" in acdc.set_by_schedule
-    paper = train.parse_args(["--root", str(synthetic_root), "--phase", "selftrain"])
-    assert (paper.patch_size, paper.iterations, paper.batch_size, paper.lr_decay, paper.val_every) == (256, 30000, 24, "step", 200)
-    assert paper.set_by_schedule == []
-    la = train.parse_args(["--root", str(la_root), "--phase", "pretrain", "--schedule", "cpu"])
-    assert (la.patch_size, la.scale, la.standardize, la.iterations) == ([64, 64, 32], 0.5, True, 800)
-    assert train.parse_args(["--root", str(la_root), "--schedule", "cpu", "--no-standardize"]).standardize is False
-
-
-def test_poly_learning_rate_falls_to_zero_over_the_phase(synthetic_root):
-    args = train.parse_args(["--root", str(synthetic_root), "--schedule", "cpu", "--iterations", "100", "--lr", "0.02"])
-    rates = [train.learning_rate(args, t) for t in range(1, 101)]
-    assert rates[0] == 0.02 and rates[50] == pytest.approx(0.02 * 0.5 ** 0.9) and rates[-1] == pytest.approx(0.02 * 0.01 ** 0.9)
-    assert all(a > b for a, b in zip(rates, rates[1:]))
-
-
-def test_hour_eta_adds_the_self_training_to_come_only_while_pretraining(synthetic_root):
-    pretrain = train.parse_args(["--root", str(synthetic_root), "--schedule", "cpu", "--phase", "pretrain"])
-    measured, steps = train.CPU_SECONDS_PER_STEP["acdc"], train.CPU_SCHEDULE["acdc"]["iterations"]["selftrain"]
-    assert train.later_phases_seconds(pretrain, 2 * measured["pretrain"]) == pytest.approx(2 * steps * measured["selftrain"])
-    assert train.later_phases_seconds(train.parse_args(["--root", str(synthetic_root), "--schedule", "cpu", "--phase", "selftrain"]), 1.0) == 0
-
-
-def test_models_run_channels_last_on_the_cpu_with_the_same_logits(synthetic_root, la_root):
-    for root, network, image, expected in ((synthetic_root, bcp.UNet, torch.rand(2, 1, 32, 32), torch.channels_last),
-                                           (la_root, bcp.VNet, torch.rand(2, 1, 32, 32, 16), torch.channels_last_3d)):
-        _, _, memory_format, _ = train.runtime(train.parse_args(["--root", str(root), "--device", "cpu"]))
-        assert memory_format == expected
-        torch.manual_seed(0)
-        model = network(num_classes=2).eval()
-        contiguous = model(image)
-        model.to(memory_format=memory_format)
-        assert next(w for w in model.parameters() if w.dim() == image.dim()).is_contiguous(memory_format=expected)
-        assert torch.allclose(model(image), contiguous, atol=1e-5)
-
-
-def test_standardize_z_scores_each_la_volume(la_root, tmp_path):
-    case = bcp.read_list(la_root, "train.list")[0]
-    _, image, label = bcp.load_la_volumes(la_root, [case])[0]
-    (tmp_path / bcp.LA_FOLDER / case).mkdir(parents=True)
-    prepare_acdc.write_h5(tmp_path / bcp.LA_FOLDER / case / "mri_norm2.h5", 3 * image + 5, label)
-    _, raw, _ = bcp.load_la_volumes(tmp_path, [case])[0]
-    _, standardized, same_label = bcp.load_la_volumes(tmp_path, [case], standardize=True)[0]
-    assert raw.mean() == pytest.approx(3 * image.mean() + 5, abs=1e-3) and (label == same_label).all()
-    assert abs(standardized.mean()) < 1e-4 and standardized.std() == pytest.approx(1, abs=1e-4)
-    assert np.corrcoef(raw.ravel(), standardized.ravel())[0, 1] == pytest.approx(1)
-
-
-def test_la_end_to_end_on_synthetic_phantoms(la_root, tmp_path, capsys):
-    """pretrain -> selftrain -> evaluate (test.list and the held-aside val cases) -> --predict on a NIfTI
-    copy of a case, whose label map matches the evaluation's segmentation of the h5 copy."""
-    common = ["--root", str(la_root), *LA_TINY, "--out", str(tmp_path)]
-    train.main([*common, "--phase", "pretrain", "--iterations", "2"])
-    train.main([*common, "--phase", "selftrain", "--iterations", "2"])
-    log = (tmp_path / "selftrain" / "train.log").read_text()
-    assert "2 labeled images (2 patients), 4 unlabeled, 2 validation cases held aside" in log
-    rows = [json.loads(line) for line in (tmp_path / "selftrain" / "metrics.jsonl").read_text().splitlines()]
-    assert all(0 <= r["pseudo_dice"] <= 1 for r in rows if "loss" in r) and len(rows) == 3
-    assert "pseudo-label Dice" in (tmp_path / "selftrain" / "curves.svg").read_text()
-    checkpoint = tmp_path / "selftrain" / "best.pt"
-    evaluate.main(["--root", str(la_root), "--checkpoint", str(checkpoint), "--stride", "16", "16",
-                   "--json", str(tmp_path / "test.json"), "--save-png", str(tmp_path / "png")])
-    scores = json.loads((tmp_path / "test.json").read_text())
-    assert scores["volumes"] == 2 and list(scores["per_class"]) == ["LA"] and 0 <= scores["mean"]["dice"] <= 100
-    assert sorted(p.stem for p in (tmp_path / "png").iterdir()) == bcp.read_list(la_root, "test.list")
-    evaluate.main(["--root", str(la_root), "--split", "val", "--checkpoint", str(checkpoint), "--stride", "16", "16"])
-    assert "on " + str(la_root) + " val: 2 volumes" in capsys.readouterr().out
-
-    case = bcp.read_list(la_root, "train.list")[0]
-    _, image, _ = bcp.load_la_volumes(la_root, [case])[0]
-    nibabel.save(nibabel.Nifti1Image(image, np.diag([0.625, 0.625, 0.625, 1])), tmp_path / f"{case}.nii.gz")
-    evaluate.main(["--checkpoint", str(checkpoint), "--predict", str(tmp_path / f"{case}.nii.gz"),
-                   "--out", str(tmp_path / "labels"), "--stride", "16", "16", "--windows", "authors"])
-    predicted = np.asarray(nibabel.load(tmp_path / "labels" / f"{case}.nii.gz").dataobj)
-    model, _ = bcp.load_model(checkpoint)
-    expected = largest_connected_component(authors_sliding_window(model.eval(), image, (32, 32, 16), 16, 16).argmax(0) == 1)
-    assert predicted.shape == image.shape and expected.any() and (predicted != expected).mean() < 1e-3
-
-
-def test_sliding_window_benchmark_runs(la_root, tmp_path, monkeypatch, capsys):
-    train.main(["--root", str(la_root), *LA_TINY, "--out", str(tmp_path), "--phase", "pretrain", "--iterations", "1"])
-    monkeypatch.setattr("sys.argv", ["benchmark.py", "sliding-window", "--root", str(la_root), "--checkpoint",
-                                     str(tmp_path / "pretrain" / "best.pt"), "--stride", "16", "16", "--volumes", "1"])
-    benchmark.main()
-    assert re.search(r"strides \(16, 16, 16\), scale 1.0: [0-9.]+ s per volume \([0-9]+ windows", capsys.readouterr().out)
-
-
-def test_la_bad_input_is_named_and_nothing_is_written(la_root, tmp_path):
-    broken = tmp_path / "LA"
-    shutil.copytree(la_root, broken)
-    (broken / "train.list").unlink()
-    with pytest.raises(bcp.DataError, match=re.escape(str(broken / "train.list")) + ": missing list file"):
-        train.main(["--root", str(broken), *LA_TINY, "--out", str(tmp_path / "run"), "--phase", "pretrain"])
-    shutil.copy(la_root / "train.list", broken / "train.list")
-    case = bcp.read_list(broken, "train.list")[1]
-    path = broken / bcp.LA_FOLDER / case / "mri_norm2.h5"
-    with h5py.File(path, "r+") as f:
-        label = f["label"][()]
-        del f["label"]
-        f["label"] = label[:-1]
-    with pytest.raises(bcp.DataError, match=re.escape(str(path)) + ": expected 3D image and label of one shape"):
-        train.main(["--root", str(broken), *LA_TINY, "--out", str(tmp_path / "run"), "--phase", "pretrain"])
-    assert not (tmp_path / "run").exists()
-    with pytest.raises(bcp.DataError, match="5 labeled and 4 validation cases are more than its 8"):
-        bcp.la_cases(la_root, 5, 4)
-
-
-def test_predict_refuses_a_scan_with_nan_voxels(synthetic_root, tmp_path):
-    train.main(["--root", str(synthetic_root), *TINY, "--out", str(tmp_path), "--phase", "pretrain", "--iterations", "1"])
-    scan = np.ones((4, 32, 32), np.float32)
-    scan[1, 2, 3] = np.nan
-    nibabel.save(nibabel.Nifti1Image(scan, np.eye(4)), tmp_path / "scan.nii.gz")
-    with pytest.raises(bcp.DataError, match=re.escape(str(tmp_path / "scan.nii.gz")) + ": 1 NaN or infinite voxels"):
-        evaluate.main(["--checkpoint", str(tmp_path / "pretrain" / "best.pt"), "--predict", str(tmp_path / "scan.nii.gz"),
-                       "--out", str(tmp_path / "labels")])
-    assert not any((tmp_path / "labels").iterdir())
-
-
-def test_a_checkpoint_weights_only_refuses_is_one_line(tmp_path):
-    torch.save({"model": SimpleNamespace(weights=1), "flags": {}}, tmp_path / "pickled.pt")
-    with pytest.raises(bcp.DataError) as error:
-        bcp.load_checkpoint(tmp_path / "pickled.pt")
-    assert str(error.value).startswith(f"{tmp_path / 'pickled.pt'}: not a readable checkpoint") and "\n" not in str(error.value)
-
-
-def test_rescaled_labels_are_scipy_zoom_order_0():
-    """--scale 0.5 on an 11 x 9 x 8 label map: 6 x 4 x 4 (Python's round, as scipy's output shape), the
-    voxels scipy.ndimage.zoom picks with order 0."""
-    rng = np.random.default_rng(0)
-    label = rng.integers(0, 2, (11, 9, 8)).astype(np.uint8)
-    image, small = bcp.rescale(rng.random((11, 9, 8)).astype(np.float32), label, 0.5)
-    assert image.shape == small.shape == (6, 4, 4)
-    np.testing.assert_array_equal(small, ndimage.zoom(label, [n / s for n, s in zip(small.shape, label.shape)], order=0))
-
-
-def test_a_rescaled_model_segments_at_full_resolution():
-    """scale 0.5: the 32^3 volume is segmented at 16^3 and the probabilities resampled back (trilinear)
-    before the argmax and the largest component, so the labels have the volume's full size."""
-    model = bcp.VNet().eval()
-    image = torch.randn(32, 32, 32)
-    with torch.no_grad():
-        small = torch.nn.functional.interpolate(image[None, None], size=[16, 16, 16], mode="trilinear")
-        probabilities = torch.nn.functional.interpolate(model(small).softmax(1), size=[32, 32, 32], mode="trilinear")[0]
-    expected = bcp.largest_component_per_class(probabilities.argmax(0)[None], 2)[0]
-    labels = bcp.segment(model, image, [16, 16, 16], (16, 16), scale=0.5)
-    assert labels.shape == (32, 32, 32) and torch.equal(labels, expected)
-
-
-def test_readme_reading_route_points_at_whole_blocks_of_code():
-    """Each "`file.py` lines A–B" of the README's reading route starts at a top-level line after a blank
-    or a section rule, ends before a blank line, and holds the first name the route gives for it."""
-    readme = (Path(__file__).parent / "README.md").read_text()
-    route = re.findall(r"`(\w+\.py)` lines (\d+)–(\d+)[,:]? [^`]*`(\w+)`", readme)
-    assert len(route) >= 4
-    for file, start, end, name in route:
-        lines = (Path(__file__).parent / file).read_text().splitlines()
-        start, end = int(start), int(end)
-        block = "\n".join(lines[start - 1:end])
-        assert lines[start - 1][:1] not in ("", " ") and (lines[start - 2] == "" or lines[start - 2].startswith("# ---")), (file, start)
-        assert lines[end] == "", (file, end)
-        assert f"def {name}(" in block or f"{name} = " in block, (file, start, end, name)
-
-
-# ----------------------------------------------------------------------------- the step, whole (issue 30)
-
-def step_setup(root, flags, phase, out, device="cpu"):
-    """What train.main builds for a phase, from the data on disk: flags, banks, and models from
-    build_models (self-training from a pre-training checkpoint of seed-0 weights written here). The
-    teacher is then moved off the student (noise drawn on the CPU), so that the EMA's two sides differ."""
-    device = torch.device(device)
-    args = train.parse_args(["--root", str(root), *flags, "--phase", phase, "--out", str(out), "--device", str(device)])
-    labeled, unlabeled, _, _, _ = train.load_data(args, device)
-    torch.manual_seed(0)
-    network = bcp.NETWORKS[len(bcp.patch_shape(args.patch_size))]
-    (out / "pretrain").mkdir(parents=True, exist_ok=True)
-    torch.save({"model": network(num_classes=args.num_classes).state_dict()}, out / "pretrain" / "best.pt")
-    folder = SimpleNamespace(log=lambda message: None, last_path=out / phase / "last.pt")
-    student, teacher, optimizer, _ = train.build_models(args, device, torch.preserve_format, None, folder)
-    if teacher is not None:
-        noise = torch.Generator().manual_seed(1)
-        with torch.no_grad():
-            for weight in teacher.parameters():
-                weight.add_(0.01 * torch.randn(weight.shape, generator=noise).to(device))
-    return SimpleNamespace(args=args, device=device, autocast=nullcontext(), optimizer=optimizer,
-                           student=student, teacher=teacher, student_forward=student, teacher_forward=teacher,
-                           labeled=labeled, unlabeled=unlabeled, unlabeled_truth=True,
-                           dice_loss=bcp.DICE_LOSSES[args.dice_loss])
-
-
-def sgd_step_copy(run):
-    """A copy of the student and of its SGD (same state), to take the reference step with."""
-    student = copy.deepcopy(run.student)
-    optimizer = torch.optim.SGD(student.parameters(), lr=run.args.lr, momentum=run.args.momentum,
-                                weight_decay=run.args.weight_decay)
-    optimizer.load_state_dict(run.optimizer.state_dict())
-    return student, optimizer
-
-
-def assert_same_weights(model, expected, rtol=1e-6):
-    for key, value in model.state_dict().items():
-        if value.is_floating_point():
-            torch.testing.assert_close(value, expected[key], rtol=rtol, atol=1e-7, msg=key)
-
-
-@pytest.mark.parametrize("data", ["acdc", "la"])
-def test_a_selftrain_step_is_one_sgd_step_on_the_papers_loss_then_one_ema_update(data, synthetic_root, la_root, tmp_path):
-    """From known weights: build_models leaves the teacher in train mode (dropout on, batch statistics,
-    as the authors); then one step. Recomputed here from the step's draws with the same dropout draws:
-    P_a, P_b = the teacher's pseudo-labels; X_in = U_a * M + L_a * (1 - M) against P_a * M + G_a * (1 - M),
-    alpha on M; X_out = L_b * M + U_b * (1 - M) against G_b * M + P_b * (1 - M), alpha on 1 - M (Eq. 1-4,
-    6); one SGD step on their sum; then every float tensor of the teacher = 0.99 * (the teacher after its
-    forwards, whose BN statistics moved) + 0.01 * the new student."""
-    root, flags = (synthetic_root, TINY) if data == "acdc" else (la_root, LA_TINY)
-    run = step_setup(root, flags, "selftrain", tmp_path)
-    assert all(module.training for module in run.teacher.modules())
-    assert not any(weight.requires_grad for weight in run.teacher.parameters())
-    student, optimizer = sgd_step_copy(run)
-    teacher = copy.deepcopy(run.teacher)
-    args, alpha = run.args, run.args.u_weight
-
-    torch.manual_seed(5)
-    loss = train.selftrain_step(run, 3)[0]
-
-    torch.manual_seed(5)
-    (l_a, l_b), (g_a, g_b) = train.draw_halves(run.labeled, 3, args.labeled_batch_size, args, train.LABELED)
-    (u_a, u_b), _ = train.draw_halves(run.unlabeled, 3, args.batch_size - args.labeled_batch_size, args, train.UNLABELED)
-    m = train.draw_mask(3, args, "cpu")
-    with torch.no_grad():
-        p_a, p_b = bcp.pseudo_label(teacher(u_a)), bcp.pseudo_label(teacher(u_b))
-    expected = (bcp.mixed_loss(student(u_a * m + l_a * (1 - m)), p_a * m.long() + g_a * (1 - m.long()), m, alpha, 1.0, run.dice_loss)
-                + bcp.mixed_loss(student(l_b * m + u_b * (1 - m)), g_b * m.long() + p_b * (1 - m.long()), m, 1.0, alpha, run.dice_loss))
-    optimizer.zero_grad()
-    expected.backward()
-    optimizer.step()
-    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
-    assert_same_weights(run.student, student.state_dict())
-    new_student = student.state_dict()
-    assert_same_weights(run.teacher, {key: 0.99 * value + 0.01 * new_student[key] if value.is_floating_point() else value
-                                      for key, value in teacher.state_dict().items()})
-    assert all(module.training for module in run.teacher.modules())
-
-
-@pytest.mark.parametrize("data", ["acdc", "la"])
-@pytest.mark.parametrize("phase", ["pretrain", "supervised"])
-def test_pretrain_and_supervised_losses_by_formula(data, phase, synthetic_root, la_root, tmp_path):
-    """Recomputed from the step's draws with the same dropout draws. Pre-training: the student on
-    L_a * M + L_b * (1 - M) against G_a * M + G_b * (1 - M), ACDC one term per region of M (both weighted
-    1), LA the whole crop one region; supervised: the labeled batch whole. Then one SGD step on it."""
-    root, flags = (synthetic_root, TINY) if data == "acdc" else (la_root, LA_TINY)
-    run = step_setup(root, flags, phase, tmp_path)
-    student, optimizer = sgd_step_copy(run)
-    args = run.args
-    torch.manual_seed(5)
-    loss = train.STEPS[phase](run, 3)[0]
-    torch.manual_seed(5)
-    if phase == "pretrain":
-        (l_a, l_b), (g_a, g_b) = train.draw_halves(run.labeled, 3, args.labeled_batch_size, args, train.LABELED)
-        m = train.draw_mask(3, args, "cpu")
-        images, target = l_a * m + l_b * (1 - m), g_a * m.long() + g_b * (1 - m.long())
-    else:
-        images, target = train.draw_batch(run.labeled, 3, args.batch_size, args, train.LABELED)
-    everywhere = torch.ones(target.shape[1:])
-    if phase == "pretrain" and data == "acdc":
-        expected = bcp.mixed_loss(student(images), target, m, 1.0, 1.0, bcp.acdc_dice_loss)
-    else:
-        expected = bcp.mixed_loss(student(images), target, everywhere, 1.0, 0.0, run.dice_loss)
-    optimizer.zero_grad()
-    expected.backward()
-    optimizer.step()
-    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
-    assert_same_weights(run.student, student.state_dict())
-
-
-class WindowModel(torch.nn.Module):
-    """A stand-in network for sliding windows: a fixed 3D convolution of the window plus a ramp along
-    each axis of the window, so that two windows covering one voxel give it different probabilities."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = torch.nn.Conv3d(1, 2, 3, padding=1)
-        with torch.no_grad():
-            self.conv.weight.copy_(torch.randn(self.conv.weight.shape, generator=torch.Generator().manual_seed(0)))
-
-    def forward(self, x):  # (B, 1, D1, D2, D3) -> (B, 2, D1, D2, D3)
-        ramps = [torch.linspace(-2, 2, n).view(-1, *[1] * (2 - axis)) * (axis + 1) for axis, n in enumerate(x.shape[2:])]
-        return self.conv(x) + torch.stack([sum(ramps), -sum(ramps)]).unsqueeze(0) * 0.5
-
-
-def authors_sliding_window(model, image, patch, stride_xy, stride_z):
-    """UA-MT's test_single_case (the BCP authors' LA test), in numpy: windows every stride along each
-    axis (xy, xy, z), the last flush with the end, softmax summed and divided by the count; argmax."""
-    ww, hh, dd = image.shape
-    starts = [[min(stride * i, size - p) for i in range(math.ceil((size - p) / stride) + 1)]
-              for size, p, stride in zip((ww, hh, dd), patch, (stride_xy, stride_xy, stride_z))]
-    score_map, count = np.zeros((2, ww, hh, dd)), np.zeros((ww, hh, dd))
-    for xs in starts[0]:
-        for ys in starts[1]:
-            for zs in starts[2]:
-                window = image[xs:xs + patch[0], ys:ys + patch[1], zs:zs + patch[2]]
-                with torch.no_grad():
-                    y = model(torch.from_numpy(np.ascontiguousarray(window))[None, None]).softmax(1)[0].numpy()
-                score_map[:, xs:xs + patch[0], ys:ys + patch[1], zs:zs + patch[2]] += y
-                count[xs:xs + patch[0], ys:ys + patch[1], zs:zs + patch[2]] += 1
-    return score_map / count
-
-
-def largest_connected_component(mask):
-    """The authors' getLargestCC, on scipy: the largest 26-connected component (ties to the first label)."""
-    labels, count = ndimage.label(mask, structure=np.ones((3, 3, 3)))
-    return labels == np.argmax(np.bincount(labels.ravel())[1:]) + 1 if count else mask
-
-
-def test_sliding_window_with_unequal_strides_matches_the_authors_loop():
-    """A 45 x 38 x 29 volume, a 20 x 16 x 12 window, strides 7, 5, 3 (5 x 6 x 7 = 210 windows, in batches
-    of 4, overlapping along every axis): the probabilities equal a window-by-window loop; then --stride
-    XY Z = 5 3 through segment equals the authors' loop with stride_xy 5, stride_z 3, and its largest
-    component."""
-    model = WindowModel().eval()
-    image = np.random.default_rng(0).normal(size=(45, 38, 29)).astype(np.float32)
-
-    def loop(strides):
-        starts = [bcp.window_starts(s, w, t) for s, w, t in zip(image.shape, (20, 16, 12), strides)]
-        total, count = np.zeros((2, *image.shape)), np.zeros(image.shape)
-        for corner in itertools.product(*starts):
-            box = tuple(slice(c, c + w) for c, w in zip(corner, (20, 16, 12)))
-            with torch.no_grad():
-                total[(slice(None), *box)] += model(torch.from_numpy(np.ascontiguousarray(image[box]))[None, None]).softmax(1)[0].numpy()
-            count[box] += 1
-        return total / count
-
-    assert [len(bcp.window_starts(s, w, t)) for s, w, t in zip(image.shape, (20, 16, 12), (7, 5, 3))] == [5, 6, 7]
-    ours = bcp.sliding_window_probabilities(model, torch.from_numpy(image), (20, 16, 12), (7, 5, 3)).numpy()
-    np.testing.assert_allclose(ours, loop((7, 5, 3)), atol=1e-6)
-    authors = authors_sliding_window(model, image, (20, 16, 12), 5, 3)
-    np.testing.assert_allclose(bcp.sliding_window_probabilities(model, torch.from_numpy(image), (20, 16, 12),
-                                                                bcp.window_strides((5, 3))).numpy(), authors, atol=1e-6)
-    labels = bcp.segment(model, torch.from_numpy(image), [20, 16, 12], (5, 3)).numpy()
-    np.testing.assert_array_equal(labels, largest_connected_component(authors.argmax(0) == 1))
-
-
-# ----------------------------------------------------------------------------- the 3D path without surprises (issue 27)
-
-def test_a_case_listed_twice_or_in_two_splits_is_refused(la_root, synthetic_root, tmp_path):
-    """A labeled LA case listed again among the last (validation) cases, a test case that is also a
-    training case, an ACDC validation volume of a training patient: one line naming the list and the
-    case, before anything is written."""
-    la = tmp_path / "LA"
-    shutil.copytree(la_root, la)
-    cases = bcp.read_list(la, "train.list")
-    (la / "train.list").write_text("\n".join(cases[:-1] + [cases[0]]) + "\n")
-    with pytest.raises(bcp.DataError, match=re.escape(f"{la / 'train.list'}: {cases[0]} is listed twice")):
-        train.main(["--root", str(la), *LA_TINY, "--out", str(tmp_path / "run"), "--phase", "pretrain", "--iterations", "1"])
-    (la / "train.list").write_text("\n".join(cases) + "\n")
-    (la / "test.list").write_text((la / "test.list").read_text() + cases[3] + "\n")
-    with pytest.raises(bcp.DataError, match=re.escape(f"{la / 'test.list'}: {cases[3]} is also a training case")):
-        train.main(["--root", str(la), *LA_TINY, "--out", str(tmp_path / "run"), "--phase", "pretrain", "--iterations", "1"])
-    torch.save({"model": bcp.VNet().state_dict(), "flags": {"num_classes": 2, "patch_size": [32, 32, 16]}}, tmp_path / "v.pt")
-    with pytest.raises(bcp.DataError, match="is also a training case"):
-        evaluate.main(["--root", str(la), "--checkpoint", str(tmp_path / "v.pt")])
-    acdc = tmp_path / "ACDC"
-    shutil.copytree(synthetic_root, acdc)
-    trained = bcp.read_list(acdc, "train.list")[2].replace("frame01", "frame02")
-    (acdc / "val.list").write_text((acdc / "val.list").read_text() + trained + "\n")
-    with pytest.raises(bcp.DataError, match=re.escape(f"{acdc / 'val.list'}: {trained} is also a training case")):
-        train.main(["--root", str(acdc), *TINY, "--out", str(tmp_path / "run"), "--phase", "pretrain", "--iterations", "1"])
-    assert prepare_acdc.check(acdc)[-1].endswith(f"{trained} is also a training case ({acdc / 'train.list'})")
-    assert not (tmp_path / "run").exists()
-
-
-def test_a_root_in_neither_layout_is_named_with_what_was_looked_for(la_root):
-    """--root at the LA cases' folder (what UA-MT's scripts take): not an ACDC root with 3 patch numbers."""
-    with pytest.raises(bcp.DataError, match=re.escape(f"{la_root / bcp.LA_FOLDER}: neither the ACDC layout (train.list, data/) "
-                                                      f"nor the LA layout") + f".*its parent is an LA root: --root {re.escape(str(la_root))}"):
-        train.parse_args(["--root", str(la_root / bcp.LA_FOLDER), "--patch-size", "32", "32", "16"])
-
-
-def test_strides_cover_every_voxel_or_are_refused(la_root, tmp_path, capsys):
-    """A stride larger than the window would leave voxels no window covers: refused by evaluate.py and
-    train.py in one line; the default (the authors' 18, 4) is cut to a smaller patch; the library raises."""
-    torch.save({"model": bcp.VNet().state_dict(), "flags": {"num_classes": 2, "patch_size": [32, 32, 16]}}, tmp_path / "v.pt")
-    with pytest.raises(SystemExit) as stop:
-        evaluate.main(["--root", str(la_root), "--checkpoint", str(tmp_path / "v.pt"), "--stride", "60", "30"])
-    assert stop.value.code == 2 and "--stride 60 30: larger than the window [32, 32, 16]" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        train.parse_args(["--root", str(la_root), "--patch-size", "32", "32", "16", "--stride", "16", "20"])
-    assert "--stride 16 20: larger than the patch [32, 32, 16]" in capsys.readouterr().err
-    assert train.parse_args(["--root", str(la_root), "--patch-size", "16", "32", "16"]).stride == [16, 4]
-    assert train.parse_args(["--root", str(la_root), "--patch-size", "32", "32", "16"]).stride == [18, 4]
-    with pytest.raises(ValueError, match="stride must lie in 1 .. the window"):
-        bcp.window_starts(100, 32, 40)
-    probabilities = bcp.sliding_window_probabilities(WindowModel().eval(), torch.randn(40, 40, 20), (16, 16, 16),
-                                                     bcp.window_strides(bcp.default_stride([16, 16, 16])))
-    assert torch.isfinite(probabilities).all()
-
-
-def test_the_fully_supervised_la_row_trains_and_selftrain_asks_for_unlabeled_cases(la_root, tmp_path):
-    """Every non-validation case labeled (6 + 2 of the 8 here, as 72 + 8 of LA's 80): --phase supervised
-    trains; self-training says it has no unlabeled case."""
-    flags = ["--root", str(la_root), *LA_TINY, "--labeled-patients", "6", "--out", str(tmp_path)]
-    train.main([*flags, "--phase", "supervised", "--iterations", "1", "--batch-size", "2"])
-    assert bcp.load_checkpoint(tmp_path / "supervised" / "last.pt")["iteration"] == 1
-    with pytest.raises(bcp.DataError, match="every training case is labeled; selftrain needs unlabeled ones"):
-        train.main([*flags, "--phase", "selftrain", "--iterations", "1"])
-
-
-def test_check_verifies_an_la_root(la_root, tmp_path, capsys):
-    """--check on UA-MT's layout: a fresh set is OK; a case whose h5 is gone, and a label holding 2, are
-    named."""
-    assert prepare_acdc.check(la_root) == []
-    assert "LA layout: 8 train.list cases, 2 test.list cases" in capsys.readouterr().out
-    broken = tmp_path / "LA"
-    shutil.copytree(la_root, broken)
-    gone, bad = bcp.read_list(broken, "train.list")[:2]
-    (broken / bcp.LA_FOLDER / gone / "mri_norm2.h5").unlink()
-    path = broken / bcp.LA_FOLDER / bad / "mri_norm2.h5"
-    with h5py.File(path, "r+") as f:
-        f["label"][0, 0, 0] = 2
-    assert prepare_acdc.check(broken) == [f"{broken / bcp.LA_FOLDER / gone / 'mri_norm2.h5'}: listed but missing",
-                                          f"{path}: label values must lie in 0..1 (--num-classes 2), got 0..2"]
-
-
-# ----------------------------------------------------------------------------- your own 3D scans (issue 26)
-
-def rotated_affine(spacing, angle, offset=(-40.0, 12.5, 30.0)):
-    """A NIfTI affine: voxel spacing (mm) along i, j, k, rotated by `angle` about the k axis."""
-    cos, sin = math.cos(angle), math.sin(angle)
-    affine = np.eye(4)
-    affine[:3, :3] = np.array([[cos, -sin, 0], [sin, cos, 0], [0, 0, 1]]) * spacing
-    affine[:3, 3] = offset
-    return affine
 
 
 def save_scan(path, array, affine):
@@ -2046,40 +1370,6 @@ def own_3d_folder(root, modality="MRI"):
                                                    "channel_names": {"0": modality}}))
 
 
-def test_resampled_labels_keep_their_values_at_equal_size_and_their_geometry_there_and_back():
-    """Nearest neighbour as scipy's zoom (order 0), the identity at equal size; a ball and a smaller one
-    beside it, resampled coarser and back, keep their place (Dice > 0.8 against the original)."""
-    rng = np.random.default_rng(0)
-    grid = np.indices((30, 26, 14))
-    label = torch.from_numpy((((grid - np.array([14, 12, 7])[:, None, None, None]) ** 2).sum(0) < 36).astype(np.uint8))
-    label[(((grid - np.array([4, 20, 7])[:, None, None, None]) ** 2).sum(0) < 9)] = 2
-    assert torch.equal(bcp.resample_labels(label, label.shape), label)
-    coarse = bcp.resample_labels(label, (24, 21, 11))
-    np.testing.assert_array_equal(coarse.numpy(), ndimage.zoom(label.numpy(), [24 / 30, 21 / 26, 11 / 14], order=0))
-    back = bcp.resample_labels(coarse, label.shape)
-    assert back.shape == label.shape
-    for c in (1, 2):
-        assert bcp.dice(back.numpy() == c, label.numpy() == c) > 0.8
-    image = torch.from_numpy(rng.random((5, 4, 3)).astype(np.float32))
-    torch.testing.assert_close(bcp.resample_image(image, (5, 4, 3)), image)
-    torch.testing.assert_close(bcp.resample_image(image, (9, 7, 5))[::2, ::2, ::2], image)  # corners aligned
-
-
-def test_nifti_geometry_matches_nibabel(tmp_path):
-    """Our reading of the spacing and the affine (sform, else qform, else nibabel's fallback: the pixdim
-    scaling with i flipped and the centre voxel at the origin) against nibabel's."""
-    affine = rotated_affine((0.8, 1.1, 3.0), 0.7)
-    for qform, sform in ((1, 2), (1, 0), (0, 0)):
-        scan = nibabel.Nifti1Image(np.zeros((4, 5, 6), np.float32), affine)
-        scan.set_qform(affine, code=qform)
-        scan.set_sform(affine, code=sform)
-        nibabel.save(scan, tmp_path / "scan.nii.gz")
-        loaded = nibabel.load(tmp_path / "scan.nii.gz")
-        spacing, ours = prepare_acdc.nifti_geometry(prepare_acdc.read_nifti(tmp_path / "scan.nii.gz", with_header=True)[1], "scan")
-        np.testing.assert_allclose(spacing, loaded.header.get_zooms(), rtol=1e-6)
-        np.testing.assert_allclose(ours, loaded.affine, atol=1e-5)
-
-
 @pytest.mark.parametrize("modality", ["MRI", "CT"])
 def test_own_3d_intensities_and_geometry_by_hand(modality, tmp_path):
     """--3d at the 1 mm scans' own spacing: their arrays in NIfTI index order (i, j, k), unresampled, the
@@ -2090,11 +1380,11 @@ def test_own_3d_intensities_and_geometry_by_hand(modality, tmp_path):
     root = tmp_path / "mine"
     assert prepare_acdc.main(["--raw", str(tmp_path / "raw"), "--3d", "--spacing", "1", "1", "1", "--out", str(root),
                               "--val-fraction", "0.25"]) == 0
-    info = bcp.dataset_info(root)
+    info = data.read_plan(root)
     assert prepare_acdc.check(root) == []
-    train_list = bcp.read_list(root, "train.list")
+    train_list = data.read_list(root, "train.list")
     assert info["val_cases"] == 1 and sorted(train_list[-3:-1]) == ["atrium-004", "extra-000"] == sorted(info["unlabeled"])
-    assert bcp.read_list(root, "test.list") == ["atrium-005", "atrium-006"]
+    assert data.read_list(root, "test.list") == ["atrium-005", "atrium-006"]
     raw = {case.replace("_", "-"): (images, labels, case) for images, labels, case in OWN_3D_CASES}
     training = train_list[:3]  # the labeled training cases: 4 labeled, 1 of them for validation
     scans = {name: nibabel.load(tmp_path / "raw" / raw[name][0] / f"{raw[name][2]}_0000.nii.gz").get_fdata() for name in raw}
@@ -2109,7 +1399,7 @@ def test_own_3d_intensities_and_geometry_by_hand(modality, tmp_path):
     else:
         expected = {n: (s - s.mean()) / s.std() for n, s in scans.items()}
     for name in raw:
-        image, label = bcp.read_h5(root / bcp.LA_FOLDER / name / "mri_norm2.h5", 3, 3)
+        image, label = data.read_h5(root / data.LA_FOLDER / name / "mri_norm2.h5", 3, 3)
         if scans[name].shape[2] == 32:  # 1 mm: as it is
             np.testing.assert_allclose(image, expected[name], atol=1e-4)
             if name in truth:
@@ -2121,6 +1411,7 @@ def test_own_3d_intensities_and_geometry_by_hand(modality, tmp_path):
         np.testing.assert_allclose(info["cases"][name]["affine"], affine, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_own_3d_scans_end_to_end(tmp_path, capsys):
     """The README's commands as written (crops 32 x 32 x 16 here): prepare --3d at 1.25 mm, pretrain,
     selftrain with three classes (post-processing chosen on validation after each, stored in best.pt),
@@ -2145,13 +1436,14 @@ def test_own_3d_scans_end_to_end(tmp_path, capsys):
     for phase in ("pretrain", "selftrain"):
         train.main([*flags, "--phase", phase])
     assert "crops of 32 x 32 x 16" in capsys.readouterr().out  # the 48 is cut to the smallest resampled volume
-    checkpoint = bcp.load_checkpoint(run / "selftrain" / "best.pt")
-    assert checkpoint["flags"]["patch_size"] == [32, 32, 16] and checkpoint["flags"]["num_classes"] == 3
-    assert set(checkpoint["flags"]["keep_largest"]) <= {1, 2}
+    checkpoint = data.load_checkpoint(run / "selftrain" / "best.pt")
+    assert checkpoint["flags"]["patch_size"] == (32, 32, 16) and checkpoint["flags"]["num_classes"] == 3
+    assert set(checkpoint["keep_largest"]) <= {1, 2}
     log = (run / "selftrain" / "train.log").read_text()
-    assert "post-processing, class 1: validation Dice" in log and "post-processing, class 2: validation Dice" in log
+    assert "with only each class's largest component (kept for classes" in log
+    assert f"the largest component kept for classes {checkpoint['keep_largest'] or 'none'}" in log
     assert checkpoint["flags"]["labeled_patients"] == 3 and checkpoint["flags"]["val_cases"] == 1
-    rows, _ = train.read_metrics(run / "selftrain" / "metrics.jsonl")
+    rows, _ = data.read_metrics(run / "selftrain" / "metrics.jsonl")
     assert len([r for r in rows if "val_dice_per_class" in r][-1]["val_dice_per_class"]) == 2
     assert "pseudo_dice" not in rows[0]  # the unlabeled scans have no labels
     evaluate.main(["--root", str(root), "--checkpoint", str(run / "selftrain" / "best.pt"), "--json", str(tmp_path / "s.json")])
@@ -2164,7 +1456,7 @@ def test_own_3d_scans_end_to_end(tmp_path, capsys):
     dice = {c: [] for c in (1, 2)}
     for case in ("atrium_005", "atrium_006"):
         scan = nibabel.load(tmp_path / "raw" / "imagesTs" / f"{case}_0000.nii.gz")
-        written = nibabel.load(tmp_path / "labels" / f"{case}_0000.nii.gz")
+        written = nibabel.load(tmp_path / "labels" / f"{case}.nii.gz")  # labelsTr's names
         assert written.shape == scan.shape
         np.testing.assert_allclose(written.affine, scan.affine, atol=1e-5)
         predicted = np.asarray(written.dataobj)
@@ -2205,7 +1497,20 @@ def test_a_ct_window_must_be_low_then_high(tmp_path, capsys):
     assert stop.value.code == 2 and "--ct-window LO HI needs LO < HI, got 400 -100" in capsys.readouterr().err
 
 
-# ----------------------------------------------------------------------------- your own scans as users bring them (issue 33)
+def test_a_second_channel_is_refused_in_one_line(tmp_path, capsys):
+    own_3d_folder(tmp_path / "raw")
+    shutil.copy(tmp_path / "raw" / "imagesTr" / "atrium_000_0000.nii.gz", tmp_path / "raw" / "imagesTr" / "atrium_000_0001.nii.gz")
+    assert prepare_acdc.main(["--raw", str(tmp_path / "raw"), "--3d", "--out", str(tmp_path / "out")]) == 1
+    assert "atrium_000_0001.nii.gz: not channel 0 (<case>_0000); one channel per case is supported" in capsys.readouterr().err
+
+
+def test_own_3d_val_cases_beyond_the_labeled_ones_are_refused(tmp_path, capsys):
+    own_3d_folder(tmp_path / "raw")
+    assert prepare_acdc.main(["--raw", str(tmp_path / "raw"), "--3d", "--out", str(tmp_path / "mine")]) == 0
+    with pytest.raises(SystemExit):
+        train.parse_args(["--root", str(tmp_path / "mine"), "--val-cases", "3"])
+    assert f"--val-cases 3: {tmp_path / 'mine'} holds 1 labeled validation cases" in capsys.readouterr().err
+
 
 def decathlon_folder(root, count=6, unlabeled=3):
     """A Medical Segmentation Decathlon task as its tar unpacks: imagesTr/<case>.nii.gz (no _0000) with
@@ -2252,20 +1557,20 @@ def test_a_decathlon_task_prepares_as_downloaded(tmp_path, capsys, volumetric):
     assert prepare_acdc.main(["--raw", str(tmp_path / "Task02_Heart"), "--out", str(out), "--val-fraction", "0.34",
                               *(["--3d"] if volumetric else [])]) == 0
     assert "3 imagesTs scans have no labelsTs: they join the unlabeled scans" in capsys.readouterr().out
-    info = bcp.dataset_info(out)
+    info = data.read_plan(out)
     assert sorted(info["unlabeled"]) == ["la-006", "la-007", "la-008"] and info["class_names"] == ["left atrium"]
-    train_list = bcp.read_list(out, "train.list")
+    train_list = data.read_list(out, "train.list")
     assert not any(name.startswith(".") for name in train_list)
     for index in range(6):
         name = f"la-{index:03d}"
         truth = np.asarray(nibabel.load(tmp_path / "Task02_Heart" / "labelsTr" / f"la_{index:03d}.nii.gz").dataobj)
         if volumetric:
             assert name in train_list
-            _, label = bcp.read_h5(out / bcp.LA_FOLDER / name / "mri_norm2.h5", 3, 2)
+            _, label = data.read_h5(out / data.LA_FOLDER / name / "mri_norm2.h5", 3, 2)
             assert label.sum() == pytest.approx(truth.sum(), rel=0.15)  # resampled from 1.5 x 1.5 x 2 mm
         else:
-            assert name in train_list + bcp.read_list(out, "val.list")
-            _, label = bcp.read_h5(out / "data" / f"{name}.h5", 3, 2)
+            assert name in train_list + data.read_list(out, "val.list")
+            _, label = data.read_h5(out / "data" / f"{name}.h5", 3, 2)
             np.testing.assert_array_equal(label, truth.transpose(2, 1, 0))
 
 
@@ -2281,67 +1586,185 @@ def test_labels_that_are_not_classes_are_refused_by_name(tmp_path, capsys, value
     assert re.search(f"labelsTr/la_001.nii.gz: {message}", capsys.readouterr().err)
 
 
-def test_a_second_channel_is_refused_in_one_line(tmp_path, capsys):
-    own_3d_folder(tmp_path / "raw")
-    shutil.copy(tmp_path / "raw" / "imagesTr" / "atrium_000_0000.nii.gz", tmp_path / "raw" / "imagesTr" / "atrium_000_0001.nii.gz")
-    assert prepare_acdc.main(["--raw", str(tmp_path / "raw"), "--3d", "--out", str(tmp_path / "out")]) == 1
-    assert "atrium_000_0001.nii.gz: not channel 0 (<case>_0000); one channel per case is supported" in capsys.readouterr().err
+def dataset_names(folder):
+    return sorted(p.name for p in folder.iterdir())
 
 
-def test_rotated_and_flipped_points_follow_the_volume():
-    """rot90_flip_point against torch.rot90 then flip on a volume with one marked voxel."""
-    shape = (5, 7, 3)
-    for k, axis, point in itertools.product(range(4), range(2), [(0, 0, 0), (4, 6, 2), (1, 5, 1), (3, 2, 0)]):
-        volume = torch.zeros(shape)
-        volume[point] = 1
-        moved = torch.rot90(volume, k, (0, 1)).flip(axis)
-        where, new_shape = bcp.rot90_flip_point(point, shape, k, axis)
-        assert list(moved.shape) == new_shape and moved[tuple(where)] == 1, (k, axis, point)
+def test_force_never_replaces_the_current_folder_or_a_foreign_one(tmp_path, monkeypatch, capsys):
+    """`--out . --force` once deleted a whole clone: now a folder that holds the current directory,
+    or that is not a data set this script wrote, survives --force with its files."""
+    project = tmp_path / "project"
+    (project / "data").mkdir(parents=True)
+    (project / "sentinel.txt").write_text("keep me")
+    monkeypatch.chdir(project)
+    for name in ("train", "val", "test", "train_slices"):  # even when it looks like a data set
+        (project / f"{name}.list").write_text("x\n")
+    assert prepare_acdc.main(["--out", ".", "--force", "--patients", "3"]) == 1
+    assert "current directory" in capsys.readouterr().err
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    (foreign / "holiday.jpg").write_text("keep me too")
+    assert prepare_acdc.main(["--out", str(foreign), "--force", "--patients", "3"]) == 1
+    assert "not a data set" in capsys.readouterr().err
+    assert (project / "sentinel.txt").read_text() == "keep me" and (foreign / "holiday.jpg").exists()
+    assert dataset_names(tmp_path) == ["photos", "project"]  # no staging folder left behind
 
 
-def test_foreground_crops_find_an_organ_at_one_percent():
-    """An organ of 1 % of a 128 x 128 x 64 volume, crops of 32 x 32 x 16: uniform crops hold some of it
-    in about 3 of 10 (the small class included); with foreground 1/3, a third of the crops are centred on a voxel of a class (the
-    organ or a small second class, at the crop's centre after rotation and flip), so the share holding
-    foreground is measured, not assumed."""
-    label = np.zeros((128, 128, 64), np.uint8)
-    label[60:82, 50:72, 20:42] = 1  # 22^3 voxels, 1.0 %
-    label[20:26, 90:100, 40:46] = 2  # a second, small class
-    image = label.astype(np.float32)
-    uniform = bcp.VolumeBank([image], [label], "cpu")
-    centred = bcp.VolumeBank([image], [label], "cpu", foreground=1 / 3, num_classes=3)
-    shares = {}
-    for name, bank in (("uniform", uniform), ("centred", centred)):
-        generator = torch.Generator().manual_seed(0)
-        augmentation = bank.random_augmentation(600, generator)
-        _, labels = bank.batch(torch.zeros(600, dtype=torch.long), (32, 32, 16), augmentation)
-        shares[name] = (labels.flatten(1) > 0).any(1).float().mean().item()
-        if name == "centred":
-            forced = augmentation["centred"]
-            assert 0.28 < forced.float().mean() < 0.39
-            assert (labels[forced].flatten(1) > 0).any(1).all()  # every centred crop holds the organ
-            assert (labels[forced][:, 15:17, 15:17, 7:9] > 0).flatten(1).any(1).float().mean() > 0.9  # near its centre
-    assert shares["uniform"] < 0.35 and shares["centred"] > shares["uniform"] + 0.2, shares  # measured: 0.31, 0.56
+def test_forced_replace_is_atomic_and_leftovers_are_cleaned(tmp_path):
+    """A forced replace swaps the folders by renames: the new set is complete and nothing is left
+    beside it. A kill between the two renames leaves the old set renamed aside; the next run puts it
+    back before it starts. A staging folder of a killed run is deleted, and the set is not private."""
+    out = tmp_path / "ACDC"
+    assert prepare_acdc.main(["--out", str(out), "--patients", "3"]) == 0
+    assert (out.stat().st_mode & 0o777) != 0o700
+    assert prepare_acdc.main(["--out", str(out), "--patients", "4", "--force"]) == 0
+    assert "--patients 4" in (out / "SYNTHETIC").read_text() and dataset_names(tmp_path) == ["ACDC"]
+    out.rename(tmp_path / ".ACDC.old-999")  # killed between "old aside" and "new in"
+    (tmp_path / ".ACDC.staging-abc").mkdir()  # killed while building
+    prepare_acdc.clean_leftovers(out)
+    assert dataset_names(tmp_path) == ["ACDC"] and prepare_acdc.check(out) == []
 
 
-def test_foreground_crops_are_the_steps_draws(monkeypatch):
-    """The centred crops come from the step's keyed generator: the same step draws the same batch, and
-    the shares of two processes put together are the one process's batch (resume and torchrun exact)."""
-    label = np.zeros((40, 40, 24), np.uint8)
-    label[30:36, 4:10, 4:10] = 1
-    image = np.random.default_rng(0).random(label.shape).astype(np.float32)
-    bank = bcp.VolumeBank([image, image[::-1].copy()], [label, label[::-1].copy()], "cpu", foreground=0.5)
-    args = SimpleNamespace(seed=3, phase="pretrain", patch_size=(16, 16, 8))
-    whole = train.draw_batch(bank, 5, 8, args, train.LABELED, parts=2)
-    again = train.draw_batch(bank, 5, 8, args, train.LABELED, parts=2)
-    torch.testing.assert_close(whole, again)
-    shares = []
-    for rank in range(2):
-        monkeypatch.setattr(bcp, "process_share", lambda rank=rank: (2, rank))
-        shares.append(train.draw_batch(bank, 5, 8, args, train.LABELED, parts=2))
-    for part in range(2):  # each half: rank 0's share, then rank 1's
-        joined = torch.cat([shares[0][0][2 * part:2 * part + 2], shares[1][0][2 * part:2 * part + 2]])
-        torch.testing.assert_close(joined, whole[0][4 * part:4 * part + 4])
+# ----------------------------------------------------------------------------- inference: whole volumes, sliding windows, segment, post-processing, pictures
+
+def test_predict_volume_is_slice_by_slice_resize_argmax_resize_back():
+    """Each slice resized to 32 x 32 as scipy.ndimage.zoom(order=0), segmented, the argmax zoomed back."""
+    torch.manual_seed(0)
+    model = bcp.UNet().eval()
+    volume = torch.rand(3, 21, 30)
+    prediction = data.segment_slices(model, volume, (32, 32))
+    resized = ndimage.zoom(volume.numpy(), (1, 32 / 21, 32 / 30), order=0)
+    with torch.no_grad():
+        labels = model(torch.from_numpy(resized)[:, None]).argmax(1).numpy()
+    assert prediction.shape == (3, 21, 30) and prediction.dtype == torch.long
+    np.testing.assert_array_equal(prediction.numpy(), ndimage.zoom(labels, (1, 21 / 32, 30 / 32), order=0))
+
+
+def test_window_starts_by_hand():
+    """UA-MT: ceil((size - window) / stride) + 1 windows, the last flush with the end."""
+    assert data.window_starts(100, 64, 18) == [0, 18, 36]
+    assert data.window_starts(101, 64, 18) == [0, 18, 36, 37]
+    assert data.window_starts(64, 64, 18) == [0]
+
+
+class WindowModel(torch.nn.Module):
+    """A stand-in network for sliding windows: a fixed 3D convolution of the window plus a ramp along
+    each axis of the window, so that two windows covering one voxel give it different probabilities."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv3d(1, 2, 3, padding=1)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.randn(self.conv.weight.shape, generator=torch.Generator().manual_seed(0)))
+
+    def forward(self, x):  # (B, 1, D1, D2, D3) -> (B, 2, D1, D2, D3)
+        ramps = [torch.linspace(-2, 2, n).view(-1, *[1] * (2 - axis)) * (axis + 1) for axis, n in enumerate(x.shape[2:])]
+        return self.conv(x) + torch.stack([sum(ramps), -sum(ramps)]).unsqueeze(0) * 0.5
+
+
+def test_strides_cover_every_voxel_or_are_refused(la_root, tmp_path, capsys):
+    """A stride larger than the window would leave voxels no window covers: refused by evaluate.py and
+    train.py in one line; the default (the authors' 18, 4) is cut to a smaller patch; the library raises."""
+    torch.save({"model": bcp.VNet().state_dict(), "flags": {"num_classes": 2, "patch_size": [32, 32, 16]}}, tmp_path / "v.pt")
+    with pytest.raises(SystemExit) as stop:
+        evaluate.main(["--root", str(la_root), "--checkpoint", str(tmp_path / "v.pt"), "--stride", "60", "30"])
+    assert stop.value.code == 2 and "--stride 60 30: larger than the window [32, 32, 16]" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train.parse_args(["--root", str(la_root), "--patch-size", "32", "32", "16", "--stride", "16", "20"])
+    assert "--stride 16 20: larger than the window [32, 32, 16]" in capsys.readouterr().err
+    assert train.parse_args(["--root", str(la_root), "--patch-size", "16", "32", "16"]).stride == [16, 4]
+    assert train.parse_args(["--root", str(la_root), "--patch-size", "32", "32", "16"]).stride == [18, 4]
+    with pytest.raises(ValueError, match="stride must lie in 1 .. the window"):
+        data.window_starts(100, 32, 40)
+    probabilities = data.sliding_window_probabilities(WindowModel().eval(), torch.randn(40, 40, 20), (16, 16, 16),
+                                                     data.window_strides(data.default_stride([16, 16, 16])))
+    assert torch.isfinite(probabilities).all()
+
+
+def test_sliding_window_is_the_direct_forward_when_the_volume_is_the_window():
+    model = bcp.VNet().eval()
+    image = torch.randn(32, 16, 16)
+    with torch.no_grad():
+        direct = model(image[None, None]).softmax(1)[0]
+    torch.testing.assert_close(data.sliding_window_probabilities(model, image, (32, 16, 16), (18, 18, 4)), direct)
+
+
+def test_sliding_window_pads_a_volume_smaller_than_the_window():
+    """A 32 x 12 x 16 volume under a 32 x 16 x 16 window: zero-padded by 2 on each side of axis 1 (UA-MT
+    pads evenly), one window, the result cropped back to 32 x 12 x 16."""
+    model = bcp.VNet().eval()
+    image = torch.randn(32, 12, 16)
+    with torch.no_grad():
+        expected = model(torch.nn.functional.pad(image, (0, 0, 2, 2))[None, None]).softmax(1)[0, :, :, 2:14]
+    probabilities = data.sliding_window_probabilities(model, image, (32, 16, 16), (18, 18, 4))
+    assert probabilities.shape == (2, 32, 12, 16)
+    torch.testing.assert_close(probabilities, expected)
+
+
+def test_overlapping_windows_average_the_probabilities():
+    """Windows overlapping on a 48-long axis (starts 0, 16, 32 for a 16 window, stride 16... and 8): each
+    voxel's probability is the mean over the windows that cover it, computed here window by window."""
+    model = bcp.VNet().eval()
+    image = torch.randn(48, 16, 16)
+    with torch.no_grad():
+        windows = {start: model(image[start:start + 32][None, None]).softmax(1)[0] for start in (0, 8, 16)}
+    total, count = torch.zeros(2, 48, 16, 16), torch.zeros(48, 1, 1)
+    for start, probs in windows.items():
+        total[:, start:start + 32] += probs
+        count[start:start + 32] += 1
+    torch.testing.assert_close(data.sliding_window_probabilities(model, image, (32, 16, 16), (8, 8, 8)), total / count)
+
+
+def authors_sliding_window(model, image, patch, stride_xy, stride_z):
+    """UA-MT's test_single_case (the BCP authors' LA test), in numpy: windows every stride along each
+    axis (xy, xy, z), the last flush with the end, softmax summed and divided by the count; argmax."""
+    ww, hh, dd = image.shape
+    starts = [[min(stride * i, size - p) for i in range(math.ceil((size - p) / stride) + 1)]
+              for size, p, stride in zip((ww, hh, dd), patch, (stride_xy, stride_xy, stride_z))]
+    score_map, count = np.zeros((2, ww, hh, dd)), np.zeros((ww, hh, dd))
+    for xs in starts[0]:
+        for ys in starts[1]:
+            for zs in starts[2]:
+                window = image[xs:xs + patch[0], ys:ys + patch[1], zs:zs + patch[2]]
+                with torch.no_grad():
+                    y = model(torch.from_numpy(np.ascontiguousarray(window))[None, None]).softmax(1)[0].numpy()
+                score_map[:, xs:xs + patch[0], ys:ys + patch[1], zs:zs + patch[2]] += y
+                count[xs:xs + patch[0], ys:ys + patch[1], zs:zs + patch[2]] += 1
+    return score_map / count
+
+
+def largest_connected_component(mask):
+    """The authors' getLargestCC, on scipy: the largest 26-connected component (ties to the first label)."""
+    labels, count = ndimage.label(mask, structure=np.ones((3, 3, 3)))
+    return labels == np.argmax(np.bincount(labels.ravel())[1:]) + 1 if count else mask
+
+
+def test_sliding_window_with_unequal_strides_matches_the_authors_loop():
+    """A 45 x 38 x 29 volume, a 20 x 16 x 12 window, strides 7, 5, 3 (5 x 6 x 7 = 210 windows, in batches
+    of 4, overlapping along every axis): the probabilities equal a window-by-window loop; then --stride
+    XY Z = 5 3 through segment equals the authors' loop with stride_xy 5, stride_z 3, and its largest
+    component."""
+    model = WindowModel().eval()
+    image = np.random.default_rng(0).normal(size=(45, 38, 29)).astype(np.float32)
+
+    def loop(strides):
+        starts = [data.window_starts(s, w, t) for s, w, t in zip(image.shape, (20, 16, 12), strides)]
+        total, count = np.zeros((2, *image.shape)), np.zeros(image.shape)
+        for corner in itertools.product(*starts):
+            box = tuple(slice(c, c + w) for c, w in zip(corner, (20, 16, 12)))
+            with torch.no_grad():
+                total[(slice(None), *box)] += model(torch.from_numpy(np.ascontiguousarray(image[box]))[None, None]).softmax(1)[0].numpy()
+            count[box] += 1
+        return total / count
+
+    assert [len(data.window_starts(s, w, t)) for s, w, t in zip(image.shape, (20, 16, 12), (7, 5, 3))] == [5, 6, 7]
+    ours = data.sliding_window_probabilities(model, torch.from_numpy(image), (20, 16, 12), (7, 5, 3)).numpy()
+    np.testing.assert_allclose(ours, loop((7, 5, 3)), atol=1e-6)
+    authors = authors_sliding_window(model, image, (20, 16, 12), 5, 3)
+    np.testing.assert_allclose(data.sliding_window_probabilities(model, torch.from_numpy(image), (20, 16, 12),
+                                                                data.window_strides((5, 3))).numpy(), authors, atol=1e-6)
+    labels = data.segment(model, torch.from_numpy(image), [20, 16, 12], (5, 3)).numpy()
+    np.testing.assert_array_equal(labels, largest_connected_component(authors.argmax(0) == 1))
 
 
 def test_probabilities_resampled_back_keep_a_thin_structure_that_nearest_labels_lose():
@@ -2352,13 +1775,13 @@ def test_probabilities_resampled_back_keep_a_thin_structure_that_nearest_labels_
     for axis in range(3):
         probabilities = torch.tensor([[0.45, 0.15], [0.40, 0.40], [0.15, 0.45]]).view(3, *[2 if a == axis else 1 for a in range(3)])
         size = [3 if a == axis else 1 for a in range(3)]
-        nearest = bcp.resample_labels(probabilities.argmax(0), size)
+        nearest = data.resample_labels(probabilities.argmax(0), size)
         assert (nearest == 1).sum() == 0
-        resampled = bcp.resample_argmax(probabilities, size)
+        resampled = data.resample_argmax(probabilities, size)
         assert resampled.flatten().tolist() == [0, 1, 2]
     probabilities = torch.rand(4, 9, 7, 11).softmax(0)
     whole = F.interpolate(probabilities[None], size=(13, 5, 17), mode="trilinear", align_corners=True)[0].argmax(0)
-    torch.testing.assert_close(bcp.resample_argmax(probabilities, (13, 5, 17), slab=4).long(), whole)
+    torch.testing.assert_close(data.resample_argmax(probabilities, (13, 5, 17), slab=4).long(), whole)
 
 
 def test_segment_takes_the_probabilities_back_to_the_scans_grid():
@@ -2371,8 +1794,21 @@ def test_segment_takes_the_probabilities_back_to_the_scans_grid():
         model.weight.copy_((probabilities[1] - probabilities[0]).view(3, 1, 1, 1, 1))
         model.bias.copy_(probabilities[0])
     image = torch.tensor([0.0, 1.0]).view(1, 1, 2)
-    labels = bcp.segment(model, image, [1, 1, 2], (1, 1), gaussian=False, keep_largest=[], size=(1, 1, 3))
+    labels = data.segment(model, image, [1, 1, 2], (1, 1), gaussian=False, keep_largest=[], size=(1, 1, 3))
     assert labels.flatten().tolist() == [0, 1, 2]
+
+
+def test_a_rescaled_model_segments_at_full_resolution():
+    """scale 0.5: the 32^3 volume is segmented at 16^3 and the probabilities resampled back (trilinear)
+    before the argmax and the largest component, so the labels have the volume's full size."""
+    model = bcp.VNet().eval()
+    image = torch.randn(32, 32, 32)
+    with torch.no_grad():
+        small = torch.nn.functional.interpolate(image[None, None], size=[16, 16, 16], mode="trilinear")
+        probabilities = torch.nn.functional.interpolate(model(small).softmax(1), size=[32, 32, 32], mode="trilinear")[0]
+    expected = bcp.keep_largest_components(probabilities.argmax(0)[None], [1])[0]
+    labels = data.segment(model, image, [16, 16, 16], (16, 16), scale=0.5)
+    assert labels.shape == (32, 32, 32) and torch.equal(labels, expected)
 
 
 def test_largest_component_is_kept_only_where_validation_gains():
@@ -2384,23 +1820,522 @@ def test_largest_component_is_kept_only_where_validation_gains():
     label[1:6, 12:18, 1:5] = 2
     prediction = label.clone()
     prediction[15:18, 1:3, 1:3] = 2  # spurious
-    classes, table = evaluate.classes_helped_by_largest_component([prediction, prediction], [label, label], 3)
+    largest = bcp.keep_largest_components(prediction[None], [1, 2])[0]
+    as_predicted, largest_only = (bcp.dice_per_class(p, label, 3, "nnunet").tolist() for p in (prediction, largest))
+    assert as_predicted[0] == 1.0 > largest_only[0] and as_predicted[1] < 1.0 == largest_only[1]
+    classes = data.helped_by_largest_component(as_predicted, largest_only)
     assert classes == [2]
-    (_, before_1, after_1), (_, before_2, after_2) = table
-    assert after_1 < before_1 == 1.0 and after_2 == 1.0 > before_2
-    kept = bcp.keep_largest_component(prediction, classes)
+    kept = bcp.keep_largest_components(prediction[None], classes)[0]
     assert torch.equal(kept, label)  # both components of class 1 stay
 
 
-def test_own_3d_val_cases_beyond_the_labeled_ones_are_refused(tmp_path, capsys):
-    own_3d_folder(tmp_path / "raw")
-    assert prepare_acdc.main(["--raw", str(tmp_path / "raw"), "--3d", "--out", str(tmp_path / "mine")]) == 0
+def test_png_writer_round_trip(tmp_path):
+    """Decode our PNG with zlib by hand: the pixels come back unchanged."""
+    rgb = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    pictures.write_png(tmp_path / "a.png", rgb)
+    png = (tmp_path / "a.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", png[16:24]) == (7, 5)
+    idat = png.index(b"IDAT")
+    length = struct.unpack(">I", png[idat - 4:idat])[0]
+    rows = np.frombuffer(zlib.decompress(png[idat + 4:idat + 4 + length]), np.uint8).reshape(5, 1 + 7 * 3)
+    assert (rows[:, 0] == 0).all()
+    np.testing.assert_array_equal(rows[:, 1:].reshape(5, 7, 3), rgb)
+
+
+# ----------------------------------------------------------------------------- training: train.py's flags, schedules, random streams, steps, runs, resume, stops; benchmark.py
+
+@pytest.mark.parametrize("flags,message", [
+    (["--iterations", "0"], "--iterations: must be at least 1"),
+    (["--iterations", "-5"], "--iterations: must be at least 1"),
+    (["--val-every", "0"], "--val-every: must be at least 1"),
+    (["--log-every", "0"], "--log-every: must be at least 1"),
+    (["--time-limit", "0.5"], "--time-limit: must be at least 1.0"),
+    (["--phase", "supervised", "--batch-size", "0"], "--batch-size: must be at least 1"),
+    (["--patch-size", "40"], "--patch-size must be a multiple of 16"),
+    (["--device", "banana"], "--device banana: not a device"),
+    (["--beta", "1.5"], "--beta must lie between 0 and 1"),
+    (["--resume", "--overwrite"], "give one"),
+    (["--scale", "0.5"], "--scale applies to 3D volumes only"),
+    (["--stride", "16", "8"], "--stride applies to 3D volumes only"),
+    (["--val-cases", "3"], "--val-cases applies to 3D volumes only"),
+    (["--standardize"], "--standardize applies to 3D volumes only"),
+    (["--schedule", "cpu", "--phase", "supervised"], "--schedule cpu times pre-training and self-training"),
+])
+def test_bad_flags_get_one_line_before_any_work(flags, message, capsys):
+    with pytest.raises(SystemExit) as stop:
+        train.parse_args(flags)
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert stop.value.code == 2 and message in error
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_device_without_cuda_is_one_line(capsys):
     with pytest.raises(SystemExit):
-        train.parse_args(["--root", str(tmp_path / "mine"), "--val-cases", "3"])
-    assert f"--val-cases 3: {tmp_path / 'mine'} holds 1 labeled validation cases" in capsys.readouterr().err
+        train.parse_args(["--device", "cuda"])
+    assert "CUDA is not available" in capsys.readouterr().err
 
 
-# ----------------------------------------------------------------------------- more than one process (issue 29)
+def test_la_defaults_are_the_authors_la_script(la_root):
+    args = train.parse_args(["--root", str(la_root), "--phase", "selftrain"])
+    assert (args.patch_size, args.batch_size, args.labeled_batch_size, args.iterations, args.lr_step) == ((112, 112, 80), 8, 4, 15000, 2500)
+    assert (args.dice_loss, args.selftrain_sgd, args.num_classes, args.labeled_patients) == ("la", "fresh", 2, 8)
+    assert train.parse_args(["--root", str(la_root), "--phase", "pretrain"]).pretrain_loss == "whole"
+    assert [train.learning_rate(args, t) for t in (1, 2500, 2501, 5001)] == pytest.approx([0.01, 0.01, 0.001, 0.0001])
+
+
+def test_cpu_schedule_sets_its_values_flags_win_and_paper_stays(synthetic_root, la_root):
+    acdc = train.parse_args(["--root", str(synthetic_root), "--phase", "selftrain", "--schedule", "cpu", "--batch-size", "8"])
+    assert (acdc.patch_size, acdc.iterations, acdc.labeled_batch_size, acdc.lr_decay) == ((160, 160), 4000, 6, "poly")
+    assert acdc.batch_size == 8 and "batch_size" not in acdc.set_by_schedule and "patch_size" in acdc.set_by_schedule
+    paper = train.parse_args(["--root", str(synthetic_root), "--phase", "selftrain"])
+    assert (paper.patch_size, paper.iterations, paper.batch_size, paper.lr_decay, paper.val_every) == ((256, 256), 30000, 24, "step", 200)
+    assert paper.set_by_schedule == []
+    la = train.parse_args(["--root", str(la_root), "--phase", "pretrain", "--schedule", "cpu"])
+    assert (la.patch_size, la.scale, la.standardize, la.iterations) == ((64, 64, 32), 0.5, True, 800)
+    assert train.parse_args(["--root", str(la_root), "--schedule", "cpu", "--no-standardize"]).standardize is False
+
+
+def test_poly_learning_rate_falls_to_zero_over_the_phase(synthetic_root):
+    args = train.parse_args(["--root", str(synthetic_root), "--schedule", "cpu", "--iterations", "100", "--lr", "0.02"])
+    rates = [train.learning_rate(args, t) for t in range(1, 101)]
+    assert rates[0] == 0.02 and rates[50] == pytest.approx(0.02 * 0.5 ** 0.9) and rates[-1] == pytest.approx(0.02 * 0.01 ** 0.9)
+    assert all(a > b for a, b in zip(rates, rates[1:]))
+
+
+def test_hour_eta_adds_the_self_training_to_come_only_while_pretraining(synthetic_root):
+    pretrain = train.parse_args(["--root", str(synthetic_root), "--schedule", "cpu", "--phase", "pretrain"])
+    measured, steps = train.CPU_SECONDS_PER_STEP["acdc"], train.CPU_SCHEDULE["acdc"]["iterations"]["selftrain"]
+    assert train.later_phases_seconds(pretrain, 2 * measured["pretrain"]) == pytest.approx(2 * steps * measured["selftrain"])
+    assert train.later_phases_seconds(train.parse_args(["--root", str(synthetic_root), "--schedule", "cpu", "--phase", "selftrain"]), 1.0) == 0
+
+
+def test_each_phase_draws_its_own_batches_and_masks(synthetic_root):
+    """Self-training's step t must not replay pre-training's step t (same labeled slices, same mask)."""
+    bank = data.Dataset(synthetic_root).bank(data.Dataset(synthetic_root).cases(2)[0], "cpu")
+    args = {phase: train.parse_args(["--phase", phase, *TINY]) for phase in ("pretrain", "selftrain")}
+    for step in (1, 2, 3):
+        assert not torch.equal(*[train.draw_batch(bank, step, 2, args[phase], train.LABELED)[0] for phase in args])
+    assert any(not torch.equal(*[train.draw_mask(step, args[phase], "cpu") for phase in args]) for step in range(1, 6))
+
+
+class BlockingCopies(TorchDispatchMode):
+    """Records each host -> device copy that makes the host wait for the device (non_blocking=False)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._to_copy.default:
+            source, target, blocking = args[0].device, kwargs.get("device", args[0].device), not kwargs.get("non_blocking")
+        elif func is torch.ops.aten.copy_.default:
+            source, target, blocking = args[1].device, args[0].device, not (args[2:] or [kwargs.get("non_blocking")])[0]
+        else:
+            return func(*args, **kwargs)
+        if source.type == "cpu" and target.type != "cpu" and blocking:
+            self.seen.append(func)
+        return func(*args, **kwargs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("phase", ["pretrain", "selftrain"])
+def test_a_step_never_waits_for_the_device(phase, monkeypatch):
+    """Batches, augmentation, mask, step, SGD and EMA on the meta device, which stands in for a GPU: it
+    holds no data, so any op that must read values on the host fails there, and every host -> device
+    copy is seen by the dispatcher. The teacher's connected components are the one part that reads
+    values (bcp.largest_component); here the pseudo-label is the plain argmax."""
+    monkeypatch.setattr(bcp, "pseudo_label", lambda logits: logits.argmax(1))
+    device = torch.device("meta")
+    rng = np.random.default_rng(0)
+    images = [rng.random(shape).astype(np.float32) for shape in [(37, 29), (20, 41), (32, 32), (30, 30)]]
+    bank = data.SliceBank(images, [(image * 4).astype(np.uint8) for image in images], device)
+    run = tiny_run(["--phase", phase, *TINY], bank, bank, device)
+    with BlockingCopies() as copies:
+        loss, _, _ = train.STEPS[phase](run, 7)
+    assert loss.device == device and copies.seen == []
+
+
+def test_models_run_channels_last_on_the_cpu_with_the_same_logits(synthetic_root, la_root):
+    for root, network, image, expected in ((synthetic_root, bcp.UNet, torch.rand(2, 1, 32, 32), torch.channels_last),
+                                           (la_root, bcp.VNet, torch.rand(2, 1, 32, 32, 16), torch.channels_last_3d)):
+        _, _, memory_format, _ = train.runtime(train.parse_args(["--root", str(root), "--device", "cpu"]))
+        assert memory_format == expected
+        torch.manual_seed(0)
+        model = network(num_classes=2).eval()
+        contiguous = model(image)
+        model.to(memory_format=memory_format)
+        assert next(w for w in model.parameters() if w.dim() == image.dim()).is_contiguous(memory_format=expected)
+        assert torch.allclose(model(image), contiguous, atol=1e-5)
+
+
+def final_weights(run, phase):
+    return data.load_checkpoint(run / phase / "last.pt")["model"]
+
+
+@pytest.mark.slow
+def test_resumed_training_ends_with_the_same_weights(synthetic_root, tmp_path):
+    """Pre-train 4 steps straight vs 2 steps + resume to 4; then self-train the same way. On the CPU
+    with one seed both runs must end with identical student weights (and teacher for self-training)."""
+    common = ["--root", str(synthetic_root), *TINY]
+    for phase in ("pretrain", "selftrain"):
+        train.main([*common, "--out", str(tmp_path / "straight"), "--phase", phase, "--iterations", "4"])
+        train.main([*common, "--out", str(tmp_path / "resumed"), "--phase", phase, "--iterations", "2"])
+        train.main([*common, "--out", str(tmp_path / "resumed"), "--phase", phase, "--iterations", "4", "--resume"])
+        straight, resumed = (data.load_checkpoint(tmp_path / run / phase / "last.pt") for run in ("straight", "resumed"))
+        assert resumed["iteration"] == 4
+        for part in ("model", "teacher") if phase == "selftrain" else ("model",):
+            for key, value in straight[part].items():
+                assert torch.equal(value, resumed[part][key]), (phase, part, key)
+    rows = [json.loads(line) for line in (tmp_path / "resumed" / "selftrain" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in rows if "loss" in r] == [1, 2, 3, 4]
+    assert all(r["time"] >= 0 and r["lr"] == 0.01 for r in rows if "loss" in r)
+    assert [r["iter"] for r in rows if "val_dice" in r] == [2, 4]
+
+
+@pytest.mark.slow
+def test_resume_survives_a_torn_metrics_line_and_refuses_other_flags(synthetic_root, tmp_path):
+    command = ["--root", str(synthetic_root), *TINY, "--out", str(tmp_path), "--phase", "pretrain", "--iterations", "2"]
+    train.main(command)
+    metrics = tmp_path / "pretrain" / "metrics.jsonl"
+    metrics.write_text(metrics.read_text() + '{"iter": 3, "lo')  # killed in the middle of a write
+    with pytest.raises(data.DataError, match=r"last\.pt: trained with --patch-size 32 32 \(now 64 64\)"):
+        train.main([*command[:-1], "4", "--resume", "--patch-size", "64"])
+    with pytest.raises(data.DataError, match=r"--labeled-patients 2 \(now 3\)"):
+        train.main([*command[:-1], "4", "--resume", "--labeled-patients", "3"])
+    train.main([*command[:-1], "4", "--resume"])
+    rows, torn = data.read_metrics(metrics)
+    assert torn == 0 and [r["iter"] for r in rows if "loss" in r] == [1, 2, 3, 4]
+    assert not list((tmp_path / "pretrain").glob("*.tmp"))
+
+
+@pytest.mark.slow
+def test_rerun_without_resume_leaves_the_run_untouched(synthetic_root, tmp_path):
+    """The same command again without --resume once overwrote best.pt and cut metrics.jsonl; now it
+    refuses, naming the folder, and every file is byte-identical. --overwrite starts again: a new log,
+    nothing of the old run's lines."""
+    command = ["--root", str(synthetic_root), *TINY, "--out", str(tmp_path), "--phase", "pretrain", "--iterations", "4"]
+    train.main(command)
+    run = tmp_path / "pretrain"
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    with pytest.raises(data.DataError, match="already holds a run.*--resume.*--overwrite"):
+        train.main([*command[:-1], "2"])
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+    train.main([*command[:-1], "2", "--overwrite"])
+    assert data.load_checkpoint(run / "last.pt")["iteration"] == 2
+    assert "iter 4" not in (run / "train.log").read_text() and "iter 2" in (run / "train.log").read_text()
+
+
+@pytest.mark.slow
+def test_time_limit_stops_cleanly_and_resume_ends_identical(synthetic_root, tmp_path, monkeypatch, capsys):
+    """A clock that advances 4 s at every reading and a 1-minute limit cut an 8-step pre-train
+    mid-way: last.pt is written, one line says where, the run returns normally. --resume then
+    ends with weights identical to an uninterrupted run."""
+    common = ["--root", str(synthetic_root), *TINY, "--phase", "pretrain", "--iterations", "8"]
+    train.main([*common, "--out", str(tmp_path / "straight")])
+    clock = iter(range(0, 10**6, 4))
+    monkeypatch.setattr(train, "time", SimpleNamespace(time=lambda: float(next(clock))))
+    train.main([*common, "--out", str(tmp_path / "cut"), "--time-limit", "1"])
+    stopped = data.load_checkpoint(tmp_path / "cut" / "pretrain" / "last.pt")["iteration"]
+    assert 1 <= stopped < 8
+    assert f"time limit: stopped at iteration {stopped} of 8; continue with --resume" in capsys.readouterr().out
+    monkeypatch.undo()
+    train.main([*common, "--out", str(tmp_path / "cut"), "--resume"])
+    straight, resumed = (data.load_checkpoint(tmp_path / run / "pretrain" / "last.pt") for run in ("straight", "cut"))
+    assert resumed["iteration"] == 8
+    for key, value in straight["model"].items():
+        assert torch.equal(value, resumed["model"][key]), key
+
+
+@pytest.mark.slow
+def test_selftrain_carries_the_pretrain_momentum(synthetic_root, tmp_path, capsys):
+    """From pretrain/best.pt the SGD momentum buffers come along (the authors' load_net_opt); from the
+    same weights without SGD state they start fresh. After one identical step the buffers differ by
+    exactly momentum * the pre-train's buffers (SGD: buffer = momentum * buffer + gradient)."""
+    common = ["--root", str(synthetic_root), *TINY]
+    train.main([*common, "--out", str(tmp_path), "--phase", "pretrain", "--iterations", "2"])
+    pretrained = data.load_checkpoint(tmp_path / "pretrain" / "best.pt")
+    torch.save({"model": pretrained["model"], "flags": pretrained["flags"]}, tmp_path / "weights_only.pt")
+    for run, init in (("with", tmp_path / "pretrain" / "best.pt"), ("without", tmp_path / "weights_only.pt")):
+        train.main([*common, "--out", str(tmp_path / run), "--phase", "selftrain", "--iterations", "1",
+                    "--val-every", "1", "--init", str(init)])
+    assert "holds no SGD state" in capsys.readouterr().out
+    carried, fresh = (data.load_checkpoint(tmp_path / run / "selftrain" / "last.pt")["optimizer"]["state"]
+                      for run in ("with", "without"))
+    for index, state in pretrained["optimizer"]["state"].items():
+        torch.testing.assert_close(carried[index]["momentum_buffer"] - fresh[index]["momentum_buffer"],
+                                   0.9 * state["momentum_buffer"], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("log_every", ["1", "5"])  # 5: the loss must still be checked before each checkpoint
+def test_nan_loss_stops_and_keeps_checkpoints(synthetic_root, tmp_path, capsys, log_every):
+    """A learning rate of 1e30 blows the loss up: the run stops with a message, last.pt stays loadable."""
+    args = ["--root", str(synthetic_root), *TINY, "--log-every", log_every, "--out", str(tmp_path), "--phase", "pretrain",
+            "--iterations", "2"]
+    train.main(args)
+    with pytest.raises(SystemExit):
+        train.main([*args[:-1], "6", "--resume", "--lr", "1e30"])
+    assert "stopping: the loss became" in capsys.readouterr().out
+    checkpoint = data.load_checkpoint(tmp_path / "pretrain" / "last.pt")
+    assert checkpoint["iteration"] == 2 and all(torch.isfinite(v).all() for v in checkpoint["model"].values() if v.is_floating_point())
+
+
+@pytest.mark.slow
+def test_nan_weights_never_reach_a_checkpoint(synthetic_root, tmp_path):
+    """--lr 1e9 with a validation every step: the weights turn non-finite a step before the loss
+    does. The run stops, and whatever checkpoint exists holds only finite numbers."""
+    with pytest.raises(SystemExit):
+        train.main(["--root", str(synthetic_root), *TINY, "--val-every", "1", "--lr", "1e9", "--out", str(tmp_path),
+                    "--phase", "pretrain", "--iterations", "8"])
+    checkpoints = list((tmp_path / "pretrain").glob("*.pt"))
+    assert checkpoints
+    for path in checkpoints:
+        assert train.all_finite(data.load_checkpoint(path)), path
+    assert "stopping" in (tmp_path / "pretrain" / "train.log").read_text()
+
+
+@pytest.mark.slow
+def test_a_picture_that_cannot_be_written_costs_nothing_else(synthetic_root, tmp_path, monkeypatch, capsys):
+    def fail(path, *args):
+        raise OSError(f"[Errno 28] No space left on device: '{path}'")
+    monkeypatch.setattr(pictures, "save_step_picture", fail)
+    train.main(["--root", str(synthetic_root), *TINY, "--out", str(tmp_path), "--phase", "pretrain", "--iterations", "4"])
+    assert data.load_checkpoint(tmp_path / "pretrain" / "last.pt")["iteration"] == 4
+    assert "could not write the step picture" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_the_fully_supervised_la_row_trains_and_selftrain_asks_for_unlabeled_cases(la_root, tmp_path):
+    """Every non-validation case labeled (6 + 2 of the 8 here, as 72 + 8 of LA's 80): --phase supervised
+    trains; self-training says it has no unlabeled case."""
+    flags = ["--root", str(la_root), *LA_TINY, "--labeled-patients", "6", "--out", str(tmp_path)]
+    train.main([*flags, "--phase", "supervised", "--iterations", "1", "--batch-size", "2"])
+    assert data.load_checkpoint(tmp_path / "supervised" / "last.pt")["iteration"] == 1
+    with pytest.raises(data.DataError, match="every training case is labeled; selftrain needs unlabeled ones"):
+        train.main([*flags, "--phase", "selftrain", "--iterations", "1"])
+
+
+@pytest.mark.slow
+def test_bf16_autocast_path_trains(synthetic_root, tmp_path):
+    """The GPU default (bf16 autocast) also runs on the CPU: two steps give a finite checkpoint whose
+    weights differ from the same two steps in fp32 (bf16 was used), though not by much."""
+    for precision in ("bf16", "fp32"):
+        train.main(["--root", str(synthetic_root), *TINY, "--out", str(tmp_path / precision), "--phase", "pretrain",
+                    "--iterations", "2", "--precision", precision])
+    bf16, fp32 = (data.load_checkpoint(tmp_path / p / "pretrain" / "last.pt") for p in ("bf16", "fp32"))
+    assert bf16["flags"]["precision"] == "bf16"
+    weights = [(bf16["model"][k], v) for k, v in fp32["model"].items() if v.is_floating_point()]
+    assert all(torch.isfinite(a).all() for a, _ in weights)
+    assert max((a - b).abs().max().item() for a, b in weights) > 0
+    assert all(torch.allclose(a, b, atol=0.05) for a, b in weights)
+
+
+@pytest.mark.slow
+def test_command_line_errors_are_one_line(synthetic_root, tmp_path):
+    """As a user runs them: an --out that cannot be written (under a file), a --root without lists, a
+    checkpoint that does not exist: exit status 1 and one line, no traceback."""
+    (tmp_path / "a_file").write_text("")
+    for command in (["train.py", "--root", str(synthetic_root), *TINY, "--out", str(tmp_path / "a_file" / "run")],
+                    ["train.py", "--root", str(tmp_path), *TINY, "--out", str(tmp_path / "run")],
+                    ["evaluate.py", "--root", str(synthetic_root), "--checkpoint", str(tmp_path / "missing.pt")]):
+        done = subprocess.run([sys.executable, *command], capture_output=True, text=True, cwd=Path(__file__).parent)
+        assert done.returncode == 1 and done.stderr.startswith("error: ") and done.stderr.count("\n") == 1, done.stderr
+
+
+@pytest.mark.slow
+def test_step_benchmark_runs_every_phase(synthetic_root, monkeypatch, capsys):
+    """benchmark.py steps end to end on the tiny set: one row per phase, positive times."""
+    monkeypatch.setattr("sys.argv", ["benchmark.py", "steps", "--root", str(synthetic_root), "--patch-size", "32",
+                                     "--batch-size", "4", "--labeled-batch-size", "2", "--labeled-patients", "2", "--steps", "16"])
+    benchmark.main()
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[-3:]]
+    assert [row[0] for row in rows] == ["supervised", "pretrain", "selftrain"]
+    assert all(float(value) > 0 for row in rows for value in row[1:])
+
+
+@pytest.mark.slow
+def test_pseudo_label_benchmark_runs(synthetic_root, tmp_path, monkeypatch, capsys):
+    train.main(["--root", str(synthetic_root), *TINY, "--out", str(tmp_path), "--phase", "pretrain", "--iterations", "1"])
+    monkeypatch.setattr("sys.argv", ["benchmark.py", "pseudo-labels", "--root", str(synthetic_root), "--patch-size", "32",
+                                     "--checkpoint", str(tmp_path / "pretrain" / "best.pt"), "--steps", "3"])
+    benchmark.main()
+    assert "ms per pseudo-label of 6 images at 32 x 32" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_sliding_window_benchmark_runs(la_root, tmp_path, monkeypatch, capsys):
+    train.main(["--root", str(la_root), *LA_TINY, "--out", str(tmp_path), "--phase", "pretrain", "--iterations", "1"])
+    monkeypatch.setattr("sys.argv", ["benchmark.py", "sliding-window", "--root", str(la_root), "--checkpoint",
+                                     str(tmp_path / "pretrain" / "best.pt"), "--stride", "16", "16", "--volumes", "1"])
+    benchmark.main()
+    assert re.search(r"strides \(16, 16, 16\), scale 1.0: [0-9.]+ s per volume \([0-9]+ windows", capsys.readouterr().out)
+
+
+# ----------------------------------------------------------------------------- evaluation: evaluate.py's scores, json, --predict, --kde, exports; the README's reading route
+
+@pytest.mark.slow
+def test_supervised_phase_and_evaluation_json(synthetic_root, tmp_path, capsys):
+    train.main(["--root", str(synthetic_root), *TINY, "--out", str(tmp_path), "--phase", "supervised", "--iterations", "2"])
+    scores_path = tmp_path / "scores.json"
+    evaluate.main(["--root", str(synthetic_root), "--checkpoint", str(tmp_path / "supervised" / "best.pt"),
+                   "--json", str(scores_path), "--save-png", str(tmp_path / "pictures"), "--kde", str(tmp_path / "kde")])
+    scores = json.loads(scores_path.read_text())
+    evaluate.main(["--root", str(synthetic_root), "--checkpoint", str(tmp_path / "supervised" / "best.pt"),
+                   "--export", str(tmp_path / "small.pt")])
+    evaluate.main(["--root", str(synthetic_root), "--checkpoint", str(tmp_path / "small.pt"), "--json", str(tmp_path / "small.json")])
+    small = json.loads((tmp_path / "small.json").read_text())
+    full, half = (data.load_model(path)[0].eval() for path in (tmp_path / "supervised" / "best.pt", tmp_path / "small.pt"))
+    slices = torch.cat([data.resize_nearest(torch.from_numpy(image), 32, 32) for _, image, _ in data.Dataset(synthetic_root).volumes(data.read_list(synthetic_root, "test.list"))])
+    with torch.no_grad():  # fp16 weights, cast back to float32, give the same probabilities to rounding
+        probabilities = [model(slices[:, None]).softmax(1) for model in (full, half)]
+    assert (probabilities[0] - probabilities[1]).abs().max() < 1e-2
+    assert not all(torch.equal(a, b) for a, b in zip(full.state_dict().values(), half.state_dict().values()))
+    assert small["mean"]["dice"] == pytest.approx(scores["mean"]["dice"], abs=1.0)
+    assert scores["volumes"] == 4 and scores["split"] == "test"
+    assert set(scores["per_class"]) == {"RV", "Myo", "LV"} and set(scores["mean"]) == {"dice", "jaccard", "hd95", "asd"}
+    assert 0 <= scores["empty_predictions"] <= 12 and 0 <= scores["mean"]["dice"] <= 100
+    assert "do not apply" in capsys.readouterr().out
+    assert len(list((tmp_path / "pictures").glob("*.png"))) == 4
+    assert (tmp_path / "kde" / "kde.csv").read_text().splitlines()[0] == "x,labeled,unlabeled"
+    assert (tmp_path / "kde" / "kde.svg").read_text().count("<polyline") == 2
+    assert len(list((tmp_path / "supervised" / "pictures").glob("iter_*.png"))) == 1
+
+
+@pytest.mark.slow
+def test_la_end_to_end_on_synthetic_phantoms(la_root, tmp_path, capsys):
+    """pretrain -> selftrain -> evaluate (test.list and the held-aside val cases) -> --predict on a NIfTI
+    copy of a case, whose label map matches the evaluation's segmentation of the h5 copy."""
+    common = ["--root", str(la_root), *LA_TINY, "--out", str(tmp_path)]
+    train.main([*common, "--phase", "pretrain", "--iterations", "2"])
+    train.main([*common, "--phase", "selftrain", "--iterations", "2"])
+    log = (tmp_path / "selftrain" / "train.log").read_text()
+    assert "2 labeled images (2 patients), 4 unlabeled, 2 validation cases held aside" in log
+    rows = [json.loads(line) for line in (tmp_path / "selftrain" / "metrics.jsonl").read_text().splitlines()]
+    assert all(0 <= r["pseudo_dice"] <= 1 for r in rows if "loss" in r) and len(rows) == 3
+    assert "pseudo-label Dice" in (tmp_path / "selftrain" / "curves.svg").read_text()
+    checkpoint = tmp_path / "selftrain" / "best.pt"
+    evaluate.main(["--root", str(la_root), "--checkpoint", str(checkpoint), "--stride", "16", "16",
+                   "--json", str(tmp_path / "test.json"), "--save-png", str(tmp_path / "png")])
+    scores = json.loads((tmp_path / "test.json").read_text())
+    assert scores["volumes"] == 2 and list(scores["per_class"]) == ["LA"] and 0 <= scores["mean"]["dice"] <= 100
+    assert sorted(p.stem for p in (tmp_path / "png").iterdir()) == data.read_list(la_root, "test.list")
+    evaluate.main(["--root", str(la_root), "--split", "val", "--checkpoint", str(checkpoint), "--stride", "16", "16"])
+    assert "on " + str(la_root) + " val: 2 volumes" in capsys.readouterr().out
+
+    case = data.read_list(la_root, "train.list")[0]
+    _, image, _ = data.Dataset(la_root).volumes([case])[0]
+    nibabel.save(nibabel.Nifti1Image(image, np.diag([0.625, 0.625, 0.625, 1])), tmp_path / f"{case}.nii.gz")
+    evaluate.main(["--checkpoint", str(checkpoint), "--predict", str(tmp_path / f"{case}.nii.gz"),
+                   "--out", str(tmp_path / "labels"), "--stride", "16", "16", "--windows", "authors"])
+    predicted = np.asarray(nibabel.load(tmp_path / "labels" / f"{case}.nii.gz").dataobj)
+    model, _ = data.load_model(checkpoint)
+    expected = largest_connected_component(authors_sliding_window(model.eval(), image, (32, 32, 16), 16, 16).argmax(0) == 1)
+    assert predicted.shape == image.shape and expected.any() and (predicted != expected).mean() < 1e-3
+
+
+@pytest.mark.slow
+def test_nan_in_a_test_volume_stops_evaluation_naming_it(synthetic_root, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(synthetic_root, copy)
+    volume = (copy / "test.list").read_text().split()[0]
+    with h5py.File(copy / "data" / f"{volume}.h5", "r+") as f:
+        f["image"][0, :4, :4] = np.nan
+    run = tmp_path / "run"
+    train.main(["--root", str(copy), *TINY, "--out", str(run), "--phase", "supervised", "--iterations", "1"])
+    with pytest.raises(data.DataError, match=f"{volume}.h5: the image holds 16 NaN"):
+        evaluate.main(["--root", str(copy), "--checkpoint", str(run / "supervised" / "best.pt")])
+
+
+@pytest.mark.slow
+def test_unwritable_outputs_fail_before_the_evaluation(synthetic_root, tmp_path, capsys):
+    train.main(["--root", str(synthetic_root), *TINY, "--out", str(tmp_path), "--phase", "supervised", "--iterations", "1"])
+    (tmp_path / "a_file").write_text("")
+    capsys.readouterr()
+    with pytest.raises(OSError, match="a_file"):
+        evaluate.main(["--root", str(synthetic_root), "--checkpoint", str(tmp_path / "supervised" / "best.pt"),
+                       "--json", str(tmp_path / "a_file" / "scores.json")])
+    assert capsys.readouterr().out == ""  # nothing was evaluated
+
+
+@pytest.mark.slow
+def test_predicted_nifti_keeps_the_scans_geometry(synthetic_root, tmp_path):
+    """A scan with a rotated, anisotropic affine (qform and sform) written by nibabel: the label map
+    read back by nibabel has the scan's shape, affine, pixdim, qform/sform codes, and our labels."""
+    train.main(["--root", str(synthetic_root), *TINY, "--out", str(tmp_path), "--phase", "supervised", "--iterations", "1"])
+    angle = 0.3
+    affine = np.array([[1.4 * math.cos(angle), -1.4 * math.sin(angle), 0, -80.5],
+                       [1.4 * math.sin(angle), 1.4 * math.cos(angle), 0, 20.0],
+                       [0, 0, 8.0, -33.0], [0, 0, 0, 1]])
+    array = np.random.default_rng(0).random((40, 36, 5)).astype(np.float32) * 300
+    scan = nibabel.Nifti1Image(array, affine)
+    scan.set_qform(affine, code=1)
+    scan.set_sform(affine, code=2)
+    nibabel.save(scan, tmp_path / "scan.nii.gz")
+    scan = nibabel.load(tmp_path / "scan.nii.gz")
+    evaluate.main(["--checkpoint", str(tmp_path / "supervised" / "best.pt"), "--predict", str(tmp_path / "scan.nii.gz"),
+                   "--out", str(tmp_path / "labels")])
+    labels = nibabel.load(tmp_path / "labels" / "scan.nii.gz")
+    assert labels.shape == scan.shape and labels.get_data_dtype() == np.uint8
+    np.testing.assert_allclose(labels.affine, scan.affine, atol=1e-5)
+    for field in ("pixdim", "qform_code", "sform_code", "quatern_b", "quatern_c", "quatern_d",
+                  "qoffset_x", "qoffset_y", "qoffset_z", "srow_x", "srow_y", "srow_z"):
+        np.testing.assert_array_equal(labels.header[field], scan.header[field], err_msg=field)
+    ours = data.read_nifti(tmp_path / "labels" / "scan.nii.gz")
+    np.testing.assert_array_equal(np.asarray(labels.dataobj), ours.transpose(2, 1, 0))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind,message", [("4d", "a 4D image"), ("complex", "complex-valued"), ("text", "not a NIfTI-1 file")])
+def test_predict_refuses_what_it_cannot_segment(synthetic_root, tmp_path, kind, message):
+    train.main(["--root", str(synthetic_root), *TINY, "--out", str(tmp_path), "--phase", "supervised", "--iterations", "1"])
+    scan = tmp_path / "scans" / "bad.nii.gz"
+    scan.parent.mkdir()
+    if kind == "text":
+        scan.write_bytes(gzip.compress(b"hello" * 100))
+    else:
+        array = np.ones((8, 8, 3, 2), np.float32) if kind == "4d" else np.ones((8, 8, 3), np.complex64)
+        nibabel.save(nibabel.Nifti1Image(array, np.eye(4)), scan)
+    with pytest.raises(data.DataError, match=f"bad.nii.gz: .*{message}"):
+        evaluate.main(["--checkpoint", str(tmp_path / "supervised" / "best.pt"), "--predict", str(scan.parent),
+                       "--out", str(tmp_path / "labels")])
+    assert list((tmp_path / "labels").iterdir()) == []  # nothing written, not even half a file
+
+
+@pytest.mark.slow
+def test_predict_refuses_a_scan_with_nan_voxels(synthetic_root, tmp_path):
+    train.main(["--root", str(synthetic_root), *TINY, "--out", str(tmp_path), "--phase", "pretrain", "--iterations", "1"])
+    scan = np.ones((4, 32, 32), np.float32)
+    scan[1, 2, 3] = np.nan
+    nibabel.save(nibabel.Nifti1Image(scan, np.eye(4)), tmp_path / "scan.nii.gz")
+    with pytest.raises(data.DataError, match=re.escape(str(tmp_path / "scan.nii.gz")) + ": 1 NaN or infinite voxels"):
+        evaluate.main(["--checkpoint", str(tmp_path / "pretrain" / "best.pt"), "--predict", str(tmp_path / "scan.nii.gz"),
+                       "--out", str(tmp_path / "labels")])
+    assert not any((tmp_path / "labels").iterdir())
+
+
+def test_gaussian_kde_matches_scipy():
+    from scipy.stats import gaussian_kde
+    samples, grid = np.random.default_rng(0).normal(size=50), np.linspace(-3, 3, 41)
+    np.testing.assert_allclose(evaluate.gaussian_kde(samples, grid), gaussian_kde(samples)(grid), rtol=1e-10)
+
+
+def test_readme_reading_route_points_at_whole_blocks_of_code():
+    """Each "`file.py` lines A–B" of the README's reading route starts at a top-level line after a blank
+    or a section rule, ends before a blank line, and holds the first name the route gives for it."""
+    readme = (Path(__file__).parent / "README.md").read_text()
+    route = re.findall(r"`(\w+\.py)` lines (\d+)–(\d+)[,:]? [^`]*`(\w+)`", readme)
+    assert len(route) >= 4
+    for file, start, end, name in route:
+        lines = (Path(__file__).parent / file).read_text().splitlines()
+        start, end = int(start), int(end)
+        block = "\n".join(lines[start - 1:end])
+        assert lines[start - 1][:1] not in ("", " ") and (lines[start - 2] == "" or lines[start - 2].startswith("# ---")), (file, start)
+        assert lines[end] == "", (file, end)
+        assert f"def {name}(" in block or f"{name} = " in block, (file, start, end, name)
+
+
+# ----------------------------------------------------------------------------- torchrun: more than one process
 
 TORCHRUN = ["--batch-size", "8", "--labeled-batch-size", "4", "--patch-size", "32", "--labeled-patients", "2",
             "--log-every", "1", "--device", "cpu"]
@@ -2418,18 +2353,19 @@ def torchrun(arguments, processes=2, cwd=Path(__file__).parent, env=None):
 def assert_same_runs(one, two, phase, parts=("model",)):
     """Losses and (selftrain) the pseudo-labels' Dice row by row, and the last weights, within 1e-5
     (relative; float sums in another order)."""
-    rows = [train.read_metrics(run / phase / "metrics.jsonl")[0] for run in (one, two)]
+    rows = [data.read_metrics(run / phase / "metrics.jsonl")[0] for run in (one, two)]
     for key in ("loss", "pseudo_dice") if phase == "selftrain" else ("loss",):
         logged = [[r[key] for r in run_rows if key in r] for run_rows in rows]
         assert len(logged[0]) == len(logged[1]) > 0, key
         np.testing.assert_allclose(logged[1], logged[0], rtol=1e-5, err_msg=key)
-    first, second = (bcp.load_checkpoint(run / phase / "last.pt") for run in (one, two))
+    first, second = (data.load_checkpoint(run / phase / "last.pt") for run in (one, two))
     for part in parts:
         for key, value in first[part].items():
             if value.is_floating_point():
                 torch.testing.assert_close(second[part][key], value, rtol=1e-5, atol=1e-6, msg=f"{phase} {part} {key}")
 
 
+@pytest.mark.slow
 def test_two_processes_under_torchrun_train_as_one(synthetic_root, tmp_path):
     """Pre-train then self-train 3 steps, by one process and by two under torchrun (gloo), the same
     flags: each half-batch shared, BN statistics and the loss's sums over the whole batch, dropout masks
@@ -2447,6 +2383,7 @@ def test_two_processes_under_torchrun_train_as_one(synthetic_root, tmp_path):
         assert len(log) == len(set(log)) and sum(line.startswith("iter 3 | val Dice") for line in log) == 1
 
 
+@pytest.mark.slow
 def test_a_run_cut_by_the_time_limit_under_torchrun_resumes_to_the_straight_runs_weights(synthetic_root, tmp_path):
     """A clock that advances 10 s at each reading (in the worker processes) and a 1-minute limit cut an
     8-step pre-training under torchrun: every process stops at the step rank 0 chose. Resumed under
@@ -2463,10 +2400,10 @@ def test_a_run_cut_by_the_time_limit_under_torchrun_resumes_to_the_straight_runs
     torchrun([*common, "--out", str(tmp_path / "straight")])
     cut = torchrun([*common, "--out", str(tmp_path / "cut"), "--time-limit", "1"],
                    env={"PYTHONPATH": f"{clock.parent}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "FAKE_CLOCK": "1"})
-    stopped = bcp.load_checkpoint(tmp_path / "cut" / "pretrain" / "last.pt")["iteration"]
+    stopped = data.load_checkpoint(tmp_path / "cut" / "pretrain" / "last.pt")["iteration"]
     assert 1 <= stopped < 8 and f"time limit: stopped at iteration {stopped} of 8" in cut.stdout
     torchrun([*common, "--out", str(tmp_path / "cut"), "--resume"])
-    assert bcp.load_checkpoint(tmp_path / "cut" / "pretrain" / "last.pt")["iteration"] == 8
+    assert data.load_checkpoint(tmp_path / "cut" / "pretrain" / "last.pt")["iteration"] == 8
     assert_same_runs(tmp_path / "straight", tmp_path / "cut", "pretrain")
 
 
@@ -2480,3 +2417,117 @@ def test_a_batch_that_the_processes_cannot_share_is_refused(phase, flags, messag
     with pytest.raises(SystemExit):
         train.parse_args(["--phase", phase, *flags])
     assert message in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- cuda: on a GPU against the CPU (python -m pytest -q -k cuda test_bcp.py)
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.slow
+@needs_cuda
+def test_cuda_selftrain_step_in_bf16_matches_the_cpu_in_fp32(synthetic_root):
+    """One self-train step from the same weights and draws, models in eval mode (dropout would draw
+    different masks on the two devices): the CUDA bf16 loss is within 0.05 of the CPU fp32 loss (bf16
+    keeps 8 bits of mantissa, and a few pseudo-label pixels may flip)."""
+    names = data.Dataset(synthetic_root).cases(2)[:2]
+    losses = {}
+    for device, precision in (("cpu", "fp32"), ("cuda", "bf16")):
+        banks = [data.Dataset(synthetic_root).bank(n, device) for n in names]
+        torch.manual_seed(0)
+        run = tiny_run([*TINY, "--phase", "selftrain", "--device", device, "--precision", precision], *banks, device)
+        run.autocast = train.runtime(run.args)[1]
+        run.student.eval(), run.teacher.eval()
+        losses[device] = train.selftrain_step(run, 3)[0].item()
+    assert losses["cuda"] == pytest.approx(losses["cpu"], abs=0.05)
+
+
+@needs_cuda
+def test_cuda_pseudo_labels_equal_the_cpu():
+    """The connected components on the GPU, 2D slices and 3D crops, and the 2D pseudo-labels: equal."""
+    for shape in ((64, 80), (24, 30, 20)):
+        masks = torch.from_numpy(np.stack([random_blobs(shape, seed, threshold=0.5) for seed in range(6)]))
+        assert torch.equal(bcp.largest_component(masks.cuda()).cpu(), bcp.largest_component(masks)), shape
+    logits = torch.nn.functional.avg_pool2d(torch.randn(6, 4, 64, 80, generator=torch.Generator().manual_seed(0)), 5, 1, 2)
+    assert torch.equal(bcp.pseudo_label(logits.cuda()).cpu(), bcp.pseudo_label(logits))
+
+
+# TF32 convolutions (cuDNN's default, and train.py's on CUDA, as the authors) round their inputs to 10
+# bits of mantissa: probabilities may move by up to this much, and a label only where the CPU's two
+# most likely classes are closer than CUDA_LABEL_MARGIN.
+CUDA_PROBABILITY_TOLERANCE, CUDA_LABEL_MARGIN = 0.02, 0.05
+
+
+@pytest.mark.slow
+@needs_cuda
+@pytest.mark.parametrize("layout", ["acdc", "la"])
+def test_cuda_evaluation_matches_the_cpu_voxel_by_voxel(layout, synthetic_root, la_root, tmp_path):
+    """A trained model's probabilities on the validation volumes (ACDC: the resized slices; LA: the
+    sliding window's average) on CUDA within CUDA_PROBABILITY_TOLERANCE of the CPU's, and evaluate.py's
+    labels equal wherever the CPU's margin is larger than CUDA_LABEL_MARGIN."""
+    root, flags = (synthetic_root, TINY) if layout == "acdc" else (la_root, LA_TINY)
+    train.main(["--root", str(root), *flags, "--out", str(tmp_path), "--phase", "supervised", "--iterations", "8"])
+    args = train.parse_args(["--root", str(root), *flags, "--phase", "supervised"])
+    _, _, volumes, _, _ = train.load_data(args, torch.device("cpu"))
+    models = {device: data.load_model(tmp_path / "supervised" / "best.pt", device)[0].eval() for device in ("cpu", "cuda")}
+    for image, _ in volumes:
+        probabilities, labels = {}, {}
+        for device, model in models.items():
+            with torch.no_grad():
+                if layout == "acdc":
+                    probabilities[device] = model(data.resize_nearest(image.to(device), 32, 32)[:, None]).softmax(1).cpu()
+                else:
+                    probabilities[device] = data.sliding_window_probabilities(model, image.to(device), (32, 32, 16), (16, 16, 16)).cpu()
+                labels[device] = data.segment(model, image.to(device), args.patch_size, args.stride).cpu()
+        assert (probabilities["cuda"] - probabilities["cpu"]).abs().max() < CUDA_PROBABILITY_TOLERANCE
+        top2 = probabilities["cpu"].topk(2, dim=1 if layout == "acdc" else 0).values
+        clear = (top2.select(1 if layout == "acdc" else 0, 0) - top2.select(1 if layout == "acdc" else 0, 1)) > CUDA_LABEL_MARGIN
+        if layout == "acdc":  # the margin on the 32 x 32 grid, taken back to the slice's grid as the labels are
+            clear = data.resize_nearest(clear, *image.shape[-2:])
+        assert torch.equal(labels["cuda"][clear], labels["cpu"][clear])
+
+
+@pytest.mark.slow
+@needs_cuda
+@pytest.mark.parametrize("layout", ["acdc", "la"])
+def test_cuda_selftrain_step_in_train_mode_matches_the_cpu(layout, synthetic_root, la_root, tmp_path, monkeypatch):
+    """One self-train step from the same weights and draws, the teacher in train mode (batch
+    statistics) as in training, fp32 without TF32, dropout at p = 0 (the devices draw other masks):
+    after the pseudo-labels, SGD and the EMA, CUDA's student and teacher (BN statistics included) equal
+    the CPU's within 1e-4 (float sums in another order)."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    root, flags = (synthetic_root, TINY) if layout == "acdc" else (la_root, LA_TINY)
+    states = {}
+    for device in ("cpu", "cuda"):
+        run = step_setup(root, flags, "selftrain", tmp_path / device, device)
+        for module in [*run.student.modules(), *run.teacher.modules()]:
+            if isinstance(module, bcp.WholeBatchDropout):
+                module.p = 0.0
+        assert run.teacher.training
+        train.selftrain_step(run, 3)
+        states[device] = {part: {k: v.cpu() for k, v in model.state_dict().items() if v.is_floating_point()}
+                          for part, model in (("student", run.student), ("teacher", run.teacher))}
+    for part in ("student", "teacher"):
+        for key, value in states["cpu"][part].items():
+            torch.testing.assert_close(states["cuda"][part][key], value, atol=1e-4, rtol=1e-3, msg=f"{part} {key}")
+
+
+@pytest.mark.slow
+@needs_cuda
+def test_cuda_compiled_run_cut_by_the_time_limit_resumes_to_the_straight_runs_weights(synthetic_root, tmp_path, monkeypatch):
+    """--compile on CUDA: 12 pre-train steps straight, and cut by a 1-minute limit on a clock that
+    advances 4 s a reading, then resumed: the same weights within 1e-5 (cuDNN's backward may sum in
+    another order from run to run)."""
+    common = ["--root", str(synthetic_root), *TINY, "--device", "cuda", "--phase", "pretrain", "--iterations", "12", "--compile"]
+    train.main([*common, "--out", str(tmp_path / "straight")])
+    clock = iter(range(0, 10**6, 4))
+    monkeypatch.setattr(train, "time", SimpleNamespace(time=lambda: float(next(clock))))
+    train.main([*common, "--out", str(tmp_path / "cut"), "--time-limit", "1"])
+    assert data.load_checkpoint(tmp_path / "cut" / "pretrain" / "last.pt")["iteration"] < 12
+    monkeypatch.undo()
+    train.main([*common, "--out", str(tmp_path / "cut"), "--resume"])
+    straight, resumed = (data.load_checkpoint(tmp_path / run / "pretrain" / "last.pt") for run in ("straight", "cut"))
+    assert resumed["iteration"] == 12 and train.all_finite(resumed["model"])
+    for key, value in straight["model"].items():
+        torch.testing.assert_close(resumed["model"][key], value, atol=1e-5, rtol=1e-4, msg=key)

@@ -28,17 +28,20 @@ import numpy as np
 import torch
 
 import bcp
-import evaluate
+import data
+import pictures
 
-# The method's constants, the authors' values: the same in their ACDC and their LA script.
+# The authors' values, the same in their ACDC and their LA script: the method's constants, SGD's, and
+# how often to validate. lr_decay "step" divides the lr by 10 every lr_step steps (DEFAULTS: ACDC's
+# lr_step 0, a constant lr; LA's 2,500 in self-training).
 METHOD = {
     "u_weight": 0.5,       # alpha (Eq. 6): the weight of the loss terms of a region whose target is a pseudo-label
                            # (ground truth's: 1); constant from the first step, not ramped up as in Mean Teacher
     "ema_decay": 0.99,     # teacher <- decay * teacher + (1 - decay) * student, after every self-train step
     "beta": 2 / 3,         # M's zero box is int(beta * s) along each axis of size s of the patch
-    "lr": 0.01,            # SGD's learning rate; on LA's self-training divided by 10 every lr_step steps (below)
+    "lr": 0.01,            # SGD's learning rate, at the first step
     "momentum": 0.9, "weight_decay": 1e-4,  # SGD's
-    "lr_decay": "step", "val_every": 200,   # lr_step's rule (not poly's); validate and keep the best every 200 steps
+    "lr_decay": "step", "val_every": 200,   # the lr's rule (not poly's); validate and keep the best every 200 steps
 }
 # The authors' settings where their ACDC and LA scripts differ. Per-phase values are dicts. batch_size
 # is the images of a supervised or selftrain step; pretrain draws labeled_batch_size images only (its
@@ -159,65 +162,46 @@ def parse_args(argv=None):
     p.add_argument("--init", help="selftrain: start student, teacher (and SGD state) from this checkpoint "
                                   "(default <out>/pretrain/best.pt)")
     args = p.parse_args(argv)
-    bcp.check_layout(args.root)
-    args.dataset = "la" if bcp.is_la_layout(args.root) else "acdc"
-    own_data = bcp.dataset_info(args.root)  # written by prepare_acdc.py --raw for your own scans
+    dataset = data.Dataset(args.root)  # the one description of --root, used by everything below
+    args.layout = dataset.layout
     if args.schedule == "cpu" and args.phase == "supervised":
         p.error("--schedule cpu times pre-training and self-training; --phase supervised takes the paper's settings")
-    schedule = CPU_SCHEDULE[args.dataset] if args.schedule == "cpu" else {}
-    defaults = dict(METHOD, **DEFAULTS[args.dataset]) | schedule
-    defaults["num_classes"] = own_data.get("num_classes", defaults["num_classes"])
-    own_labeled = None
-    if own_data and args.dataset == "la":  # your own 3D scans: train.list = labeled, unlabeled, validation cases
-        defaults |= {"val_cases": own_data["val_cases"], "foreground_crops": OWN_FOREGROUND_CROPS,
-                     "scale": 1.0, "standardize": False}  # prepare_acdc.py set the spacing and the intensities
-        if args.standardize:
-            p.error(f"--standardize: prepare_acdc.py already normalised the intensities of {args.root}")
-        if (args.val_cases or 0) > own_data["val_cases"]:
-            p.error(f"--val-cases {args.val_cases}: {args.root} holds {own_data['val_cases']} labeled validation cases "
-                    f"(prepare_acdc.py --val-fraction sets them)")
-        own_labeled = len(bcp.read_list(args.root, "train.list")) - len(own_data["unlabeled"]) - own_data["val_cases"]
-    elif own_data:
-        own_labeled = len(bcp.labeled_patients(args.root))
-    if own_labeled is not None:
-        defaults["labeled_patients"] = own_labeled
-        if (args.labeled_patients or 0) > own_labeled:
-            p.error(f"--labeled-patients {args.labeled_patients}: {args.root} has {own_labeled} labeled training cases")
+    schedule = CPU_SCHEDULE[dataset.layout] if args.schedule == "cpu" else {}
+    defaults = dict(METHOD, **DEFAULTS[dataset.layout]) | schedule | own_data_defaults(dataset, args, p)
     for key in LA_ONLY:
-        if args.dataset != "la" and getattr(args, key) is not None:
-            p.error(f"--{key.replace('_', '-')} applies to LA (3D) only; {args.root} holds 2D slices (the ACDC layout)")
+        if dataset.dims == 2 and getattr(args, key) is not None:
+            p.error(f"--{key.replace('_', '-')} applies to 3D volumes only; {args.root} holds 2D slices (the ACDC layout)")
     args.set_by_schedule = sorted(key for key, value in schedule.items() if getattr(args, key) is None and defaults[key] == value)
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value[args.phase] if isinstance(value, dict) else value)
-    args.out = args.out or f"runs/{args.dataset}_{args.labeled_patients}"
-    dims = 3 if args.dataset == "la" else 2
-    if len(args.patch_size) not in (1, dims):
-        p.error(f"--patch-size takes 1 or {dims} numbers on {args.dataset.upper()}, got {len(args.patch_size)}")
-    args.patch_size = args.patch_size[0] if dims == 2 else args.patch_size * (3 // len(args.patch_size))
-    if any(size % 16 for size in bcp.patch_shape(args.patch_size)):
-        p.error(f"--patch-size must be a multiple of 16 (the network halves it four times), got {args.patch_size}")
+    args.out = args.out or f"runs/{dataset.layout}_{args.labeled_patients}"
+    if len(args.patch_size) not in (1, dataset.dims):
+        p.error(f"--patch-size takes 1 or {dataset.dims} numbers on {args.root}, got {len(args.patch_size)}")
+    args.patch_size = tuple(args.patch_size * (dataset.dims // len(args.patch_size)))  # its length is the dimension
+    if any(size % 16 for size in args.patch_size):
+        p.error(f"--patch-size must be a multiple of 16 (the network halves it four times), got {list(args.patch_size)}")
     if not 0 < args.beta < 1:
         p.error(f"--beta must lie between 0 and 1, got {args.beta}")
     if not 0 <= args.ema_decay <= 1:
         p.error(f"--ema-decay must lie in [0, 1], got {args.ema_decay}")
-    if args.dataset == "la" and not 0 <= args.foreground_crops <= 1:
+    if dataset.dims == 3 and not 0 <= args.foreground_crops <= 1:
         p.error(f"--foreground-crops must lie in [0, 1], got {args.foreground_crops}")
-    args.preprocessing = own_data.get("preprocessing")  # your own 3D scans: what --predict repeats
-    args.scoring = "nnunet" if own_data else "paper"  # how validation (and evaluate.py) count a missing class
-    if dims == 3 and own_data:
-        args.patch_size = clamped_patch(args.patch_size, args.root, own_data)
-    if dims == 3:
+    args.preprocessing = dataset.plan.get("preprocessing")  # your own 3D scans: what --predict repeats
+    if dataset.native_grids:
+        args.patch_size = clamped_patch(args.patch_size, dataset)
+    if dataset.dims == 3:
         if not 0 < args.scale <= 1:
             p.error(f"--scale must lie in (0, 1], got {args.scale}")
-        args.stride = args.stride or bcp.default_stride(args.patch_size)
-        if args.stride[0] > min(args.patch_size[:2]) or args.stride[1] > args.patch_size[2]:
-            p.error(f"--stride {' '.join(map(str, args.stride))}: larger than the patch {args.patch_size}; "
-                    f"the windows would leave voxels uncovered")
+        args.stride = args.stride or data.default_stride(args.patch_size)
+        try:
+            data.check_stride(args.stride, args.patch_size)
+        except ValueError as error:
+            p.error(str(error))
     if args.resume and args.overwrite:
         p.error("--resume continues a run and --overwrite replaces it: give one")
     try:
-        bcp.checked_device(args.device)
+        data.checked_device(args.device)
     except ValueError as error:
         p.error(str(error))
     half_batches = [args.labeled_batch_size] + ([args.batch_size - args.labeled_batch_size] if args.phase == "selftrain" else [])
@@ -233,15 +217,43 @@ def parse_args(argv=None):
                     f"by {processes} processes")
     if processes > 1 and args.device == "cuda":
         args.device = f"cuda:{os.environ['LOCAL_RANK']}"  # one GPU per process
+    args.data = dataset  # not a flag: saved_flags leaves it out
     return args
 
 
-def clamped_patch(patch_size, root, own_data):
+def own_data_defaults(dataset, args, p):
+    """Your own data (a dataset.json of prepare_acdc.py --raw): its classes, every labeled case labeled,
+    and in 3D its validation cases, nnU-Net's foreground crops and no rescaling or z-scoring (prepare_acdc.py
+    resampled and normalised the scans). Flags that ask for more than it holds are refused."""
+    if not dataset.plan:
+        return {}
+    labeled = dataset.labeled_count()
+    if (args.labeled_patients or 0) > labeled:
+        p.error(f"--labeled-patients {args.labeled_patients}: {args.root} has {labeled} labeled training cases")
+    defaults = {"num_classes": dataset.num_classes, "labeled_patients": labeled}
+    if dataset.dims == 2:
+        return defaults
+    if args.standardize:
+        p.error(f"--standardize: prepare_acdc.py already normalised the intensities of {args.root}")
+    if (args.val_cases or 0) > dataset.plan["val_cases"]:
+        p.error(f"--val-cases {args.val_cases}: {args.root} holds {dataset.plan['val_cases']} labeled validation cases "
+                f"(prepare_acdc.py --val-fraction sets them)")
+    return defaults | {"val_cases": dataset.plan["val_cases"], "foreground_crops": OWN_FOREGROUND_CROPS,
+                       "scale": 1.0, "standardize": False}
+
+
+def saved_flags(args):
+    """The flags as flags.json and the checkpoints keep them: everything but the data set's description."""
+    return {key: value for key, value in vars(args).items() if key != "data"}
+
+
+def clamped_patch(patch_size, dataset):
     """Your own 3D scans: the crop cut to the smallest resampled training volume along each axis (to
     a multiple of 16), said in one line; the mask's box follows the crop."""
-    smallest = np.min([own_data["cases"][name]["resampled_shape"] for name in bcp.read_list(root, "train.list")], axis=0)
-    clamped = [int(min(p, max(16, s // 16 * 16))) for p, s in zip(patch_size, smallest)]
-    if clamped != list(patch_size):
+    cases = dataset.plan["cases"]
+    smallest = np.min([cases[name]["resampled_shape"] for name in data.read_list(dataset.root, "train.list")], axis=0)
+    clamped = tuple(int(min(p, max(16, s // 16 * 16))) for p, s in zip(patch_size, smallest))
+    if clamped != patch_size:
         print(f"--patch-size {' '.join(map(str, patch_size))} is larger than the smallest resampled training volume "
               f"({' x '.join(map(str, smallest))}): crops of {' x '.join(map(str, clamped))}")
     return clamped
@@ -272,10 +284,11 @@ def shuffled_indices(n, iteration, count, keys):
 
 
 def draw_batch(bank, iteration, count, args, stream, parts=1):
-    """(images (B, 1, *patch), labels (B, *patch)) for one step, on the training device: `count` images
-    from an endless run of shuffled epochs of the bank, each with the authors' random augmentation
+    """(images (B, 1, *patch), labels (B, *patch)) for one step, on the training device: the step's `count`
+    images from an endless run of shuffled epochs of the bank, each with the authors' random augmentation
     (bank.random_augmentation: ACDC rot90/flip or rotation, then the resize; LA rot90, flip, crop).
-    Under torchrun every process draws the same and keeps its share of each of the batch's `parts`."""
+    Under torchrun of N processes every process draws the choices for all `count` images and builds only
+    its share of each of the batch's `parts`: B = count / N."""
     keys = (args.seed, PHASE_STREAMS[args.phase], stream)
     index = shuffled_indices(len(bank), iteration, count, keys)
     augmentation = bank.random_augmentation(count, step_generator(*keys, AUGMENTATION_KEY + iteration))
@@ -287,7 +300,8 @@ def draw_batch(bank, iteration, count, args, stream, parts=1):
 
 def draw_halves(bank, iteration, both_halves, args, stream):
     """One step's `both_halves` images of the bank (labeled or unlabeled), split into half-batches a and
-    b of both_halves / 2: ((images_a, images_b), (labels_a, labels_b))."""
+    b of both_halves / 2 (under torchrun of N processes, each holds both_halves / 2 / N of each):
+    ((images_a, images_b), (labels_a, labels_b))."""
     images, labels = draw_batch(bank, iteration, both_halves, args, stream, parts=2)
     return images.chunk(2), labels.chunk(2)
 
@@ -295,12 +309,12 @@ def draw_halves(bank, iteration, both_halves, args, stream):
 def draw_mask(iteration, args, device):
     """M (*patch) for one step, shared by the whole batch: 1 keeps the base image, 0 is where the crop goes."""
     generator = step_generator(args.seed, PHASE_STREAMS[args.phase], MASK, iteration)
-    return bcp.keep_mask(bcp.patch_shape(args.patch_size), args.beta, args.mask == "center", generator, device)
+    return bcp.keep_mask(args.patch_size, args.beta, args.mask == "center", generator, device)
 
 
 # ----------------------------------------------------------------------------- the three steps
 # A step draws its batch (and M, but for supervised), computes the loss, updates the student (and the
-# teacher), and returns the loss, one (input, target, logits, regions: M or None) view per student
+# teacher), and returns the loss, one (input, target, logits, M or None) view per student
 # forward for the pictures, and the Dice of the pseudo-labels (selftrain, when the unlabeled images have
 # labels) or None. train() sets the step's learning rate before it calls the step. main() builds `run`:
 # run.student_forward and run.teacher_forward are the student and the teacher themselves (their
@@ -308,6 +322,10 @@ def draw_mask(iteration, args, device):
 # nullcontext), run.labeled and run.unlabeled the data banks, run.dice_loss bcp.DICE_LOSSES[--dice-loss].
 
 def sgd_update(run, loss):
+    """One SGD step on the student. Under torchrun each process computes the loss L of the whole batch
+    (bcp.sum_across_processes). The backward of that all-reduce sums dL/d(sum) over the N processes, so
+    process r holds N times the gradient of L through its own share; average_gradients sums the shares'
+    gradients and divides by N: every process steps with the gradient of L, as one process would."""
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     average_gradients(run.student)
@@ -330,7 +348,7 @@ def average_gradients(model):
 def whole_image_loss(run, logits, target):
     """(Dice + CE) / 2 with the whole image one region."""
     everywhere = torch.ones(target.shape[1:], device=target.device)
-    return bcp.mixed_loss(logits, target, regions=everywhere, weight_base=1.0, weight_pasted=0.0, dice_loss=run.dice_loss)
+    return bcp.mixed_loss(logits, target, mask=everywhere, weight_base=1.0, weight_pasted=0.0, dice_loss=run.dice_loss)
 
 
 def supervised_step(run, iteration):
@@ -355,7 +373,7 @@ def pretrain_step(run, iteration):
     with run.autocast:
         logits = run.student_forward(image)
         if args.pretrain_loss == "regions":  # ACDC: one term per region of M, both ground truth
-            loss = bcp.mixed_loss(logits, target, regions=mask, weight_base=1.0, weight_pasted=1.0, dice_loss=run.dice_loss)
+            loss = bcp.mixed_loss(logits, target, mask=mask, weight_base=1.0, weight_pasted=1.0, dice_loss=run.dice_loss)
         else:  # LA
             loss = whole_image_loss(run, logits, target)
     sgd_update(run, loss)
@@ -380,7 +398,7 @@ def selftrain_step(run, iteration):
     # A diagnostic: P_a, P_b against the unlabeled images' hidden labels, from voxel counts summed over the
     # whole batch (under torchrun every process's share: rank 0 logs the one-process value).
     pseudo_dice = (bcp.dice_per_class(torch.cat(pseudo), torch.cat(hidden_truth), args.num_classes,
-                                      total=bcp.whole_batch_sum).mean() if run.unlabeled_truth else None)
+                                      total=bcp.sum_across_processes).mean() if run.unlabeled_truth else None)
     return loss, views, pseudo_dice
 
 
@@ -393,50 +411,53 @@ def load_data(args, device):
     """The labeled and unlabeled banks (None before selftrain), the validation volumes as (image, label)
     tensors, all on the device, one line saying what was loaded, and whether the unlabeled images have
     true labels (ACDC's and LA's do; they never enter the loss, only the pseudo-label diagnostics)."""
-    bcp.check_splits(args.root)
-    if args.dataset == "la":
-        labeled_names, unlabeled_names, val_names = bcp.la_cases(args.root, args.labeled_patients, args.val_cases)
-        bank = lambda names, foreground=0.0: bcp.VolumeBank(
-            *zip(*[v[1:] for v in bcp.load_la_volumes(args.root, names, args.num_classes, args.scale, args.standardize)]), device,
-            foreground, args.num_classes)
-        labeled = bank(labeled_names, args.foreground_crops)  # crops centred on the organ need labels: labeled only
-        # full resolution, as evaluated
-        validation = bcp.load_la_volumes(args.root, val_names, args.num_classes, standardize=args.standardize)
+    dataset = args.data
+    data.check_splits(dataset.root)
+    labeled_names, unlabeled_names, val_names = dataset.cases(args.labeled_patients, args.val_cases)
+    if dataset.dims == 3:  # crops centred on the organ need labels: the labeled bank only
+        bank = lambda names, foreground=0.0: dataset.bank(names, device, args.scale, args.standardize, foreground)
+        labeled = bank(labeled_names, args.foreground_crops)
         held_aside = f"{len(val_names)} validation cases held aside from train.list ({val_names[0]} ...)"
     else:
-        labeled_names, unlabeled_names = bcp.training_slices(args.root, args.labeled_patients)
-        bank = lambda names: bcp.SliceBank(*bcp.load_slices(args.root, names, args.num_classes), device)
+        bank = lambda names: dataset.bank(names, device)
         labeled = bank(labeled_names)
-        validation = bcp.load_volumes(args.root, "val", args.num_classes)
-        held_aside = f"{len(validation)} validation volumes"
+        held_aside = f"{len(val_names)} validation volumes"
     unlabeled = None
     if args.phase == "selftrain":
         if not unlabeled_names:
-            raise bcp.DataError(f"{Path(args.root) / 'train.list'}: every training case is labeled; selftrain needs unlabeled ones")
+            raise data.DataError(f"{dataset.root / 'train.list'}: every training case is labeled; selftrain needs unlabeled ones")
         unlabeled = bank(unlabeled_names)
+    validation = dataset.volumes(val_names, standardize=dataset.dims == 3 and args.standardize)  # full resolution, as evaluated
     volumes = [(torch.from_numpy(image).to(device), torch.from_numpy(label).to(device)) for _, image, label in validation]
     summary = (f"{args.phase}: {len(labeled_names)} labeled images ({args.labeled_patients} patients), "
                f"{len(unlabeled) if unlabeled else 0} unlabeled, {held_aside}, device {device}")
-    unlabeled_truth = not bcp.dataset_info(args.root).get("unlabeled")  # your own unlabeled scans have no labels
+    unlabeled_truth = not dataset.plan.get("unlabeled")  # your own unlabeled scans have no labels
     return labeled, unlabeled, volumes, summary, unlabeled_truth
 
 
 @torch.no_grad()
 def validate(model, volumes, args, autocast):
-    """Mean Dice over the validation volumes of each foreground class -> a list, one per class. ACDC:
-    each volume's slices as one batch; LA: the sliding window and largest component of the evaluation
-    (the authors' in-training LA validation skips the largest component); a class the model does not
-    predict scores 0, as in the authors' evaluation. Your own scans, as nnU-Net validates: its windows
-    (every half window, Gaussian weights), no largest component (decided after training), and a class
-    absent from both prediction and truth left out of the means."""
-    own = args.scoring == "nnunet"
+    """Mean Dice over the validation volumes of each foreground class -> a list, one per class, and for your
+    own 3D scans the same with only the largest component of each class kept (else None). ACDC: each
+    volume's slices as one batch; LA: the sliding window and largest component of the evaluation (the
+    authors' in-training LA validation skips the largest component); a class the model does not predict
+    scores 0, as in the authors' evaluation. Your own scans, as nnU-Net validates: its windows (every half
+    window, Gaussian weights), a class absent from both prediction and truth left out of the means."""
+    dataset = args.data
+    own = dataset.scoring == "nnunet"
     model.eval()
+    as_predicted, largest_only = [], []
     with autocast:
-        scores = [bcp.dice_per_class(bcp.segment(model, image, args.patch_size, args.stride, args.scale, gaussian=own,
-                                                 keep_largest=[] if own else None), label, args.num_classes, args.scoring)
-                  for image, label in volumes]
+        for image, label in volumes:
+            prediction = data.segment(model, image, args.patch_size, args.stride, args.scale, gaussian=own,
+                                      keep_largest=[] if own else None)
+            as_predicted.append(bcp.dice_per_class(prediction, label, args.num_classes, dataset.scoring))
+            if dataset.native_grids:
+                kept = bcp.keep_largest_components(prediction[None], range(1, args.num_classes))[0]
+                largest_only.append(bcp.dice_per_class(kept, label, args.num_classes, dataset.scoring))
     model.train()
-    return torch.stack(scores).nanmean(0).tolist()  # NaN for a class left out of every volume
+    mean = lambda scores: torch.stack(scores).nanmean(0).tolist() if scores else None  # NaN: a class left out of every volume
+    return mean(as_predicted), mean(largest_only)
 
 
 def float_tensors(state):
@@ -450,44 +471,6 @@ def float_tensors(state):
 def all_finite(states):
     """True when every float tensor in the states is finite; one host sync."""
     return bool(torch.stack([t.isfinite().all() for t in float_tensors(states)]).all())
-
-
-def read_metrics(path):
-    """The rows of a metrics.jsonl and how many lines did not parse (a write cut short by a kill)."""
-    rows, torn = [], 0
-    for line in path.read_text().splitlines() if path.exists() else []:
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            row = None
-        if isinstance(row, dict) and isinstance(row.get("iter"), int):
-            rows.append(row)
-        elif line.strip():
-            torn += 1
-    return rows, torn
-
-
-def save_step_picture(path, views, rows=4):
-    """A few samples of the current step, one row each: the (mixed) input with the pasted box outlined
-    in yellow, its (mixed) target, the student's prediction. 3D crops show their middle slice."""
-    images, targets, logits = (torch.cat(parts) for parts in list(zip(*views))[:3])
-    masks = torch.cat([(torch.ones(image.shape[2:], device=image.device) if mask is None else mask).expand(len(image), *image.shape[2:])
-                       for image, _, _, mask in views])  # (B, *S)
-    predictions = logits.argmax(1)
-    if images.ndim == 5:  # (B, 1, D1, D2, D3): the middle of the third axis
-        middle = images.shape[-1] // 2
-        images, targets, predictions, masks = images[..., middle], targets[..., middle], predictions[..., middle], masks[..., middle]
-    pick = torch.linspace(0, len(images) - 1, min(rows, len(images))).long()  # both halves of a selftrain batch
-    size = max(images.shape[-1], 160)  # small patches are enlarged to be seen
-    images, targets, predictions, holes = (bcp.resize_nearest(t.detach().float().cpu(), size, size).numpy()
-                                           for t in (images[pick, 0], targets[pick], predictions[pick], masks[pick] == 0))
-    tiles = []
-    for image, target, prediction, hole in zip(images, targets, predictions, holes):
-        picture = bcp.gray(image)
-        framed = picture.copy()
-        framed[bcp.surface(hole > 0)] = (255, 220, 0)
-        tiles += [framed, bcp.paint_labels(picture, target), bcp.paint_labels(picture, prediction)]
-    bcp.write_png(path, bcp.montage(tiles, columns=3))
 
 
 def format_seconds(seconds):
@@ -505,7 +488,7 @@ def runtime(args):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "bf16" else nullcontext()
     # channels-last weights and activations: faster on CUDA and, measured on a 2-core CPU, 4-27 % there too
-    memory_format = torch.channels_last if isinstance(args.patch_size, int) else torch.channels_last_3d
+    memory_format = torch.channels_last if len(args.patch_size) == 2 else torch.channels_last_3d
     compiled = torch.compile if args.compile else (lambda model: model)
     return device, autocast, memory_format, compiled
 
@@ -515,17 +498,18 @@ def checkpoint_to_resume(args, run_dir):
     and a resume whose flags would change what the run trains."""
     last_path, existing = run_dir / "last.pt", [p.name for p in (run_dir / "last.pt", run_dir / "best.pt") if p.exists()]
     if existing and not args.overwrite and not (args.resume and last_path.exists()):
-        raise bcp.DataError(f"{run_dir} already holds a run ({', '.join(existing)}): add --resume to continue it "
+        raise data.DataError(f"{run_dir} already holds a run ({', '.join(existing)}): add --resume to continue it "
                             f"or --overwrite to start it again")
     if not (args.resume and last_path.exists()):
         return None
-    checkpoint = bcp.load_checkpoint(last_path, required=("model", "teacher", "optimizer", "iteration", "best_dice",
+    checkpoint = data.load_checkpoint(last_path, required=("model", "teacher", "optimizer", "iteration", "best_dice",
                                                           "best_iteration", "elapsed", "flags", "rng"))
     compared = RUN_FLAGS + (("iterations",) if args.lr_decay == "poly" else ())  # poly's lr depends on the steps
-    changed = [f"--{key.replace('_', '-')} {checkpoint['flags'][key]} (now {getattr(args, key)})"
+    as_typed = lambda value: " ".join(map(str, value)) if isinstance(value, tuple) else value  # --patch-size 32 32
+    changed = [f"--{key.replace('_', '-')} {as_typed(checkpoint['flags'][key])} (now {as_typed(getattr(args, key))})"
                for key in compared if key in checkpoint["flags"] and checkpoint["flags"][key] != getattr(args, key)]
     if changed:
-        raise bcp.DataError(f"{last_path}: trained with {', '.join(changed)}; resume with the same flags, "
+        raise data.DataError(f"{last_path}: trained with {', '.join(changed)}; resume with the same flags, "
                             f"or start a new run with another --out")
     return checkpoint
 
@@ -545,12 +529,12 @@ class RunFolder:
                 old.unlink(missing_ok=True)
         self.log_file = open(self.dir / "train.log", "a" if resume_iteration else "w")
         metrics_path = self.dir / "metrics.jsonl"
-        rows, torn = read_metrics(metrics_path)
+        rows, torn = data.read_metrics(metrics_path)
         if torn:
             self.log(f"{metrics_path}: dropped {torn} unreadable line(s), a write cut short")
-        bcp.write_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in rows if r["iter"] <= resume_iteration).encode())
+        data.write_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in rows if r["iter"] <= resume_iteration).encode())
         self.metrics_file = open(metrics_path, "a")
-        bcp.write_atomic(self.dir / "flags.json", (json.dumps(vars(args), indent=2) + "\n").encode())
+        data.write_atomic(self.dir / "flags.json", (json.dumps(saved_flags(args), indent=2) + "\n").encode())
 
     def log(self, message):
         print(message, flush=True)
@@ -576,26 +560,26 @@ class RunFolder:
         if not all_finite(state):
             self.stop(f"the weights became NaN or infinite by iteration {progress['iteration']}")
         cuda = torch.cuda.get_rng_state() if run.device.type == "cuda" else None
-        self.write_checkpoint(path, {**state, **progress, "flags": vars(self.args), "rng": {"torch": torch.get_rng_state(), "cuda": cuda}})
+        self.write_checkpoint(path, {**state, **progress, "flags": saved_flags(self.args), "rng": {"torch": torch.get_rng_state(), "cuda": cuda}})
 
     def write_checkpoint(self, path, state):
-        bcp.write_atomic(path, lambda f: torch.save(state, f))
+        data.write_atomic(path, lambda f: torch.save(state, f))
 
     def save_curves(self):
         """curves.svg: the validation Dice and, in selftrain, the pseudo-labels' Dice, against the step."""
-        rows, _ = read_metrics(self.dir / "metrics.jsonl")
+        rows, _ = data.read_metrics(self.dir / "metrics.jsonl")
         curves = {name: ([r["iter"] for r in rows if key in r], [r[key] for r in rows if key in r], colour)
                   for name, key, colour in (("validation Dice", "val_dice", "#1f77b4"),
                                             ("pseudo-label Dice (unlabeled batch)", "pseudo_dice", "#d62728"))}
         try:
-            bcp.write_line_plot(self.dir / "curves.svg", {n: c for n, c in curves.items() if c[0]},
+            pictures.write_line_plot(self.dir / "curves.svg", {n: c for n, c in curves.items() if c[0]},
                                 f"{self.args.phase}: {self.dir}", "step", "Dice")
         except OSError as error:
             self.log(f"could not write curves.svg ({error}); training goes on")
 
     def save_picture(self, iteration, views):
         try:  # after the checkpoints: a picture that cannot be written costs nothing else
-            save_step_picture(self.pictures / f"iter_{iteration:06d}.png", views)
+            pictures.save_step_picture(self.pictures / f"iter_{iteration:06d}.png", views)
         except OSError as error:
             self.log(f"could not write the step picture ({error}); training goes on")
 
@@ -628,20 +612,20 @@ def build_models(args, device, memory_format, checkpoint, folder):
     """Student, teacher (selftrain only) and SGD: from last.pt on --resume; self-training otherwise
     starts from the pre-training's best weights (and its SGD momentum with --selftrain-sgd pretrain).
     -> (student, teacher, optimizer, progress: iteration, best_dice, best_iteration, elapsed)."""
-    architecture = bcp.NETWORKS[len(bcp.patch_shape(args.patch_size))]
+    architecture = args.data.network
     # torchrun: each BatchNorm takes its training statistics over the whole batch, not this process's share
     whole_batch = bcp.whole_batch_norms if bcp.process_share()[0] > 1 else (lambda model: model)
     network = lambda: whole_batch(architecture(num_classes=args.num_classes)).to(device, memory_format=memory_format)
     student = network()
     teacher = network() if args.phase == "selftrain" else None
     optimizer = torch.optim.SGD(student.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    progress = {"iteration": 0, "best_dice": -1.0, "best_iteration": 0, "elapsed": 0.0}
+    progress = {"iteration": 0, "best_dice": -1.0, "best_iteration": 0, "elapsed": 0.0, "keep_largest": None}
     if checkpoint is not None:
-        bcp.load_weights(student, checkpoint["model"], folder.last_path)
+        data.load_weights(student, checkpoint["model"], folder.last_path)
         if teacher is not None:
-            bcp.load_weights(teacher, checkpoint["teacher"], folder.last_path)
+            data.load_weights(teacher, checkpoint["teacher"], folder.last_path)
         optimizer.load_state_dict(checkpoint["optimizer"])
-        progress = {key: checkpoint[key] for key in progress}
+        progress = {key: checkpoint.get(key, value) for key, value in progress.items()}
         torch.set_rng_state(checkpoint["rng"]["torch"])
         if device.type == "cuda" and checkpoint["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(checkpoint["rng"]["cuda"])
@@ -651,9 +635,9 @@ def build_models(args, device, memory_format, checkpoint, folder):
         folder.log(f"--resume: no {folder.last_path} yet, starting from the beginning")
     if teacher is not None and checkpoint is None:
         init_path = Path(args.init or Path(args.out) / "pretrain" / "best.pt")
-        init = bcp.load_checkpoint(init_path, required=("model",))
-        bcp.load_weights(student, init["model"], init_path)
-        bcp.load_weights(teacher, init["model"], init_path)
+        init = data.load_checkpoint(init_path, required=("model",))
+        data.load_weights(student, init["model"], init_path)
+        data.load_weights(teacher, init["model"], init_path)
         if args.selftrain_sgd == "fresh":
             folder.log(f"student and teacher start from {init_path}; SGD starts fresh (--selftrain-sgd fresh)")
         elif init.get("optimizer"):  # the authors' load_net_opt: the SGD momentum buffers come along
@@ -671,7 +655,8 @@ def build_models(args, device, memory_format, checkpoint, folder):
 
 def learning_rate(args, iteration):
     """The lr of step `iteration` (1-based): divided by 10 after every --lr-step steps, as the LA script,
-    or decayed polynomially to 0 over the phase, as SSL4MIS."""
+    or decayed polynomially over the phase's T steps, lr (1 - (t - 1) / T)^0.9, as SSL4MIS (the last step's lr
+    is small, not 0)."""
     if args.lr_decay == "poly":
         return args.lr * (1 - (iteration - 1) / args.iterations) ** 0.9
     return args.lr * 0.1 ** ((iteration - 1) // args.lr_step) if args.lr_step else args.lr
@@ -682,8 +667,8 @@ def later_phases_seconds(args, seconds_per_step):
     machine's pace (this phase's seconds per step, times the ratio measured for the two phases)."""
     if args.phase != "pretrain":
         return 0.0
-    measured = CPU_SECONDS_PER_STEP[args.dataset]
-    return CPU_SCHEDULE[args.dataset]["iterations"]["selftrain"] * seconds_per_step * measured["selftrain"] / measured["pretrain"]
+    measured = CPU_SECONDS_PER_STEP[args.layout]
+    return CPU_SCHEDULE[args.layout]["iterations"]["selftrain"] * seconds_per_step * measured["selftrain"] / measured["pretrain"]
 
 
 def train(run, volumes, folder, progress):
@@ -718,7 +703,7 @@ def train(run, volumes, folder, progress):
         seconds_per_step = (now - invocation_start) / (iteration - start)  # validations included
         out_of_time = iteration < args.iterations and now + validating * validation_seconds + seconds_per_step > deadline
         if args.time_limit and bcp.process_share()[0] > 1:  # rank 0's clock decides for every process
-            out_of_time = bool(bcp.whole_batch_sum(torch.tensor(float(out_of_time and writer), device=device)) > 0)
+            out_of_time = bool(bcp.sum_across_processes(torch.tensor(float(out_of_time and writer), device=device)) > 0)
         if iteration % args.log_every == 0 or validating or out_of_time:  # the loss is checked before every checkpoint
             mean_loss = loss_sum.item() / window_steps  # the one host sync every --log-every steps
             if not math.isfinite(mean_loss):
@@ -739,21 +724,9 @@ def train(run, volumes, folder, progress):
                        f"ETA {format_seconds(seconds_left)}{schedule_eta} | {validation}")
             loss_sum, pseudo_sum, window_steps, window_start = torch.zeros((), device=device), torch.zeros((), device=device), 0, now
 
-        if validating and not writer:
-            save(folder.last_path, iteration)  # checks the weights as rank 0 does; QuietFolder writes nothing
-        elif validating:
+        if validating:
             validation_start = time.time()
-            per_class = validate(run.student, volumes, args, run.autocast)
-            last_dice = float(np.nan_to_num(np.nanmean(per_class)))  # the mean over classes picks the best checkpoint
-            folder.write_metrics({"iter": iteration, "val_dice": last_dice, "val_dice_per_class": per_class})
-            if last_dice > progress["best_dice"]:
-                progress.update(best_dice=last_dice, best_iteration=iteration)
-                save(folder.best_path, iteration)
-            save(folder.last_path, iteration)
-            folder.save_picture(iteration, views)
-            folder.save_curves()
-            classes = f" ({', '.join(f'{d:.4f}' for d in per_class)} per class)" if len(per_class) > 1 else ""
-            folder.log(f"iter {iteration} | val Dice {last_dice:.4f}{classes} | best {progress['best_dice']:.4f} @ {progress['best_iteration']}")
+            last_dice = validate_and_save(run, volumes, folder, progress, iteration, views, save)
             validation_seconds = time.time() - validation_start
             window_start += validation_seconds  # it/s counts training steps only
         if out_of_time:
@@ -765,14 +738,28 @@ def train(run, volumes, folder, progress):
     return True
 
 
-def choose_postprocessing(run, folder):
-    """Your own 3D scans, after the last step: keep the largest component of a class only where that
-    raises its validation Dice (nnU-Net's rule, evaluate.choose_largest_component_classes), stored in
-    best.pt and logged."""
-    classes, table = evaluate.choose_largest_component_classes(folder.best_path, run.args.root, run.device)
-    for c, before, after in table:
-        folder.log(f"post-processing, class {c}: validation Dice {before:.4f} as predicted, {after:.4f} with only its "
-                   f"largest component: {'kept' if c in classes else 'not kept'}")
+def validate_and_save(run, volumes, folder, progress, iteration, views, save):
+    """Every --val-every steps: validate the student (rank 0), keep best.pt when it beats the best so far
+    (your own scans: with the post-processing that validation chose), write last.pt, the step's picture and
+    the curves. -> the mean validation Dice (NaN on the other processes, which only check the weights)."""
+    if isinstance(folder, QuietFolder):
+        save(folder.last_path, iteration)  # checks the weights as rank 0 does; QuietFolder writes nothing
+        return float("nan")
+    per_class, largest_only = validate(run.student, volumes, run.args, run.autocast)
+    dice = float(np.nan_to_num(np.nanmean(per_class)))  # the mean over classes picks the best checkpoint
+    keep_largest = None if largest_only is None else data.helped_by_largest_component(per_class, largest_only)
+    folder.write_metrics({"iter": iteration, "val_dice": dice, "val_dice_per_class": per_class})
+    if dice > progress["best_dice"]:
+        progress.update(best_dice=dice, best_iteration=iteration, keep_largest=keep_largest)
+        save(folder.best_path, iteration)
+    save(folder.last_path, iteration)
+    folder.save_picture(iteration, views)
+    folder.save_curves()
+    classes = f" ({', '.join(f'{d:.4f}' for d in per_class)} per class)" if len(per_class) > 1 else ""
+    kept = "" if largest_only is None else (f" | {', '.join(f'{d:.4f}' for d in largest_only)} with only each class's "
+                                            f"largest component (kept for classes {keep_largest or 'none'})")
+    folder.log(f"iter {iteration} | val Dice {dice:.4f}{classes}{kept} | best {progress['best_dice']:.4f} @ {progress['best_iteration']}")
+    return dice
 
 
 def main(argv=None):
@@ -786,7 +773,7 @@ def main(argv=None):
     resume_iteration = checkpoint["iteration"] if checkpoint else 0
     folder = RunFolder(args, resume_iteration) if bcp.process_share()[1] == 0 else QuietFolder(args)
     folder.log(summary)
-    if (Path(args.root) / "SYNTHETIC").exists():
+    if args.data.synthetic:
         folder.log(f"{args.root} holds SYNTHETIC phantoms, not real scans (see prepare_acdc.py)")
     student, teacher, optimizer, progress = build_models(args, device, memory_format, checkpoint, folder)
     run = SimpleNamespace(args=args, device=device, autocast=autocast, optimizer=optimizer, student=student,
@@ -794,8 +781,9 @@ def main(argv=None):
                           teacher_forward=compiled(teacher) if teacher is not None else None,
                           labeled=labeled, unlabeled=unlabeled, unlabeled_truth=unlabeled_truth,
                           dice_loss=bcp.DICE_LOSSES[args.dice_loss])
-    if train(run, volumes, folder, progress) and args.preprocessing and not isinstance(folder, QuietFolder):
-        choose_postprocessing(run, folder)
+    if train(run, volumes, folder, progress) and progress["keep_largest"] is not None:
+        folder.log(f"post-processing, chosen on validation with best.pt (nnU-Net's rule): the largest component kept for "
+                   f"classes {progress['keep_largest'] or 'none'}")
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
@@ -803,7 +791,7 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except bcp.DataError as error:
+    except data.DataError as error:
         sys.exit(f"error: {error}")
     except OSError as error:  # an output that cannot be written: read-only folder, disk full
         sys.exit(f"error: {error}")

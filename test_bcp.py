@@ -1064,6 +1064,21 @@ def test_foreground_crops_are_the_steps_draws(monkeypatch):
         torch.testing.assert_close(joined, whole[0][4 * part:4 * part + 4])
 
 
+@pytest.mark.parametrize("batch,share,centred", [(2, 1 / 3, [1]), (4, 1 / 3, [3]), (8, 1 / 3, [2, 4, 7]),
+                                                (4, 0.5, [1, 3]), (3, 1.0, [0, 1, 2]), (4, 0.1, [3])])
+def test_foreground_crops_are_a_fixed_share_of_every_batch(batch, share, centred):
+    """nnU-Net's sampler, not a coin per crop: max(1, round(share * batch)) crops of every batch are
+    centred on the organ, spread evenly with the last among them (worked out by hand), and the bank draws
+    exactly those in every batch, whatever its generator."""
+    assert torch.nonzero(data.foreground_crops(batch, share)).flatten().tolist() == centred
+    label = np.zeros((20, 20, 12), np.uint8)
+    label[5:9, 5:9, 3:6] = 1
+    bank = data.VolumeBank([label.astype(np.float32)], [label], "cpu", foreground=share)
+    for seed in range(3):
+        drawn = bank.random_augmentation(batch, torch.Generator().manual_seed(seed))["centred"]
+        assert torch.nonzero(drawn).flatten().tolist() == centred
+
+
 def test_a_checkpoint_weights_only_refuses_is_one_line(tmp_path):
     torch.save({"model": SimpleNamespace(weights=1), "flags": {}}, tmp_path / "pickled.pt")
     with pytest.raises(data.DataError) as error:
@@ -1572,6 +1587,45 @@ def test_a_decathlon_task_prepares_as_downloaded(tmp_path, capsys, volumetric):
             assert name in train_list + data.read_list(out, "val.list")
             _, label = data.read_h5(out / "data" / f"{name}.h5", 3, 2)
             np.testing.assert_array_equal(label, truth.transpose(2, 1, 0))
+
+
+def test_scans_of_a_folder_skip_dotfiles_and_labels_take_labelsTr_names(tmp_path):
+    """The one reader of a folder's scans, for prepare_acdc.py and --predict alike: macOS '._' files are not
+    scans; a label map is named as labelsTr names it, without nnU-Net's channel suffix _0000."""
+    for name in ("la_001.nii.gz", "._la_001.nii.gz", "heart_002_0000.nii.gz", "notes.txt"):
+        (tmp_path / name).write_bytes(b"")
+    assert [p.name for p in data.nifti_scans(tmp_path)] == ["heart_002_0000.nii.gz", "la_001.nii.gz"]
+    assert [data.label_name(p) for p in data.nifti_scans(tmp_path)] == ["heart_002.nii.gz", "la_001.nii.gz"]
+
+
+def test_a_dataset_json_that_is_not_json_is_one_line(tmp_path, capsys):
+    decathlon_folder(tmp_path / "Task02_Heart")
+    (tmp_path / "Task02_Heart" / "dataset.json").write_text('{"labels": {"0": "background", "1": "left atrium"},')
+    assert prepare_acdc.main(["--raw", str(tmp_path / "Task02_Heart"), "--3d", "--out", str(tmp_path / "heart")]) == 1
+    error = capsys.readouterr().err
+    assert "dataset.json: not readable JSON" in error and error.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["Task02_Heart"]
+
+
+@pytest.mark.parametrize("name", ["huge.nii", "huge.nii.gz"])
+def test_a_header_that_declares_more_than_its_file_holds_is_refused_naming_it(tmp_path, name):
+    """A damaged header declaring 2000^3 float32 voxels (30 GiB) in a file of a few bytes: one line naming
+    the file, before any memory is taken (gzip cannot hold more than 1032 times its size)."""
+    write_nifti(tmp_path / name, np.zeros((4, 4, 4), np.float32))
+    raw = bytearray(gzip.decompress((tmp_path / name).read_bytes()) if name.endswith(".gz") else (tmp_path / name).read_bytes())
+    struct.pack_into("<4h", raw, 40, 3, 2000, 2000, 2000)
+    (tmp_path / name).write_bytes(gzip.compress(bytes(raw)) if name.endswith(".gz") else bytes(raw))
+    with pytest.raises(data.DataError, match=rf"{name}: its header declares a 2000 x 2000 x 2000 float32 image \(29.8 GiB\)"):
+        data.read_nifti(tmp_path / name)
+
+
+def test_training_labels_that_are_all_empty_are_refused(tmp_path, capsys):
+    decathlon_folder(tmp_path / "Task02_Heart")
+    for path in (tmp_path / "Task02_Heart" / "labelsTr").glob("la_*.nii.gz"):
+        scan = nibabel.load(path)
+        nibabel.save(nibabel.Nifti1Image(np.zeros(scan.shape, np.uint8), scan.affine), path)
+    assert prepare_acdc.main(["--raw", str(tmp_path / "Task02_Heart"), "--3d", "--out", str(tmp_path / "heart")]) == 1
+    assert "labelsTr: every training label map is empty (background only)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("values,message", [
@@ -2103,6 +2157,50 @@ def test_a_picture_that_cannot_be_written_costs_nothing_else(synthetic_root, tmp
     train.main(["--root", str(synthetic_root), *TINY, "--out", str(tmp_path), "--phase", "pretrain", "--iterations", "4"])
     assert data.load_checkpoint(tmp_path / "pretrain" / "last.pt")["iteration"] == 4
     assert "could not write the step picture" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_folder_in_a_pictures_way_costs_that_picture_only(synthetic_root, tmp_path, capsys):
+    """A new run in a folder where a step picture's name is taken by a folder: the run trains to its end."""
+    (tmp_path / "pretrain" / "pictures" / "iter_000002.png").mkdir(parents=True)
+    train.main(["--root", str(synthetic_root), *TINY, "--out", str(tmp_path), "--phase", "pretrain", "--iterations", "4"])
+    assert data.load_checkpoint(tmp_path / "pretrain" / "last.pt")["iteration"] == 4
+    assert "could not write the step picture" in capsys.readouterr().out
+
+
+class Background(torch.nn.Module):
+    """A 2D model that predicts background (class 0) everywhere, or class 1 with foreground=True."""
+
+    def __init__(self, foreground=False):
+        super().__init__()
+        self.foreground = foreground
+
+    def forward(self, x):  # (B, 1, H, W) -> (B, 4, H, W)
+        logits = torch.zeros(len(x), 4, *x.shape[2:])
+        logits[:, int(self.foreground)] = 1
+        return logits
+
+
+def test_validation_notices_a_model_that_predicts_no_foreground(synthetic_root):
+    args = train.parse_args(["--root", str(synthetic_root), *TINY, "--phase", "pretrain"])
+    _, _, volumes, _, _ = train.load_data(args, torch.device("cpu"))
+    assert train.validate(Background(), volumes, args, nullcontext())[2] is True
+    assert train.validate(Background(foreground=True), volumes, args, nullcontext())[2] is False
+
+
+@pytest.mark.slow
+def test_selftrain_refuses_a_pretraining_that_predicts_no_foreground(synthetic_root, tmp_path, capsys):
+    """A pre-training whose best checkpoint predicted no foreground on any validation volume: the phase ends
+    with a warning that says what to try, and self-training refuses to start from it unless --init names it."""
+    flags = ["--root", str(synthetic_root), *TINY, "--out", str(tmp_path), "--iterations", "2"]
+    train.main([*flags, "--phase", "pretrain"])
+    best = tmp_path / "pretrain" / "best.pt"
+    torch.save({**data.load_checkpoint(best), "predicts_no_foreground": True}, best)  # as a collapsed run leaves it
+    with pytest.raises(data.DataError, match=r"best\.pt: predicts no foreground on any validation volume that has some.*--foreground-crops"):
+        train.main([*flags, "--phase", "selftrain"])
+    assert not (tmp_path / "selftrain").exists()
+    train.main([*flags, "--phase", "selftrain", "--init", str(best)])
+    assert "predicts no foreground on any validation volume that has some; starting from it (--init)" in capsys.readouterr().out
 
 
 @pytest.mark.slow

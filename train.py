@@ -438,7 +438,8 @@ def load_data(args, device):
 @torch.no_grad()
 def validate(model, volumes, args, autocast):
     """Mean Dice over the validation volumes of each foreground class -> a list, one per class, and for your
-    own 3D scans the same with only the largest component of each class kept (else None). ACDC: each
+    own 3D scans the same with only the largest component of each class kept (else None), and whether the
+    model predicted no foreground at all on every volume whose label has some (a collapse). ACDC: each
     volume's slices as one batch; LA: the sliding window and largest component of the evaluation (the
     authors' in-training LA validation skips the largest component); a class the model does not predict
     scores 0, as in the authors' evaluation. Your own scans, as nnU-Net validates: its windows (every half
@@ -446,18 +447,20 @@ def validate(model, volumes, args, autocast):
     dataset = args.data
     own = dataset.scoring == "nnunet"
     model.eval()
-    as_predicted, largest_only = [], []
+    as_predicted, largest_only, blind = [], [], []
     with autocast:
         for image, label in volumes:
             prediction = data.segment(model, image, args.patch_size, args.stride, args.scale, gaussian=own,
                                       keep_largest=[] if own else None)
             as_predicted.append(bcp.dice_per_class(prediction, label, args.num_classes, dataset.scoring))
+            if label.any():
+                blind.append(not prediction.any())
             if dataset.native_grids:
                 kept = bcp.keep_largest_components(prediction[None], range(1, args.num_classes))[0]
                 largest_only.append(bcp.dice_per_class(kept, label, args.num_classes, dataset.scoring))
     model.train()
     mean = lambda scores: torch.stack(scores).nanmean(0).tolist() if scores else None  # NaN: a class left out of every volume
-    return mean(as_predicted), mean(largest_only)
+    return mean(as_predicted), mean(largest_only), bool(blind) and all(blind)
 
 
 def float_tensors(state):
@@ -526,7 +529,8 @@ class RunFolder:
         self.pictures.mkdir(exist_ok=True)
         if not resume_iteration:  # a new run (or --overwrite): nothing of an earlier run in this folder stays
             for old in (self.last_path, self.best_path, self.dir / "curves.svg", *self.pictures.glob("iter_*.png")):
-                old.unlink(missing_ok=True)
+                if not old.is_dir():  # a folder in a picture's way costs that picture only (save_picture)
+                    old.unlink(missing_ok=True)
         self.log_file = open(self.dir / "train.log", "a" if resume_iteration else "w")
         metrics_path = self.dir / "metrics.jsonl"
         rows, torn = data.read_metrics(metrics_path)
@@ -619,7 +623,8 @@ def build_models(args, device, memory_format, checkpoint, folder):
     student = network()
     teacher = network() if args.phase == "selftrain" else None
     optimizer = torch.optim.SGD(student.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    progress = {"iteration": 0, "best_dice": -1.0, "best_iteration": 0, "elapsed": 0.0, "keep_largest": None}
+    progress = {"iteration": 0, "best_dice": -1.0, "best_iteration": 0, "elapsed": 0.0, "keep_largest": None,
+                "predicts_no_foreground": False}
     if checkpoint is not None:
         data.load_weights(student, checkpoint["model"], folder.last_path)
         if teacher is not None:
@@ -735,7 +740,27 @@ def train(run, volumes, folder, progress):
             folder.log(f"time limit: stopped at iteration {iteration} of {args.iterations}; continue with --resume")
             return False
     folder.log(f"done: best val Dice {progress['best_dice']:.4f} at iteration {progress['best_iteration']}; {folder.best_path}")
+    if progress["predicts_no_foreground"]:
+        folder.log(f"warning: {folder.best_path} predicts no foreground on any validation volume that has some. {NO_FOREGROUND_ADVICE}")
     return True
+
+
+NO_FOREGROUND_ADVICE = ("Try more steps (--iterations), more labeled crops a step (--labeled-batch-size), more of them "
+                        "centred on the organ (--foreground-crops 0.67), or coarser voxels (prepare_acdc.py --spacing).")
+
+
+def blind_start(args):
+    """Self-training starts from a pre-training's best weights: refuse one whose validation predicted no
+    foreground on any volume that has some (the teacher's pseudo-labels would be empty: a collapse carried
+    on), unless --init names it. -> that start's path when --init names such a model, else None."""
+    init_path = Path(args.init or Path(args.out) / "pretrain" / "best.pt")
+    if not (init_path.is_file() and data.load_checkpoint(init_path, required=("model",)).get("predicts_no_foreground")):
+        return None
+    if not args.init:
+        raise data.DataError(f"{init_path}: predicts no foreground on any validation volume that has some; self-training "
+                             f"from it would learn empty pseudo-labels. {NO_FOREGROUND_ADVICE} (--init {init_path} starts "
+                             f"from it anyway.)")
+    return init_path
 
 
 def validate_and_save(run, volumes, folder, progress, iteration, views, save):
@@ -745,12 +770,12 @@ def validate_and_save(run, volumes, folder, progress, iteration, views, save):
     if isinstance(folder, QuietFolder):
         save(folder.last_path, iteration)  # checks the weights as rank 0 does; QuietFolder writes nothing
         return float("nan")
-    per_class, largest_only = validate(run.student, volumes, run.args, run.autocast)
+    per_class, largest_only, blind = validate(run.student, volumes, run.args, run.autocast)
     dice = float(np.nan_to_num(np.nanmean(per_class)))  # the mean over classes picks the best checkpoint
     keep_largest = None if largest_only is None else data.helped_by_largest_component(per_class, largest_only)
     folder.write_metrics({"iter": iteration, "val_dice": dice, "val_dice_per_class": per_class})
     if dice > progress["best_dice"]:
-        progress.update(best_dice=dice, best_iteration=iteration, keep_largest=keep_largest)
+        progress.update(best_dice=dice, best_iteration=iteration, keep_largest=keep_largest, predicts_no_foreground=blind)
         save(folder.best_path, iteration)
     save(folder.last_path, iteration)
     folder.save_picture(iteration, views)
@@ -770,9 +795,12 @@ def main(argv=None):
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
     torch.manual_seed(args.seed)
     labeled, unlabeled, volumes, summary, unlabeled_truth = load_data(args, device)  # bad data stops here, before anything is written
+    blind = blind_start(args) if args.phase == "selftrain" and checkpoint is None else None
     resume_iteration = checkpoint["iteration"] if checkpoint else 0
     folder = RunFolder(args, resume_iteration) if bcp.process_share()[1] == 0 else QuietFolder(args)
     folder.log(summary)
+    if blind:
+        folder.log(f"warning: {blind} predicts no foreground on any validation volume that has some; starting from it (--init)")
     if args.data.synthetic:
         folder.log(f"{args.root} holds SYNTHETIC phantoms, not real scans (see prepare_acdc.py)")
     student, teacher, optimizer, progress = build_models(args, device, memory_format, checkpoint, folder)

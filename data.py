@@ -93,17 +93,18 @@ def read_json(path):
         raise DataError(f"{path}: not readable JSON ({error})") from None
 
 
-def read_plan(root):
+def read_dataset_json(root):
     """ROOT/dataset.json, which prepare_acdc.py --raw writes for your own data: 'num_classes', 'class_names',
-    'unlabeled' (the training volumes that have no labels) and, in 3D, 'val_cases', 'preprocessing' (the
-    spacing and intensities every scan was given) and 'cases' (each scan's own grid). {} for ACDC and LA."""
+    'unlabeled' (the training volumes that have no labels) and, in 3D, 'val_cases', 'plan' (prepare_acdc.plan_3d:
+    spacing, crop, crops a step), 'preprocessing' (the spacing and intensities every scan was given) and 'cases'
+    (each scan's own grid). {} for ACDC and LA."""
     path = Path(root) / "dataset.json"
     if not path.exists():
         return {}
-    plan = read_json(path)
-    if not isinstance(plan, dict) or not isinstance(plan.get("num_classes"), int):
+    own = read_json(path)
+    if not isinstance(own, dict) or not isinstance(own.get("num_classes"), int):
         raise DataError(f"{path}: needs an integer 'num_classes'")
-    return plan
+    return own
 
 
 class Dataset:
@@ -113,8 +114,8 @@ class Dataset:
       dims         2 or 3: the network (bcp.NETWORKS), the length of a patch, how a whole volume is segmented
                    (slice by slice, or by sliding windows)
       num_classes  background included; class_names the others'
-      plan         your own data's dataset.json (read_plan), {} for ACDC and LA. Your own data is validated and
-                   scored as nnU-Net does (scoring "nnunet": Gaussian windows, a class absent from both
+      own          your own data's dataset.json (read_dataset_json: its classes and plan), {} for ACDC and LA.
+                   Your own data is validated and scored as nnU-Net does (scoring "nnunet": Gaussian windows, a class absent from both
                    reference and prediction left out), ACDC and LA as the paper ("paper"); your own 3D scans
                    on each scan's own grid (native_grids)
       synthetic    prepare_acdc.py's phantoms (its SYNTHETIC marker), not real scans"""
@@ -125,13 +126,13 @@ class Dataset:
         self.layout = "la" if is_la_layout(self.root) else "acdc"
         self.dims = 3 if self.layout == "la" else 2
         self.network = bcp.NETWORKS[self.dims]
-        self.plan = read_plan(self.root)
-        known = self.plan.get("class_names") or (ACDC_CLASSES if self.layout == "acdc" else ("LA",))
-        self.num_classes = self.plan.get("num_classes", len(known) + 1)
+        self.own = read_dataset_json(self.root)
+        known = self.own.get("class_names") or (ACDC_CLASSES if self.layout == "acdc" else ("LA",))
+        self.num_classes = self.own.get("num_classes", len(known) + 1)
         self.class_names = tuple(known)
         self.synthetic = (self.root / "SYNTHETIC").exists()
-        self.scoring = "nnunet" if self.plan else "paper"
-        self.native_grids = "cases" in self.plan
+        self.scoring = "nnunet" if self.own else "paper"
+        self.native_grids = "cases" in self.own
 
     def names_of_classes(self, num_classes):
         """The foreground classes' names for a model of num_classes (a --num-classes of its own: numbers)."""
@@ -143,17 +144,17 @@ class Dataset:
 
     def labeled_count(self):
         """Your own data: how many labeled training cases there are (None for ACDC and LA)."""
-        if not self.plan:
+        if not self.own:
             return None
         if self.layout == "acdc":
-            return len(labeled_patients(self.root, self.plan))
-        return len(read_list(self.root, "train.list")) - len(self.plan["unlabeled"]) - self.plan["val_cases"]
+            return len(labeled_patients(self.root, self.own))
+        return len(read_list(self.root, "train.list")) - len(self.own["unlabeled"]) - self.own["val_cases"]
 
     def cases(self, labeled_count, val_count=None):
         """(labeled, unlabeled, validation) names. ACDC: training slices and the val.list volumes; 3D: volumes
         of train.list, the last val_count held aside for validation (la_cases)."""
         if self.layout == "acdc":
-            return (*training_slices(self.root, labeled_count, self.plan), read_list(self.root, "val.list"))
+            return (*training_slices(self.root, labeled_count, self.own), read_list(self.root, "val.list"))
         return la_cases(self.root, labeled_count, val_count)
 
     def split(self, split, flags):
@@ -345,6 +346,12 @@ def write_nifti_labels(path, labels, header):
     write_atomic(path, gzip.compress(payload, compresslevel=6))
 
 
+def nifti_shape(header):
+    """The (i, j, k) size of a 3D scan from its header (read_nifti_header)."""
+    raw, endian = header
+    return list(struct.unpack(endian + "3h", raw[42:48]))
+
+
 def nifti_geometry(header, path):
     """(voxel spacing along i, j, k in mm, 4 x 4 affine) of a header read_nifti returned: the affine of
     the sform when its code is set, else of the qform, else nibabel's fallback (the pixdim scaling with
@@ -482,8 +489,14 @@ MAX_RESAMPLING = 16  # more than this many times the target spacing (or less tha
 
 
 def normalize_3d(image, preprocessing):
-    """MRI: z-score over the whole scan (as UA-MT's LA arrays); CT: clipped to the window, then the
-    training foreground's mean and standard deviation (nnU-Net's CT scheme). In place, float32."""
+    """MRI: z-score over the whole scan (as UA-MT's LA arrays), or over its nonzero voxels, the zeros kept
+    (nnU-Net's rule for a large empty margin); CT: clipped to the window, then the training foreground's
+    mean and standard deviation (nnU-Net's CT scheme). In place, float32."""
+    if preprocessing["modality"] != "CT" and preprocessing.get("nonzero_only"):
+        inside = image != 0
+        values = image[inside]
+        image[inside] = (values - values.mean(dtype=np.float64)) / max(float(values.std(dtype=np.float64)), 1e-8)
+        return image
     if preprocessing["modality"] != "CT":
         return zscore(image)
     np.clip(image, *preprocessing["window"], out=image)

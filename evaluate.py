@@ -116,7 +116,7 @@ def score_split(model, checkpoint, dataset, args, device):
     for name, image, label in dataset.volumes(names, standardize=flags.get("standardize", False)):
         truth, spacing, size = label, None, None
         if dataset.native_grids:
-            truth, spacing = dataset.native_label(name), dataset.plan["cases"][name]["spacing"]
+            truth, spacing = dataset.native_label(name), dataset.own["cases"][name]["spacing"]
             size = truth.shape
         prediction = data.segment(model, torch.from_numpy(image).to(device), flags["patch_size"], args.stride,
                                   flags.get("scale") or 1.0, args.windows == "gaussian", kept_components(checkpoint), size).cpu()
@@ -145,7 +145,7 @@ def print_table(per_volume, checkpoint, dataset, args):
         print(f"{row_name:42s} {scores['dice']:8.2f} {scores['jaccard']:10.2f} {scores['hd95']:8.2f} {scores['asd']:8.2f}")
     if dataset.synthetic:
         print("SYNTHETIC phantoms: the paper's rows do not apply")
-    elif not dataset.plan:
+    elif not dataset.own:
         if args.split != "test":
             print(f"the paper's rows below were measured on the test split, these on {args.split}")
         for row_name, *row in PAPER_ROWS[dataset.layout].get(flags.get("labeled_patients"), []):

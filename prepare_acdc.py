@@ -360,36 +360,84 @@ def read_labels_3d(path, shape, affine):
     return labels.astype(np.uint8)
 
 
-def own_volumes_3d(raw, val_fraction, seed, spacing=None, ct_window=None):
-    """Your own scans as whole 3D volumes in UA-MT's layout, so that the LA path (V-Net, crops, sliding
-    window) reads them: arrays in NIfTI index order (i, j, k), resampled to one spacing (default the
-    median of the labeled training scans', as nnU-Net), intensities by modality. train.list holds the
-    labeled training cases, then the unlabeled, then the validation cases (the LA path holds the last
-    --val-cases aside); each case's native shape, spacing and affine go to dataset.json, and a test
-    or validation case's native label map to its h5 ('label_native') for scoring on the scan's own grid.
-    One scan is in memory at a time, as float32 (its labels as uint8).
-    -> (info, a generator of (split, name, image, label[, more label maps]))."""
-    info, images, labels, splits = own_cases(raw, val_fraction, seed)
-    training = [name for name, split in splits.items() if split == "train"]
-    spacings = {name: data.nifti_geometry(data.read_nifti_header(path), path)[0] for name, path in images.items()}  # headers only
-    target = list(map(float, spacing)) if spacing else np.median([spacings[n] for n in training], axis=0).round(4).tolist()
-    for name, case_spacing in spacings.items():
-        data.check_spacing(case_spacing, target, images[name])
-    preprocessing = {"spacing": target, "modality": modality_of(Path(raw))}
-    if preprocessing["modality"] == "CT":
+# The plan of your own 3D scans: nnU-Net's planning step, budgeted for a 2-core CPU's time instead of a GPU's memory
+ANISOTROPY = 3  # an axis whose median spacing is over 3 times the finest axis's holds thick slices (nnU-Net's rule)
+SCAN_VOXELS = 200_000  # the median scan resampled holds at most this many voxels: 2.9 mm on the whole-field LA task,
+                       # where 3 mm learned the atrium and finer voxels did not (docs/own_scans.md)
+CPU_PATCH = (64, 64, 32)  # the plan's largest crop, cut to the median resampled scan
+LABELED_CROPS = 8  # labeled crops a step (self-training adds as many unlabeled): 2 learned nothing in 300 steps
+NONZERO_SHARE = 3 / 4  # MRI is z-scored inside its nonzero region when that region's box is less than this share
+                       # of the scan (nnU-Net's rule for scans with a large empty margin)
+
+
+def plan_3d(spacings, shapes, spacing=None):
+    """nnU-Net's planning step, for a 2-core CPU, from the labeled training scans' spacings and shapes
+    (along i, j, k): the target spacing, their median (the 10th percentile on a thick-slice axis), coarsened
+    alike on every finer axis until the median scan holds at most SCAN_VOXELS voxels (nnU-Net's low-resolution
+    stage, for a CPU's time); the crop, CPU_PATCH cut to the median resampled scan (multiples of 16); the
+    crops a step. --spacing replaces the spacing. -> the plan's dict."""
+    spacings, shapes = np.asarray(spacings, float), np.asarray(shapes, float)
+    if spacing is None:
+        target = np.median(spacings, axis=0)
+        thick = target > ANISOTROPY * target.min()
+        target[thick] = np.percentile(spacings[:, thick], 10, axis=0)
+        extent, finest = np.median(shapes * spacings, axis=0), target.min()  # mm
+        while np.prod(np.maximum(1, np.round(extent / np.maximum(target, finest)))) > SCAN_VOXELS:
+            finest *= 1.05
+        target = np.maximum(target, finest).round(2)
+    else:
+        target = np.asarray(spacing, float)
+    median_shape = np.median(shapes * spacings / target, axis=0).round().astype(int)
+    patch = [int(min(p, max(16, s // 16 * 16))) for p, s in zip(CPU_PATCH, median_shape)]
+    return {"spacing": target.tolist(), "median_shape": median_shape.tolist(), "patch_size": patch,
+            "labeled_batch_size": LABELED_CROPS, "batch_size": 2 * LABELED_CROPS}
+
+
+def intensity_rule(raw, images, training, seed, ct_window=None):
+    """How the scans' intensities are normalised (nnU-Net's rules): CT clipped to the 0.5 and 99.5
+    percentiles of the labeled training foreground (or --ct-window), then that foreground's mean and standard
+    deviation; MRI z-scored per scan, inside its nonzero region when that region's box holds less than
+    NONZERO_SHARE of the median training scan. -> the preprocessing's dict (without the spacing)."""
+    rule = {"modality": modality_of(Path(raw))}
+    if rule["modality"] == "CT":
         rng, samples = np.random.default_rng(seed), []
-        for name in training:
+        for name, label_path in training.items():
             image, _, affine = read_scan_3d(images[name])
-            foreground = image[read_labels_3d(labels[name], image.shape, affine) > 0]
+            foreground = image[read_labels_3d(label_path, image.shape, affine) > 0]
             samples.append(rng.choice(foreground, min(len(foreground), FOREGROUND_SAMPLES), replace=False))
         samples = np.concatenate(samples).astype(np.float64)
         low, high = ct_window or np.percentile(samples, [0.5, 99.5]).tolist()
         clipped = np.clip(samples, low, high)
-        preprocessing.update(window=[float(low), float(high)], mean=float(clipped.mean()), std=max(float(clipped.std()), 1e-8),
-                             normalization="clipped to the window, then the training foreground's mean and std")
-    else:
-        preprocessing["normalization"] = "z-score over each scan"
-    info |= {"preprocessing": preprocessing, "val_cases": sum(split == "val" for split in splits.values()), "cases": {}}
+        return rule | {"window": [float(low), float(high)], "mean": float(clipped.mean()), "std": max(float(clipped.std()), 1e-8),
+                       "normalization": "clipped to the window, then the training foreground's mean and std"}
+    shares = []
+    for name in training:
+        image = read_scan_3d(images[name])[0]
+        occupied = [np.flatnonzero(image.any(axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)]
+        shares.append(np.prod([(o[-1] - o[0] + 1) / n if len(o) else 0 for o, n in zip(occupied, image.shape)]))
+    inside = float(np.median(shares)) < NONZERO_SHARE
+    return rule | {"nonzero_only": inside,
+                   "normalization": "z-score inside each scan's nonzero region" if inside else "z-score over each scan"}
+
+
+def own_volumes_3d(raw, val_fraction, seed, spacing=None, ct_window=None):
+    """Your own scans as whole 3D volumes in UA-MT's layout, so that the LA path (V-Net, crops, sliding
+    window) reads them: arrays in NIfTI index order (i, j, k), resampled to the plan's spacing (plan_3d),
+    intensities by modality (intensity_rule). train.list holds the labeled training cases, then the
+    unlabeled, then the validation cases (the LA path holds the last --val-cases aside); the plan and each
+    case's native shape, spacing and affine go to dataset.json, and a test or validation case's native label
+    map to its h5 ('label_native') for scoring on the scan's own grid. One scan is in memory at a time, as
+    float32 (its labels as uint8). -> (info, a generator of (split, name, image, label[, more label maps]))."""
+    info, images, labels, splits = own_cases(raw, val_fraction, seed)
+    training = {name: labels[name] for name, split in splits.items() if split == "train"}
+    headers = {name: data.read_nifti_header(path) for name, path in images.items()}  # headers only
+    spacings = {name: data.nifti_geometry(header, images[name])[0] for name, header in headers.items()}
+    plan = plan_3d([spacings[n] for n in training], [data.nifti_shape(headers[n]) for n in training], spacing)
+    for name, case_spacing in spacings.items():
+        data.check_spacing(case_spacing, plan["spacing"], images[name])
+    preprocessing = {"spacing": plan["spacing"]} | intensity_rule(raw, images, training, seed, ct_window)
+    info |= {"plan": plan, "preprocessing": preprocessing, "val_cases": sum(split == "val" for split in splits.values()),
+             "cases": {}}
 
     def volumes():
         for name, split in splits.items():
@@ -629,7 +677,8 @@ def main(argv=None):
     p.add_argument("--3d", dest="volumetric", action="store_true",
                    help="your own scans as whole 3D volumes for the V-Net (UA-MT's layout), not 2D slices")
     p.add_argument("--spacing", type=float, nargs=3, metavar=("X", "Y", "Z"),
-                   help="--3d: resample every scan to this spacing in mm (the median of the labeled training scans')")
+                   help="--3d: resample every scan to this spacing in mm (the plan's: the labeled scans' median, "
+                        "coarser for large scans)")
     p.add_argument("--ct-window", type=float, nargs=2, metavar=("LO", "HI"),
                    help="--3d, CT: clip to this window (the 0.5 and 99.5 percentiles of the labeled training foreground)")
     p.add_argument("--out", default="data/ACDC", help="where to write the layout")
@@ -657,11 +706,14 @@ def main(argv=None):
         if args.raw and args.volumetric:
             info, volumes = own_volumes_3d(args.raw, args.val_fraction, args.seed, args.spacing, args.ct_window)
             lists = write_layout(args.out, volumes, args.force, info=info, la=True)
-            done = info["preprocessing"]
+            done, plan = info["preprocessing"], info["plan"]
             print(f"wrote {args.out}: {len(lists['train'])} train.list cases ({len(info['unlabeled'])} unlabeled, the last "
                   f"{info['val_cases']} for validation), {len(lists['test'])} test.list cases, {info['num_classes']} classes "
-                  f"({', '.join(info['class_names'])}); {done['modality']}: {done['normalization']}; spacing {done['spacing']} mm; "
-                  f"in {time.time() - start:.0f} s")
+                  f"({', '.join(info['class_names'])}) in {time.time() - start:.0f} s")
+            print(f"plan (dataset.json; flags override it): spacing {' x '.join(map(str, plan['spacing']))} mm (median scan "
+                  f"{' x '.join(map(str, plan['median_shape']))} voxels), crops {' x '.join(map(str, plan['patch_size']))}, "
+                  f"{plan['labeled_batch_size']} labeled crops a step (+ as many unlabeled in self-training); "
+                  f"{done['modality']}: {done['normalization']}")
             return 0
         if args.raw and (Path(args.raw) / "imagesTr").is_dir():
             info, volumes = own_volumes(args.raw, args.val_fraction, args.seed)

@@ -1310,7 +1310,7 @@ def test_own_scans_end_to_end(tmp_path):
     own_data_folder(tmp_path / "raw")
     root, run = tmp_path / "mine", tmp_path / "run"
     assert prepare_acdc.main(["--raw", str(tmp_path / "raw"), "--out", str(root)]) == 0
-    info = data.read_plan(root)
+    info = data.read_dataset_json(root)
     assert info["num_classes"] == 4 and info["class_names"] == ["RV", "Myo", "LV"]
     assert sorted(info["unlabeled"]) == ["extra-000", "heart-005", "heart-006"]
     assert len((root / "val.list").read_text().split()) == 1 and len((root / "test.list").read_text().split()) == 2
@@ -1395,7 +1395,7 @@ def test_own_3d_intensities_and_geometry_by_hand(modality, tmp_path):
     root = tmp_path / "mine"
     assert prepare_acdc.main(["--raw", str(tmp_path / "raw"), "--3d", "--spacing", "1", "1", "1", "--out", str(root),
                               "--val-fraction", "0.25"]) == 0
-    info = data.read_plan(root)
+    info = data.read_dataset_json(root)
     assert prepare_acdc.check(root) == []
     train_list = data.read_list(root, "train.list")
     assert info["val_cases"] == 1 and sorted(train_list[-3:-1]) == ["atrium-004", "extra-000"] == sorted(info["unlabeled"])
@@ -1439,12 +1439,14 @@ def test_own_3d_scans_end_to_end(tmp_path, capsys):
     save_scan(no_roof, np.minimum(np.asarray(reference.dataobj), 1).astype(np.uint8), reference.affine)
     root, run = tmp_path / "mine", tmp_path / "run"
     assert prepare_acdc.main(["--raw", str(tmp_path / "raw"), "--3d", "--spacing", "1.25", "1.25", "1.25", "--out", str(root)]) == 0
-    assert "MRI: z-score over each scan; spacing [1.25, 1.25, 1.25] mm" in capsys.readouterr().out
+    assert "plan (dataset.json; flags override it): spacing 1.25 x 1.25 x 1.25 mm" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         train.parse_args(["--root", str(root), "--standardize"])
     assert "prepare_acdc.py already normalised the intensities" in capsys.readouterr().err
     scheduled = train.parse_args(["--root", str(root), "--schedule", "cpu"])  # your scans keep prepare's spacing and intensities
     assert (scheduled.scale, scheduled.standardize, scheduled.lr_decay) == (1.0, False, "poly") and "scale" not in scheduled.set_by_schedule
+    assert (scheduled.iterations, scheduled.labeled_batch_size, scheduled.batch_size) == (600, 8, 8)  # the plan's crops
+    assert train.schedule_minutes(scheduled) < 25
     capsys.readouterr()
     flags = ["--root", str(root), "--out", str(run), "--patch-size", "48", "32", "16", "--batch-size", "4",
              "--labeled-batch-size", "2", "--iterations", "2", "--val-every", "2"]
@@ -1572,7 +1574,7 @@ def test_a_decathlon_task_prepares_as_downloaded(tmp_path, capsys, volumetric):
     assert prepare_acdc.main(["--raw", str(tmp_path / "Task02_Heart"), "--out", str(out), "--val-fraction", "0.34",
                               *(["--3d"] if volumetric else [])]) == 0
     assert "3 imagesTs scans have no labelsTs: they join the unlabeled scans" in capsys.readouterr().out
-    info = data.read_plan(out)
+    info = data.read_dataset_json(out)
     assert sorted(info["unlabeled"]) == ["la-006", "la-007", "la-008"] and info["class_names"] == ["left atrium"]
     train_list = data.read_list(out, "train.list")
     assert not any(name.startswith(".") for name in train_list)
@@ -1596,6 +1598,31 @@ def test_scans_of_a_folder_skip_dotfiles_and_labels_take_labelsTr_names(tmp_path
         (tmp_path / name).write_bytes(b"")
     assert [p.name for p in data.nifti_scans(tmp_path)] == ["heart_002_0000.nii.gz", "la_001.nii.gz"]
     assert [data.label_name(p) for p in data.nifti_scans(tmp_path)] == ["heart_002.nii.gz", "la_001.nii.gz"]
+
+
+def test_the_plan_of_3d_scans_by_hand():
+    """nnU-Net's planning, for a CPU. 100^3 voxels of 1 mm: 10^6 voxels, over SCAN_VOXELS (200,000), so the
+    spacing grows by 5 % steps to 1.05^11 = 1.71 mm, the first where round(100 / s)^3 = 58^3 = 195,112 fits;
+    the crop is CPU_PATCH cut to 58 in multiples of 16: 48 x 48 x 32. Thick slices (0.8 x 0.8 x 4-6 mm): the
+    third axis takes the 10th percentile of its spacings, 4.4 mm, and only the fine axes are coarsened, to
+    0.88 mm (91 x 91 x 23 voxels = 190,463). --spacing is taken as given."""
+    cube = prepare_acdc.plan_3d([(1.0, 1.0, 1.0)] * 3, [(100, 100, 100)] * 3)
+    assert (cube["spacing"], cube["median_shape"], cube["patch_size"]) == ([1.71] * 3, [58] * 3, [48, 48, 32])
+    thick = prepare_acdc.plan_3d([(0.8, 0.8, z) for z in (4, 5, 6, 5, 5)], [(100, 100, 20)] * 5)
+    assert (thick["spacing"], thick["median_shape"], thick["patch_size"]) == ([0.88, 0.88, 4.4], [91, 91, 23], [64, 64, 16])
+    given = prepare_acdc.plan_3d([(1.0, 1.0, 1.0)] * 3, [(100, 100, 100)] * 3, spacing=(2.0, 2.0, 2.0))
+    assert given["spacing"] == [2.0, 2.0, 2.0] and given["patch_size"] == [48, 48, 32]
+    assert (cube["labeled_batch_size"], cube["batch_size"]) == (8, 16)
+
+
+def test_mri_with_a_large_empty_margin_is_z_scored_inside_its_nonzero_region():
+    """nnU-Net's rule: zeros stay zero, the rest has mean 0 and standard deviation 1."""
+    image = np.zeros((10, 10, 4), np.float32)
+    image[2:5, 2:5] = np.arange(36, dtype=np.float32).reshape(3, 3, 4)
+    normalised = data.normalize_3d(image.copy(), {"modality": "MRI", "nonzero_only": True})
+    inside = image != 0
+    assert (normalised[~inside] == 0).all()
+    assert abs(normalised[inside].mean()) < 1e-6 and abs(normalised[inside].std() - 1) < 1e-5
 
 
 def test_a_dataset_json_that_is_not_json_is_one_line(tmp_path, capsys):

@@ -65,10 +65,13 @@ CPU_SCHEDULE = {
              "iterations": {"pretrain": 6000, "selftrain": 4000}, "val_every": 500},
     "la": {"patch_size": [64, 64, 32], "scale": 0.5, "batch_size": 8, "labeled_batch_size": 4, "lr_decay": "poly",
            "lr_step": 0, "iterations": {"pretrain": 800, "selftrain": 2000}, "val_every": 200, "standardize": True},
+    # your own 3D scans: the crop, crops a step and spacing are the plan's (prepare_acdc.plan_3d); at most 25 minutes
+    "own3d": {"lr_decay": "poly", "lr_step": 0, "iterations": {"pretrain": 600, "selftrain": 900}, "val_every": 100},
 }
-# Seconds per step, validations included, measured by the schedule's runs on a 2-core CPU (docs/results.md):
-# their ratio times self-training's steps into the schedule's ETA while pre-training.
-CPU_SECONDS_PER_STEP = {"acdc": {"pretrain": 0.18, "selftrain": 0.48}, "la": {"pretrain": 0.51, "selftrain": 1.28}}
+# Seconds per step, validations included, measured by the schedule's runs on a 2-core CPU (docs/results.md,
+# docs/own_scans.md): the time the schedule announces, and self-training's share of the ETA while pre-training.
+CPU_SECONDS_PER_STEP = {"acdc": {"pretrain": 0.18, "selftrain": 0.48}, "la": {"pretrain": 0.51, "selftrain": 1.28},
+                        "own3d": {"pretrain": 0.42, "selftrain": 1.06}}
 
 LA_ONLY = ("val_cases", "stride", "scale", "foreground_crops", "standardize")  # refused on ACDC, where they would change nothing
 OWN_FOREGROUND_CROPS = 1 / 3  # your own 3D scans: the share of labeled crops centred on the organ (nnU-Net's)
@@ -166,7 +169,8 @@ def parse_args(argv=None):
     args.layout = dataset.layout
     if args.schedule == "cpu" and args.phase == "supervised":
         p.error("--schedule cpu times pre-training and self-training; --phase supervised takes the paper's settings")
-    schedule = CPU_SCHEDULE[dataset.layout] if args.schedule == "cpu" else {}
+    args.schedule_key = "own3d" if dataset.native_grids else dataset.layout  # which CPU_SCHEDULE
+    schedule = CPU_SCHEDULE[args.schedule_key] if args.schedule == "cpu" else {}
     defaults = dict(METHOD, **DEFAULTS[dataset.layout]) | schedule | own_data_defaults(dataset, args, p)
     for key in LA_ONLY:
         if dataset.dims == 2 and getattr(args, key) is not None:
@@ -187,7 +191,7 @@ def parse_args(argv=None):
         p.error(f"--ema-decay must lie in [0, 1], got {args.ema_decay}")
     if dataset.dims == 3 and not 0 <= args.foreground_crops <= 1:
         p.error(f"--foreground-crops must lie in [0, 1], got {args.foreground_crops}")
-    args.preprocessing = dataset.plan.get("preprocessing")  # your own 3D scans: what --predict repeats
+    args.preprocessing = dataset.own.get("preprocessing")  # your own 3D scans: what --predict repeats
     if dataset.native_grids:
         args.patch_size = clamped_patch(args.patch_size, dataset)
     if dataset.dims == 3:
@@ -223,9 +227,10 @@ def parse_args(argv=None):
 
 def own_data_defaults(dataset, args, p):
     """Your own data (a dataset.json of prepare_acdc.py --raw): its classes, every labeled case labeled,
-    and in 3D its validation cases, nnU-Net's foreground crops and no rescaling or z-scoring (prepare_acdc.py
-    resampled and normalised the scans). Flags that ask for more than it holds are refused."""
-    if not dataset.plan:
+    and in 3D its validation cases, the plan's crop and crops a step, nnU-Net's foreground crops and no
+    rescaling or z-scoring (prepare_acdc.py resampled and normalised the scans). Flags that ask for more
+    than it holds are refused."""
+    if not dataset.own:
         return {}
     labeled = dataset.labeled_count()
     if (args.labeled_patients or 0) > labeled:
@@ -235,11 +240,16 @@ def own_data_defaults(dataset, args, p):
         return defaults
     if args.standardize:
         p.error(f"--standardize: prepare_acdc.py already normalised the intensities of {args.root}")
-    if (args.val_cases or 0) > dataset.plan["val_cases"]:
-        p.error(f"--val-cases {args.val_cases}: {args.root} holds {dataset.plan['val_cases']} labeled validation cases "
+    if (args.val_cases or 0) > dataset.own["val_cases"]:
+        p.error(f"--val-cases {args.val_cases}: {args.root} holds {dataset.own['val_cases']} labeled validation cases "
                 f"(prepare_acdc.py --val-fraction sets them)")
-    return defaults | {"val_cases": dataset.plan["val_cases"], "foreground_crops": OWN_FOREGROUND_CROPS,
-                       "scale": 1.0, "standardize": False}
+    plan = dataset.own.get("plan", {})  # the crop and crops a step prepare_acdc.py planned (older sets: LA's)
+    crops = {key: plan[key] for key in ("patch_size", "labeled_batch_size") if key in plan}
+    if "batch_size" in plan:
+        crops["batch_size"] = {"supervised": plan["labeled_batch_size"], "pretrain": plan["labeled_batch_size"],
+                               "selftrain": plan["batch_size"]}
+    return defaults | crops | {"val_cases": dataset.own["val_cases"], "foreground_crops": OWN_FOREGROUND_CROPS,
+                               "scale": 1.0, "standardize": False}
 
 
 def saved_flags(args):
@@ -250,7 +260,7 @@ def saved_flags(args):
 def clamped_patch(patch_size, dataset):
     """Your own 3D scans: the crop cut to the smallest resampled training volume along each axis (to
     a multiple of 16), said in one line; the mask's box follows the crop."""
-    cases = dataset.plan["cases"]
+    cases = dataset.own["cases"]
     smallest = np.min([cases[name]["resampled_shape"] for name in data.read_list(dataset.root, "train.list")], axis=0)
     clamped = tuple(int(min(p, max(16, s // 16 * 16))) for p, s in zip(patch_size, smallest))
     if clamped != patch_size:
@@ -431,7 +441,7 @@ def load_data(args, device):
     volumes = [(torch.from_numpy(image).to(device), torch.from_numpy(label).to(device)) for _, image, label in validation]
     summary = (f"{args.phase}: {len(labeled_names)} labeled images ({args.labeled_patients} patients), "
                f"{len(unlabeled) if unlabeled else 0} unlabeled, {held_aside}, device {device}")
-    unlabeled_truth = not dataset.plan.get("unlabeled")  # your own unlabeled scans have no labels
+    unlabeled_truth = not dataset.own.get("unlabeled")  # your own unlabeled scans have no labels
     return labeled, unlabeled, volumes, summary, unlabeled_truth
 
 
@@ -672,8 +682,14 @@ def later_phases_seconds(args, seconds_per_step):
     machine's pace (this phase's seconds per step, times the ratio measured for the two phases)."""
     if args.phase != "pretrain":
         return 0.0
-    measured = CPU_SECONDS_PER_STEP[args.layout]
-    return CPU_SCHEDULE[args.layout]["iterations"]["selftrain"] * seconds_per_step * measured["selftrain"] / measured["pretrain"]
+    measured = CPU_SECONDS_PER_STEP[args.schedule_key]
+    return CPU_SCHEDULE[args.schedule_key]["iterations"]["selftrain"] * seconds_per_step * measured["selftrain"] / measured["pretrain"]
+
+
+def schedule_minutes(args):
+    """--schedule cpu: the minutes both phases take on the 2-core CPU that measured CPU_SECONDS_PER_STEP."""
+    steps = CPU_SCHEDULE[args.schedule_key]["iterations"] | {args.phase: args.iterations}
+    return sum(steps[phase] * seconds for phase, seconds in CPU_SECONDS_PER_STEP[args.schedule_key].items()) / 60
 
 
 def train(run, volumes, folder, progress):
@@ -799,6 +815,9 @@ def main(argv=None):
     resume_iteration = checkpoint["iteration"] if checkpoint else 0
     folder = RunFolder(args, resume_iteration) if bcp.process_share()[1] == 0 else QuietFolder(args)
     folder.log(summary)
+    if args.schedule == "cpu":
+        folder.log(f"--schedule cpu: both phases about {schedule_minutes(args):.0f} minutes on the 2-core CPU that "
+                   f"measured it (validations included)")
     if blind:
         folder.log(f"warning: {blind} predicts no foreground on any validation volume that has some; starting from it (--init)")
     if args.data.synthetic:

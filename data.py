@@ -878,18 +878,21 @@ def load_weights(model, weights, path):
                         f"({' '.join(str(error).split())[:300]})") from None
 
 
-def load_model(path, device="cpu"):
+def load_model(path, device="cpu", weights="model"):
     """(U-Net or V-Net, by the length of the run's patch, with the weights of a train.py checkpoint or its
-    fp16 export, on `device`; the checkpoint)."""
-    checkpoint = load_checkpoint(path)
+    fp16 export, on `device`; the checkpoint). weights "teacher": a self-training checkpoint's EMA teacher
+    instead of its student ("model")."""
+    checkpoint = load_checkpoint(path, required=(weights, "flags"))
     flags = checkpoint["flags"] if isinstance(checkpoint["flags"], dict) else {}
     num_classes, patch = flags.get("num_classes"), flags.get("patch_size")
     if not isinstance(num_classes, int):
         raise DataError(f"{path}: its flags do not say num_classes")
     if not (isinstance(patch, (list, tuple)) and len(patch) in bcp.NETWORKS):
         raise DataError(f"{path}: its flags do not give patch_size as 2 or 3 sizes (got {patch!r})")
+    if checkpoint[weights] is None:
+        raise DataError(f"{path}: holds no {weights} (a pre-training or supervised checkpoint has no teacher)")
     model = bcp.NETWORKS[len(patch)](num_classes=num_classes).to(device)
-    load_weights(model, checkpoint["model"], path)
+    load_weights(model, checkpoint[weights], path)
     return model, checkpoint
 
 

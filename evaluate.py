@@ -163,11 +163,11 @@ def print_table(per_volume, checkpoint, dataset, args):
     return per_class, mean, counts
 
 
-def export_fp16(checkpoint, path):
-    """The weights in float16 with the flags (and the post-processing validation chose): half the size;
-    evaluation casts them back to float32 on load."""
+def export_fp16(checkpoint, path, weights="model"):
+    """The weights (the student's, or weights="teacher") in float16 with the flags and the post-processing
+    validation chose: half the size; evaluation casts them back to float32 on load."""
     data.write_atomic(path, lambda f: torch.save(
-        {"model": {k: v.half() if v.is_floating_point() else v for k, v in checkpoint["model"].items()},
+        {"model": {k: v.half() if v.is_floating_point() else v for k, v in checkpoint[weights].items()},
          "flags": checkpoint["flags"], "iteration": checkpoint.get("iteration"), "best_dice": checkpoint.get("best_dice"),
          "keep_largest": checkpoint.get("keep_largest")}, f))
 
@@ -236,6 +236,8 @@ def parse_args(argv=None):
     p.add_argument("--windows", choices=["authors", "gaussian"],
                    help="3D models: the authors' sliding windows (every --stride, a plain mean; LA's default) or "
                         "nnU-Net's (every half window, Gaussian-weighted; your own scans' default; docs/own_scans.md)")
+    p.add_argument("--weights", choices=["student", "teacher"], default="student",
+                   help="the student (the paper's) or, in a self-training checkpoint, the EMA teacher")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     if args.stride and min(args.stride) < 1:
@@ -253,11 +255,12 @@ def main(argv=None):
     args, p = parse_args(argv)
     for folder in [Path(f).parent for f in (args.json, args.export) if f] + [Path(d) for d in (args.save_png, args.kde, args.out) if d]:
         check_writable(folder)  # before the evaluation, not after it
-    model, checkpoint = data.load_model(args.checkpoint, args.device)
+    weights = "model" if args.weights == "student" else "teacher"
+    model, checkpoint = data.load_model(args.checkpoint, args.device, weights)
     model.eval()
     flags = checkpoint["flags"]
     if args.export:
-        export_fp16(checkpoint, args.export)
+        export_fp16(checkpoint, args.export, weights)
     patch = flags["patch_size"]
     if len(patch) == 2 and args.stride:
         p.error(f"--stride applies to 3D models; {args.checkpoint} holds a 2D U-Net")

@@ -1096,6 +1096,20 @@ def test_committed_checkpoints_load_on_the_cpu():
         assert torch.isfinite(model.eval()(torch.rand(1, 1, 64, 64))).all(), path
 
 
+def test_the_teacher_of_a_selftrain_checkpoint_loads_on_request(tmp_path):
+    """evaluate.py --weights teacher: the EMA teacher's weights, not the student's; a checkpoint without a
+    teacher (pre-training) is named in one line."""
+    student, teacher = bcp.UNet(), bcp.UNet()
+    flags = {"num_classes": 4, "patch_size": [32, 32]}
+    torch.save({"model": student.state_dict(), "teacher": teacher.state_dict(), "flags": flags}, tmp_path / "self.pt")
+    torch.save({"model": student.state_dict(), "teacher": None, "flags": flags}, tmp_path / "pre.pt")
+    loaded, _ = data.load_model(tmp_path / "self.pt", weights="teacher")
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), teacher.state_dict().values()))
+    assert not torch.equal(loaded.head.weight, student.head.weight)
+    with pytest.raises(data.DataError, match=r"pre\.pt: holds no teacher"):
+        data.load_model(tmp_path / "pre.pt", weights="teacher")
+
+
 @pytest.mark.slow
 def test_checkpoints_that_do_not_fit_are_named(synthetic_root, tmp_path):
     """A file without 'flags', weights of another shape, and an --init that is not a checkpoint: one
@@ -1947,6 +1961,15 @@ def test_bad_flags_get_one_line_before_any_work(flags, message, capsys):
         train.parse_args(flags)
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert stop.value.code == 2 and message in error
+
+
+@pytest.mark.parametrize("flags,precision,line", [
+    (["avx512_bf16"], "bf16", "precision bf16; this CPU computes bf16 natively (avx512_bf16)"),
+    ([], "bf16", "precision bf16; this CPU has no bf16 instructions: bf16 is emulated, likely slower"),
+    ([], "fp32", "precision fp32; this CPU has no bf16 instructions")])
+def test_the_log_says_whether_the_cpu_computes_bf16(flags, precision, line, monkeypatch):
+    monkeypatch.setattr(train, "cpu_bf16", lambda: flags)
+    assert train.precision_line(SimpleNamespace(precision=precision), torch.device("cpu")) == line
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")

@@ -506,6 +506,28 @@ def runtime(args):
     return device, autocast, memory_format, compiled
 
 
+BF16_INSTRUCTIONS = ("avx512_bf16", "amx_bf16")  # x86 CPU flags of bf16 arithmetic in hardware
+
+
+def cpu_bf16():
+    """The bf16 instruction sets this CPU has (Linux's /proc/cpuinfo flags): where there are none, bf16 autocast
+    on the CPU is emulated."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return []
+    return [flag for flag in BF16_INSTRUCTIONS if flag in flags]
+
+
+def precision_line(args, device):
+    """One log line: the precision, and on a CPU whether it computes bf16 natively."""
+    if device.type != "cpu":
+        return f"precision {args.precision}"
+    native = cpu_bf16()
+    has = f"this CPU computes bf16 natively ({', '.join(native)})" if native else "this CPU has no bf16 instructions"
+    return f"precision {args.precision}; {has}" + ("" if native or args.precision == "fp32" else ": bf16 is emulated, likely slower")
+
+
 def checkpoint_to_resume(args, run_dir):
     """last.pt when --resume finds one, else None; refuses to start over a run without --overwrite,
     and a resume whose flags would change what the run trains."""
@@ -814,7 +836,7 @@ def main(argv=None):
     blind = blind_start(args) if args.phase == "selftrain" and checkpoint is None else None
     resume_iteration = checkpoint["iteration"] if checkpoint else 0
     folder = RunFolder(args, resume_iteration) if bcp.process_share()[1] == 0 else QuietFolder(args)
-    folder.log(summary)
+    folder.log(f"{summary}; {precision_line(args, device)}")
     if args.schedule == "cpu":
         folder.log(f"--schedule cpu: both phases about {schedule_minutes(args):.0f} minutes on the 2-core CPU that "
                    f"measured it (validations included)")

@@ -3,7 +3,7 @@ The data around BCP: what a --root holds, described once (Dataset), its images a
 training banks with the authors' augmentation, whole-volume inference, scans, checkpoints. bcp.py is the
 method and knows nothing of this file; train.py, evaluate.py, prepare_acdc.py and benchmark.py share it.
 
-  1. errors, lists and the one description of a data set (Dataset, open_dataset)
+  1. errors, lists and the one description of a data set (Dataset)
   2. reading and writing arrays: SSL4MIS / UA-MT h5 files, NIfTI scans, your own scans' folders
   3. resampling and intensities
   4. the training banks: ACDC slices (SliceBank) and 3D volumes (VolumeBank) with their augmentation
@@ -192,17 +192,18 @@ class Dataset:
             raise DataError(f"{path}: no readable 'label_native' (written by prepare_acdc.py --3d; {error})") from None
 
 
-def labeled_patients(root, plan):
-    """The patients of train.list that have labels, in train.list order (the labeling order)."""
-    unlabeled = set(plan.get("unlabeled", []))
+def labeled_patients(root, own):
+    """The patients of train.list that have labels, in train.list order (the labeling order); own: your own
+    data's dataset.json, which lists the unlabeled ones."""
+    unlabeled = set(own.get("unlabeled", []))
     return list(dict.fromkeys(patient_of(v) for v in read_list(root, "train.list") if v not in unlabeled))
 
 
-def training_slices(root, labeled_patients_count, plan):
+def training_slices(root, labeled_patients_count, own):
     """Slice names of train_slices.list split into (labeled, unlabeled): the labeled set is every
     slice of the first `labeled_patients_count` labeled patients in train.list order (3 -> 68, 7 -> 136
     on ACDC); every other slice, those of volumes without labels included, is unlabeled."""
-    patients = labeled_patients(root, plan)
+    patients = labeled_patients(root, own)
     if not 1 <= labeled_patients_count <= len(patients):
         raise DataError(f"{Path(root) / 'train.list'}: asked for {labeled_patients_count} labeled patients, "
                         f"it holds {len(patients)}")
@@ -542,7 +543,7 @@ class SliceBank:
 
     The authors' augmentation (SSL4MIS RandomGenerator) per slice: with p=0.5 rot90 by k in 0..3 then
     a flip on a random axis; otherwise with p=0.5 a rotation by an integer angle in [-20, 20) degrees
-    (nearest, zeros outside); then a nearest resize to patch x patch. Here the whole chain is one
+    (nearest, zeros outside); then a nearest resize to the (P, P) patch. Here the whole chain is one
     index map from output pixel to source pixel, so a batch is a single gather."""
 
     def __init__(self, images, labels, device):

@@ -22,8 +22,8 @@ This file knows nothing of files, data sets or devices: data.py holds those.
 
 Symbols, the same in the README and the code: L_a, L_b labeled images (labeled_a, labeled_b) with
 ground truth G_a, G_b (truth_a, truth_b); U_a, U_b unlabeled images (unlabeled_a, unlabeled_b) with
-the teacher's pseudo-labels P_a, P_b (pseudo_a, pseudo_b); M the mask (paste_mask: 1 keeps the base
-image, 0 is where the crop is pasted); alpha the weight of pseudo-labeled regions (unlabeled_weight,
+the teacher's pseudo-labels P_a, P_b (pseudo_a, pseudo_b); M the mask (mask, drawn by keep_mask: 1 keeps
+the base image, 0 is where the crop is pasted); alpha the weight of pseudo-labeled regions (unlabeled_weight,
 the authors' u_weight, --u-weight). Each of L_a, L_b, U_a, U_b is a half-batch (6 slices at the ACDC
 defaults, 2 crops on LA).
 
@@ -348,7 +348,7 @@ def bcp_loss(student, teacher, labeled_a, truth_a, labeled_b, truth_b, unlabeled
 
 
 # -----------------------------------------------------------------------------
-# 7. Connected components: the largest one of each item, fast on a GPU (used by pseudo_label)
+# 7. Connected components: the largest one of each item, fast on a GPU (pseudo-labels, post-processing)
 
 def neighbourhood_min(labels, fill):
     """Smallest value in each 3x3 (3x3x3) neighbourhood of an (N, *S) tensor, `fill` outside the border."""

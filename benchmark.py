@@ -49,7 +49,7 @@ def floor_seconds(args, steps):
     (device, precision, memory format, compile) for the same flags."""
     device, autocast, memory_format, compiled = train.runtime(args)
     patch = args.patch_size
-    network = args.data.network
+    network = args.dataset.network
     student = network(num_classes=args.num_classes).to(device, memory_format=memory_format)
     teacher = network(num_classes=args.num_classes).to(device, memory_format=memory_format).requires_grad_(False)
     student_forward, teacher_forward = compiled(student), compiled(teacher)
@@ -185,7 +185,7 @@ def bench_pseudo_labels(args):
 
 
 def bench_sliding_window(args):
-    """LA evaluation of a checkpoint: seconds per validation volume for bcp.segment (resampling, windows,
+    """LA evaluation of a checkpoint: seconds per validation volume for data.segment (resampling, windows,
     largest component), and for the largest component alone, at the given strides."""
     if not args.checkpoint:
         raise SystemExit("benchmark.py sliding-window: --checkpoint is required")

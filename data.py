@@ -104,6 +104,9 @@ def read_dataset_json(root):
     own = read_json(path)
     if not isinstance(own, dict) or not isinstance(own.get("num_classes"), int):
         raise DataError(f"{path}: needs an integer 'num_classes'")
+    missing = [key for key in ("unlabeled", *(("val_cases", "preprocessing") if "cases" in own else ())) if key not in own]
+    if missing:
+        raise DataError(f"{path}: no {', '.join(repr(key) for key in missing)} (write it again with prepare_acdc.py --raw)")
     return own
 
 
@@ -164,22 +167,24 @@ class Dataset:
             return la_cases(self.root, flags["labeled_patients"], flags["val_cases"])[2]
         return read_list(self.root, f"{split}.list")
 
-    def volumes(self, names, scale=1.0, standardize=False):
+    def volumes(self, names, scale=1.0, standardize=False, num_classes=None):
         """[(name, image float32, label uint8)] of whole volumes: ACDC (S, H, W); 3D (D1, D2, D3) resampled by
-        `scale`, each image z-scored with standardize."""
-        volumes = [(name, *read_h5(self.path(name), 3, self.num_classes)) for name in names]
+        `scale`, each image z-scored with standardize; labels checked against num_classes (a run's
+        --num-classes; the data set's by default)."""
+        volumes = [(name, *read_h5(self.path(name), 3, num_classes or self.num_classes)) for name in names]
         if standardize:
             volumes = [(name, zscore(image), label) for name, image, label in volumes]
         return [(name, *rescale(image, label, scale)) for name, image, label in volumes]
 
-    def bank(self, names, device, scale=1.0, standardize=False, foreground=0.0):
-        """The training bank of these slices (ACDC) or volumes (3D), on `device`."""
+    def bank(self, names, device, scale=1.0, standardize=False, foreground=0.0, num_classes=None):
+        """The training bank of these slices (ACDC) or volumes (3D), on `device` (num_classes as volumes)."""
+        num_classes = num_classes or self.num_classes
         if self.layout == "acdc":
-            pairs = [read_h5(self.root / "data" / "slices" / f"{name}.h5", 2, self.num_classes) for name in names]
+            pairs = [read_h5(self.root / "data" / "slices" / f"{name}.h5", 2, num_classes) for name in names]
             return SliceBank([image for image, _ in pairs], [label for _, label in pairs], device)
-        volumes = self.volumes(names, scale, standardize)
+        volumes = self.volumes(names, scale, standardize, num_classes)
         return VolumeBank([image for _, image, _ in volumes], [label for _, _, label in volumes], device,
-                          foreground, self.num_classes)
+                          foreground, num_classes)
 
     def native_label(self, name):
         """Your own 3D scans: the label map of a scan on its own grid, which prepare_acdc.py --3d keeps
@@ -817,7 +822,7 @@ def segment(model, image, patch, stride=None, scale=1.0, gaussian=False, keep_la
     if len(patch) == 2:
         return segment_slices(model, image, patch)
     strides, weights = (([w // 2 for w in patch], gaussian_importance(patch, image.device)) if gaussian
-                        else (window_strides(stride), None))
+                        else (window_strides(stride or default_stride(patch)), None))
     resampled = resample(image, scaled_size(image.shape, scale), corners_aligned=False) if scale != 1 else image
     probabilities = sliding_window_probabilities(model, resampled, patch, strides, weights=weights)
     if scale != 1:

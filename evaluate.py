@@ -113,7 +113,7 @@ def score_split(model, checkpoint, dataset, args, device):
     flags = checkpoint["flags"]
     names = dataset.split(args.split, flags)
     per_volume = []
-    for name, image, label in dataset.volumes(names, standardize=flags.get("standardize", False)):
+    for name, image, label in dataset.volumes(names, standardize=flags.get("standardize", False), num_classes=flags["num_classes"]):
         truth, spacing, size = label, None, None
         if dataset.native_grids:
             truth, spacing = dataset.native_label(name), dataset.own["cases"][name]["spacing"]
@@ -248,6 +248,8 @@ def parse_args(argv=None):
         p.error(str(error))
     if bool(args.predict) != bool(args.out):
         p.error("--predict IN and --out DIR go together")
+    if args.predict and (args.json or args.kde):
+        p.error("--json and --kde score a split; --predict writes label maps only")
     return args, p
 
 
@@ -261,16 +263,18 @@ def main(argv=None):
     flags = checkpoint["flags"]
     if args.export:
         export_fp16(checkpoint, args.export, weights)
-    patch = flags["patch_size"]
-    if len(patch) == 2 and args.stride:
-        p.error(f"--stride applies to 3D models; {args.checkpoint} holds a 2D U-Net")
+    patch, given_stride = flags["patch_size"], args.stride
+    if len(patch) == 2 and (args.stride or args.windows):
+        p.error(f"--stride and --windows apply to 3D models; {args.checkpoint} holds a 2D U-Net")
     if len(patch) == 3:
         args.stride = args.stride or data.default_stride(patch)
         try:
             data.check_stride(args.stride, patch)
         except ValueError as error:
             p.error(str(error))
-    args.windows = args.windows or ("gaussian" if flags.get("preprocessing") else "authors")
+    if args.windows == "gaussian" and given_stride:
+        p.error("--stride sets the authors' windows; --windows gaussian steps every half window")
+    args.windows = args.windows or ("gaussian" if flags.get("preprocessing") and not given_stride else "authors")
     keep_largest = kept_components(checkpoint)
     if keep_largest is not None:
         kept = f"classes {', '.join(map(str, keep_largest))}" if keep_largest else "no class"

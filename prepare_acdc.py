@@ -22,7 +22,8 @@ Layout written (and checked):
 --3d and --la write UA-MT's LA layout instead, which the V-Net path reads (so LA and your 3D scans share
 one reader): ROOT/2018LA_Seg_Training Set/<case>/mri_norm2.h5 ('image' float32 (i, j, k), 'label' uint8),
 train.list (--3d: labeled, then unlabeled, then the validation cases) and test.list; --3d also writes
-dataset.json with the spacing, the intensity scheme and each case's native shape, spacing and affine.
+dataset.json with the plan (spacing, crop, crops a step), the intensity scheme, the validation count and
+each case's native shape, spacing and affine.
 Everything is written into a temporary folder beside --out that is renamed to --out only when
 complete. --force replaces only a folder this script wrote (its lists and data/), never one that
 holds the current directory; the old folder is renamed aside first and deleted last, so a kill at any

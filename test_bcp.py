@@ -6,7 +6,7 @@ The file follows the code's order, a section each:
     components   bcp.py: largest_component, keep_largest_components
     metrics      bcp.py: Dice, Jaccard, surfaces, nearest distances, HD95, ASD, dice_per_class, score_volume
     data         data.py: lists and Dataset, h5 files, resampling, SliceBank and VolumeBank, checkpoints
-    scans        prepare_acdc.py: NIfTI files, the official download, synthetic sets, --check, your own scans
+    scans        NIfTI files (data.py) and prepare_acdc.py: the official download, synthetic sets, --check, your own scans
     inference    data.py: whole volumes, sliding windows, segment, post-processing; pictures.py
     training     train.py: flags, schedules, random streams, steps, runs, resume, stops; benchmark.py
     evaluation   evaluate.py: a split's scores, json, --predict, --kde, exports; the README's route
@@ -398,7 +398,7 @@ def step_setup(root, flags, phase, out, device="cpu"):
     args = train.parse_args(["--root", str(root), *flags, "--phase", phase, "--out", str(out), "--device", str(device)])
     labeled, unlabeled, _, _, _ = train.load_data(args, device)
     torch.manual_seed(0)
-    network = args.data.network
+    network = args.dataset.network
     (out / "pretrain").mkdir(parents=True, exist_ok=True)
     torch.save({"model": network(num_classes=args.num_classes).state_dict()}, out / "pretrain" / "best.pt")
     folder = SimpleNamespace(log=lambda message: None, last_path=out / phase / "last.pt")
@@ -1722,7 +1722,7 @@ def test_forced_replace_is_atomic_and_leftovers_are_cleaned(tmp_path):
 
 # ----------------------------------------------------------------------------- inference: whole volumes, sliding windows, segment, post-processing, pictures
 
-def test_predict_volume_is_slice_by_slice_resize_argmax_resize_back():
+def test_segment_slices_is_slice_by_slice_resize_argmax_resize_back():
     """Each slice resized to 32 x 32 as scipy.ndimage.zoom(order=0), segmented, the argmax zoomed back."""
     torch.manual_seed(0)
     model = bcp.UNet().eval()
@@ -2393,6 +2393,25 @@ def test_nan_in_a_test_volume_stops_evaluation_naming_it(synthetic_root, tmp_pat
     train.main(["--root", str(copy), *TINY, "--out", str(run), "--phase", "supervised", "--iterations", "1"])
     with pytest.raises(data.DataError, match=f"{volume}.h5: the image holds 16 NaN"):
         evaluate.main(["--root", str(copy), "--checkpoint", str(run / "supervised" / "best.pt")])
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--windows", "gaussian"], "--stride and --windows apply to 3D models"),
+    (["--stride", "16", "4"], "--stride and --windows apply to 3D models"),
+    (["--predict", "scans", "--out", "labels", "--json", "s.json"], "--json and --kde score a split; --predict writes label maps only"),
+])
+def test_evaluate_refuses_flags_it_would_ignore(flags, message, tmp_path, capsys):
+    torch.save({"model": bcp.UNet().state_dict(), "flags": {"num_classes": 4, "patch_size": [32, 32]}}, tmp_path / "u.pt")
+    with pytest.raises(SystemExit) as stop:
+        evaluate.main(["--checkpoint", str(tmp_path / "u.pt"), *flags])
+    assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_labels_beyond_num_classes_are_named(synthetic_root):
+    """--num-classes 2 on ACDC's four classes: one line naming a slice file, before any training."""
+    args = train.parse_args(["--root", str(synthetic_root), *TINY, "--num-classes", "2"])
+    with pytest.raises(data.DataError, match=r"\.h5: label values must lie in 0\.\.1 \(--num-classes 2\)"):
+        train.load_data(args, torch.device("cpu"))
 
 
 @pytest.mark.slow

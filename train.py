@@ -166,7 +166,6 @@ def parse_args(argv=None):
                                   "(default <out>/pretrain/best.pt)")
     args = p.parse_args(argv)
     dataset = data.Dataset(args.root)  # the one description of --root, used by everything below
-    args.layout = dataset.layout
     if args.schedule == "cpu" and args.phase == "supervised":
         p.error("--schedule cpu times pre-training and self-training; --phase supervised takes the paper's settings")
     args.schedule_key = "own3d" if dataset.native_grids else dataset.layout  # which CPU_SCHEDULE
@@ -221,7 +220,7 @@ def parse_args(argv=None):
                     f"by {processes} processes")
     if processes > 1 and args.device == "cuda":
         args.device = f"cuda:{os.environ['LOCAL_RANK']}"  # one GPU per process
-    args.data = dataset  # not a flag: saved_flags leaves it out
+    args.dataset = dataset  # the description, not a flag: saved_flags leaves it out
     return args
 
 
@@ -254,7 +253,7 @@ def own_data_defaults(dataset, args, p):
 
 def saved_flags(args):
     """The flags as flags.json and the checkpoints keep them: everything but the data set's description."""
-    return {key: value for key, value in vars(args).items() if key != "data"}
+    return {key: value for key, value in vars(args).items() if key != "dataset"}
 
 
 def clamped_patch(patch_size, dataset):
@@ -421,15 +420,15 @@ def load_data(args, device):
     """The labeled and unlabeled banks (None before selftrain), the validation volumes as (image, label)
     tensors, all on the device, one line saying what was loaded, and whether the unlabeled images have
     true labels (ACDC's and LA's do; they never enter the loss, only the pseudo-label diagnostics)."""
-    dataset = args.data
+    dataset = args.dataset
     data.check_splits(dataset.root)
     labeled_names, unlabeled_names, val_names = dataset.cases(args.labeled_patients, args.val_cases)
     if dataset.dims == 3:  # crops centred on the organ need labels: the labeled bank only
-        bank = lambda names, foreground=0.0: dataset.bank(names, device, args.scale, args.standardize, foreground)
+        bank = lambda names, foreground=0.0: dataset.bank(names, device, args.scale, args.standardize, foreground, args.num_classes)
         labeled = bank(labeled_names, args.foreground_crops)
         held_aside = f"{len(val_names)} validation cases held aside from train.list ({val_names[0]} ...)"
     else:
-        bank = lambda names: dataset.bank(names, device)
+        bank = lambda names: dataset.bank(names, device, num_classes=args.num_classes)
         labeled = bank(labeled_names)
         held_aside = f"{len(val_names)} validation volumes"
     unlabeled = None
@@ -437,7 +436,8 @@ def load_data(args, device):
         if not unlabeled_names:
             raise data.DataError(f"{dataset.root / 'train.list'}: every training case is labeled; selftrain needs unlabeled ones")
         unlabeled = bank(unlabeled_names)
-    validation = dataset.volumes(val_names, standardize=dataset.dims == 3 and args.standardize)  # full resolution, as evaluated
+    validation = dataset.volumes(val_names, standardize=dataset.dims == 3 and args.standardize,  # full resolution, as evaluated
+                                 num_classes=args.num_classes)
     volumes = [(torch.from_numpy(image).to(device), torch.from_numpy(label).to(device)) for _, image, label in validation]
     summary = (f"{args.phase}: {len(labeled_names)} labeled images ({args.labeled_patients} patients), "
                f"{len(unlabeled) if unlabeled else 0} unlabeled, {held_aside}, device {device}")
@@ -454,23 +454,23 @@ def validate(model, volumes, args, autocast):
     authors' in-training LA validation skips the largest component); a class the model does not predict
     scores 0, as in the authors' evaluation. Your own scans, as nnU-Net validates: its windows (every half
     window, Gaussian weights), a class absent from both prediction and truth left out of the means."""
-    dataset = args.data
+    dataset = args.dataset
     own = dataset.scoring == "nnunet"
     model.eval()
-    as_predicted, largest_only, blind = [], [], []
+    as_predicted, largest_only, no_foreground = [], [], []
     with autocast:
         for image, label in volumes:
             prediction = data.segment(model, image, args.patch_size, args.stride, args.scale, gaussian=own,
                                       keep_largest=[] if own else None)
             as_predicted.append(bcp.dice_per_class(prediction, label, args.num_classes, dataset.scoring))
             if label.any():
-                blind.append(not prediction.any())
+                no_foreground.append(not prediction.any())
             if dataset.native_grids:
                 kept = bcp.keep_largest_components(prediction[None], range(1, args.num_classes))[0]
                 largest_only.append(bcp.dice_per_class(kept, label, args.num_classes, dataset.scoring))
     model.train()
     mean = lambda scores: torch.stack(scores).nanmean(0).tolist() if scores else None  # NaN: a class left out of every volume
-    return mean(as_predicted), mean(largest_only), bool(blind) and all(blind)
+    return mean(as_predicted), mean(largest_only), bool(no_foreground) and all(no_foreground)
 
 
 def float_tensors(state):
@@ -540,9 +540,10 @@ def checkpoint_to_resume(args, run_dir):
     checkpoint = data.load_checkpoint(last_path, required=("model", "teacher", "optimizer", "iteration", "best_dice",
                                                           "best_iteration", "elapsed", "flags", "rng"))
     compared = RUN_FLAGS + (("iterations",) if args.lr_decay == "poly" else ())  # poly's lr depends on the steps
-    as_typed = lambda value: " ".join(map(str, value)) if isinstance(value, tuple) else value  # --patch-size 32 32
-    changed = [f"--{key.replace('_', '-')} {as_typed(checkpoint['flags'][key])} (now {as_typed(getattr(args, key))})"
-               for key in compared if key in checkpoint["flags"] and checkpoint["flags"][key] != getattr(args, key)]
+    as_tuple = lambda value: tuple(value) if isinstance(value, list) else value  # flags.json-style lists
+    as_text = lambda value: " ".join(map(str, value)) if isinstance(value, tuple) else value  # --patch-size 32 32
+    changed = [f"--{key.replace('_', '-')} {as_text(as_tuple(checkpoint['flags'][key]))} (now {as_text(getattr(args, key))})"
+               for key in compared if key in checkpoint["flags"] and as_tuple(checkpoint["flags"][key]) != getattr(args, key)]
     if changed:
         raise data.DataError(f"{last_path}: trained with {', '.join(changed)}; resume with the same flags, "
                             f"or start a new run with another --out")
@@ -647,8 +648,9 @@ class QuietFolder(RunFolder):
 def build_models(args, device, memory_format, checkpoint, folder):
     """Student, teacher (selftrain only) and SGD: from last.pt on --resume; self-training otherwise
     starts from the pre-training's best weights (and its SGD momentum with --selftrain-sgd pretrain).
-    -> (student, teacher, optimizer, progress: iteration, best_dice, best_iteration, elapsed)."""
-    architecture = args.data.network
+    -> (student, teacher, optimizer, progress: iteration, best_dice, best_iteration, elapsed, and the best
+    checkpoint's keep_largest and predicts_no_foreground)."""
+    architecture = args.dataset.network
     # torchrun: each BatchNorm takes its training statistics over the whole batch, not this process's share
     whole_batch = bcp.whole_batch_norms if bcp.process_share()[0] > 1 else (lambda model: model)
     network = lambda: whole_batch(architecture(num_classes=args.num_classes)).to(device, memory_format=memory_format)
@@ -779,15 +781,17 @@ def train(run, volumes, folder, progress):
             return False
     folder.log(f"done: best val Dice {progress['best_dice']:.4f} at iteration {progress['best_iteration']}; {folder.best_path}")
     if progress["predicts_no_foreground"]:
-        folder.log(f"warning: {folder.best_path} predicts no foreground on any validation volume that has some. {NO_FOREGROUND_ADVICE}")
+        folder.log(f"warning: {folder.best_path} predicts no foreground on any validation volume that has some. "
+                   f"{NO_FOREGROUND_ADVICE[args.dataset.dims]}")
     return True
 
 
-NO_FOREGROUND_ADVICE = ("Try more steps (--iterations), more labeled crops a step (--labeled-batch-size), more of them "
-                        "centred on the organ (--foreground-crops 0.67), or coarser voxels (prepare_acdc.py --spacing).")
+NO_FOREGROUND_ADVICE = {2: "Try more steps (--iterations) or more labeled images a step (--labeled-batch-size).",
+                        3: "Try more steps (--iterations), more labeled crops a step (--labeled-batch-size), more of them "
+                           "centred on the organ (--foreground-crops 0.67), or coarser voxels (prepare_acdc.py --spacing)."}
 
 
-def blind_start(args):
+def start_without_foreground(args):
     """Self-training starts from a pre-training's best weights: refuse one whose validation predicted no
     foreground on any volume that has some (the teacher's pseudo-labels would be empty: a collapse carried
     on), unless --init names it. -> that start's path when --init names such a model, else None."""
@@ -796,7 +800,7 @@ def blind_start(args):
         return None
     if not args.init:
         raise data.DataError(f"{init_path}: predicts no foreground on any validation volume that has some; self-training "
-                             f"from it would learn empty pseudo-labels. {NO_FOREGROUND_ADVICE} (--init {init_path} starts "
+                             f"from it would learn empty pseudo-labels. {NO_FOREGROUND_ADVICE[args.dataset.dims]} (--init {init_path} starts "
                              f"from it anyway.)")
     return init_path
 
@@ -808,12 +812,12 @@ def validate_and_save(run, volumes, folder, progress, iteration, views, save):
     if isinstance(folder, QuietFolder):
         save(folder.last_path, iteration)  # checks the weights as rank 0 does; QuietFolder writes nothing
         return float("nan")
-    per_class, largest_only, blind = validate(run.student, volumes, run.args, run.autocast)
+    per_class, largest_only, no_foreground = validate(run.student, volumes, run.args, run.autocast)
     dice = float(np.nan_to_num(np.nanmean(per_class)))  # the mean over classes picks the best checkpoint
     keep_largest = None if largest_only is None else data.helped_by_largest_component(per_class, largest_only)
     folder.write_metrics({"iter": iteration, "val_dice": dice, "val_dice_per_class": per_class})
     if dice > progress["best_dice"]:
-        progress.update(best_dice=dice, best_iteration=iteration, keep_largest=keep_largest, predicts_no_foreground=blind)
+        progress.update(best_dice=dice, best_iteration=iteration, keep_largest=keep_largest, predicts_no_foreground=no_foreground)
         save(folder.best_path, iteration)
     save(folder.last_path, iteration)
     folder.save_picture(iteration, views)
@@ -833,16 +837,16 @@ def main(argv=None):
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
     torch.manual_seed(args.seed)
     labeled, unlabeled, volumes, summary, unlabeled_truth = load_data(args, device)  # bad data stops here, before anything is written
-    blind = blind_start(args) if args.phase == "selftrain" and checkpoint is None else None
+    no_foreground = start_without_foreground(args) if args.phase == "selftrain" and checkpoint is None else None
     resume_iteration = checkpoint["iteration"] if checkpoint else 0
     folder = RunFolder(args, resume_iteration) if bcp.process_share()[1] == 0 else QuietFolder(args)
     folder.log(f"{summary}; {precision_line(args, device)}")
     if args.schedule == "cpu":
         folder.log(f"--schedule cpu: both phases about {schedule_minutes(args):.0f} minutes on the 2-core CPU that "
                    f"measured it (validations included)")
-    if blind:
-        folder.log(f"warning: {blind} predicts no foreground on any validation volume that has some; starting from it (--init)")
-    if args.data.synthetic:
+    if no_foreground:
+        folder.log(f"warning: {no_foreground} predicts no foreground on any validation volume that has some; starting from it (--init)")
+    if args.dataset.synthetic:
         folder.log(f"{args.root} holds SYNTHETIC phantoms, not real scans (see prepare_acdc.py)")
     student, teacher, optimizer, progress = build_models(args, device, memory_format, checkpoint, folder)
     run = SimpleNamespace(args=args, device=device, autocast=autocast, optimizer=optimizer, student=student,

@@ -71,7 +71,7 @@ CPU_SCHEDULE = {
 # Seconds per step, validations included, measured by the schedule's runs on a 2-core CPU (docs/results.md,
 # docs/own_scans.md): the time the schedule announces, and self-training's share of the ETA while pre-training.
 CPU_SECONDS_PER_STEP = {"acdc": {"pretrain": 0.18, "selftrain": 0.48}, "la": {"pretrain": 0.51, "selftrain": 1.28},
-                        "own3d": {"pretrain": 0.42, "selftrain": 1.06}}
+                        "own3d": {"pretrain": 0.48, "selftrain": 1.27}}
 
 LA_ONLY = ("val_cases", "stride", "scale", "foreground_crops", "standardize")  # refused on ACDC, where they would change nothing
 OWN_FOREGROUND_CROPS = 1 / 3  # your own 3D scans: the share of labeled crops centred on the organ (nnU-Net's)

@@ -124,7 +124,8 @@ def bench_steps(args):
                      "--labeled-batch-size", str(args.labeled_batch_size), "--labeled-patients", str(args.labeled_patients),
                      "--log-every", str(max(1, args.steps // 8)), "--val-every", str(10 * args.steps),
                      *cheap_la_validation(args.root, args.patch_size), "--device", args.device, "--precision", args.precision,
-                     *(["--compile"] if args.compile else [])]
+                     *(["--compile"] if args.compile else []),
+                     *(["--init", f"{out}/pretrain/best.pt"] if phase == "selftrain" else [])]  # a few steps may predict nothing
             train_args = train.parse_args(flags)
             if not results:
                 print(f"device {train_args.device} ({torch.cuda.get_device_name() if 'cuda' in train_args.device else 'CPU'}), "
@@ -150,9 +151,10 @@ def bench_torchrun(args):
             for launcher, threads, run in (([sys.executable], args.processes, "one"),
                                            ([sys.executable, "-m", "torch.distributed.run", "--standalone",
                                              f"--nproc_per_node={args.processes}"], 1, "torchrun")):
-                command = [*launcher, "train.py", *flags, "--out", f"{out}/{run}"]
+                init = ["--init", f"{out}/{run}/pretrain/best.pt"] if phase == "selftrain" else []  # a few steps may predict nothing
+                command = [*launcher, "train.py", *flags, *init, "--out", f"{out}/{run}"]
                 subprocess.run(command, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
-                seconds.append(logged_seconds(train.parse_args([*flags, "--out", f"{out}/{run}"])))
+                seconds.append(logged_seconds(train.parse_args([*flags, *init, "--out", f"{out}/{run}"])))
             results.append((phase, *seconds))
     print(f"device {args.device}, patch {args.patch_size}, batch {args.batch_size} ({args.labeled_batch_size} labeled), {args.steps} steps")
     print(f"{'phase':12s} {'1 process s/step':>17s} {f'torchrun x {args.processes} s/step':>20s} {'ratio':>6s}")

@@ -2246,7 +2246,7 @@ def test_selftrain_refuses_a_pretraining_that_predicts_no_foreground(synthetic_r
     train.main([*flags, "--phase", "pretrain"])
     best = tmp_path / "pretrain" / "best.pt"
     torch.save({**data.load_checkpoint(best), "predicts_no_foreground": True}, best)  # as a collapsed run leaves it
-    with pytest.raises(data.DataError, match=r"best\.pt: predicts no foreground on any validation volume that has some.*--foreground-crops"):
+    with pytest.raises(data.DataError, match=r"best\.pt: predicts no foreground on any validation volume that has some.*--labeled-batch-size"):
         train.main([*flags, "--phase", "selftrain"])
     assert not (tmp_path / "selftrain").exists()
     train.main([*flags, "--phase", "selftrain", "--init", str(best)])

@@ -500,8 +500,7 @@ def normalize_3d(image, preprocessing):
     mean and standard deviation (nnU-Net's CT scheme). In place, float32."""
     if preprocessing["modality"] != "CT" and preprocessing.get("nonzero_only"):
         inside = image != 0
-        values = image[inside]
-        image[inside] = (values - values.mean(dtype=np.float64)) / max(float(values.std(dtype=np.float64)), 1e-8)
+        image[inside] = zscore(image[inside])
         return image
     if preprocessing["modality"] != "CT":
         return zscore(image)

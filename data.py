@@ -831,11 +831,13 @@ def segment(model, image, patch, stride=None, scale=1.0, gaussian=False, keep_la
     return bcp.keep_largest_components(labels[None], classes)[0]
 
 
-def helped_by_largest_component(as_predicted, largest_only):
+def choose_post_processing(as_predicted, largest_only):
     """nnU-Net's post-processing rule: keep only the largest connected component of a class where that
     raises the class's mean Dice over the validation cases. Both: the mean Dice of each foreground class,
-    as predicted and with only its largest component. -> the classes (1 .. C-1) it helps."""
-    return [c for c, (before, after) in enumerate(zip(as_predicted, largest_only), start=1) if after > before]
+    as predicted and with only its largest component. -> the classes (1 .. C-1) it helps, and each class's
+    mean Dice with the rule applied (the larger of the two), the score evaluation will report."""
+    keep_largest = [c for c, (before, after) in enumerate(zip(as_predicted, largest_only), start=1) if after > before]
+    return keep_largest, [max(before, after) for before, after in zip(as_predicted, largest_only)]
 
 
 # -----------------------------------------------------------------------------

@@ -1471,7 +1471,7 @@ def test_own_3d_scans_end_to_end(tmp_path, capsys):
     assert checkpoint["flags"]["patch_size"] == (32, 32, 16) and checkpoint["flags"]["num_classes"] == 3
     assert set(checkpoint["keep_largest"]) <= {1, 2}
     log = (run / "selftrain" / "train.log").read_text()
-    assert "with only each class's largest component (kept for classes" in log
+    assert "with the largest component kept for classes" in log and "only each class's largest" in log
     assert f"the largest component kept for classes {checkpoint['keep_largest'] or 'none'}" in log
     assert checkpoint["flags"]["labeled_patients"] == 3 and checkpoint["flags"]["val_cases"] == 1
     rows, _ = data.read_metrics(run / "selftrain" / "metrics.jsonl")
@@ -1918,10 +1918,28 @@ def test_largest_component_is_kept_only_where_validation_gains():
     largest = bcp.keep_largest_components(prediction[None], [1, 2])[0]
     as_predicted, largest_only = (bcp.dice_per_class(p, label, 3, "nnunet").tolist() for p in (prediction, largest))
     assert as_predicted[0] == 1.0 > largest_only[0] and as_predicted[1] < 1.0 == largest_only[1]
-    classes = data.helped_by_largest_component(as_predicted, largest_only)
-    assert classes == [2]
+    classes, post_processed = data.choose_post_processing(as_predicted, largest_only)
+    assert classes == [2] and post_processed == [1.0, 1.0]
     kept = bcp.keep_largest_components(prediction[None], classes)[0]
     assert torch.equal(kept, label)  # both components of class 1 stay
+
+
+def test_the_best_checkpoint_is_the_best_after_its_post_processing(monkeypatch):
+    """Your own scans: each validation is scored as evaluation will score it, with the post-processing it
+    chose. A later step whose largest-component Dice (0.8) beats the earlier step's as-predicted Dice (0.6)
+    is kept as best.pt, with class 1 kept to its largest component, though as predicted it scores less."""
+    validations = iter([([0.6], [0.55], False), ([0.5], [0.8], False), ([0.7], [0.4], False)])
+    monkeypatch.setattr(train, "validate", lambda *_: next(validations))
+    saved, logged = [], []
+    folder = SimpleNamespace(best_path="best", last_path="last", log=logged.append, write_metrics=lambda row: None,
+                             save_picture=lambda *_: None, save_curves=lambda: None)
+    progress = {"best_dice": -1.0, "best_iteration": 0}
+    run = SimpleNamespace(student=None, args=None, autocast=None)
+    for iteration in (100, 200, 300):
+        train.validate_and_save(run, [], folder, progress, iteration, None, lambda path, step: saved.append((path, step)))
+    assert [step for path, step in saved if path == "best"] == [100, 200]
+    assert (progress["best_dice"], progress["best_iteration"], progress["keep_largest"]) == (0.8, 200, [1])
+    assert "iter 200 | val Dice 0.8000 with the largest component kept for classes [1]" in logged[1]
 
 
 def test_png_writer_round_trip(tmp_path):

@@ -807,14 +807,15 @@ def start_without_foreground(args):
 
 def validate_and_save(run, volumes, folder, progress, iteration, views, save):
     """Every --val-every steps: validate the student (rank 0), keep best.pt when it beats the best so far
-    (your own scans: with the post-processing that validation chose), write last.pt, the step's picture and
-    the curves. -> the mean validation Dice (NaN on the other processes, which only check the weights)."""
+    (your own scans: scored with the post-processing this validation chose, as evaluation will score it, and
+    kept with that choice), write last.pt, the step's picture and the curves. -> the mean validation Dice
+    (NaN on the other processes, which only check the weights)."""
     if isinstance(folder, QuietFolder):
         save(folder.last_path, iteration)  # checks the weights as rank 0 does; QuietFolder writes nothing
         return float("nan")
-    per_class, largest_only, no_foreground = validate(run.student, volumes, run.args, run.autocast)
-    dice = float(np.nan_to_num(np.nanmean(per_class)))  # the mean over classes picks the best checkpoint
-    keep_largest = None if largest_only is None else data.helped_by_largest_component(per_class, largest_only)
+    as_predicted, largest_only, no_foreground = validate(run.student, volumes, run.args, run.autocast)
+    keep_largest, per_class = (None, as_predicted) if largest_only is None else data.choose_post_processing(as_predicted, largest_only)
+    dice = float(np.nan_to_num(np.nanmean(per_class)))  # the mean over classes, as evaluation scores it, picks the best checkpoint
     folder.write_metrics({"iter": iteration, "val_dice": dice, "val_dice_per_class": per_class})
     if dice > progress["best_dice"]:
         progress.update(best_dice=dice, best_iteration=iteration, keep_largest=keep_largest, predicts_no_foreground=no_foreground)
@@ -822,9 +823,11 @@ def validate_and_save(run, volumes, folder, progress, iteration, views, save):
     save(folder.last_path, iteration)
     folder.save_picture(iteration, views)
     folder.save_curves()
-    classes = f" ({', '.join(f'{d:.4f}' for d in per_class)} per class)" if len(per_class) > 1 else ""
-    kept = "" if largest_only is None else (f" | {', '.join(f'{d:.4f}' for d in largest_only)} with only each class's "
-                                            f"largest component (kept for classes {keep_largest or 'none'})")
+    per_class_line = lambda scores: ", ".join(f"{d:.4f}" for d in scores)
+    classes = f" ({per_class_line(per_class)} per class)" if len(per_class) > 1 else ""
+    kept = "" if largest_only is None else (f" with the largest component kept for classes {keep_largest or 'none'} (as "
+                                            f"predicted {per_class_line(as_predicted)}; only each class's largest "
+                                            f"{per_class_line(largest_only)})")
     folder.log(f"iter {iteration} | val Dice {dice:.4f}{classes}{kept} | best {progress['best_dice']:.4f} @ {progress['best_iteration']}")
     return dice
 

@@ -445,12 +445,11 @@ def scaled_size(shape, scale):
     return [max(1, round(s * scale)) for s in shape]
 
 
-def resample(volume, size, corners_aligned):
-    """A (D1, D2, D3) or (C, D1, D2, D3) float tensor resampled trilinearly to `size`. corners_aligned:
-    the corner voxels' centres stay put (your own scans, on the grid resample_labels uses); otherwise
-    the volumes' outer edges do (LA's --scale, as the authors' zoom would)."""
+def resample(volume, size):
+    """A (D1, D2, D3) or (C, D1, D2, D3) float tensor resampled trilinearly to `size`, the volumes' outer
+    edges aligned (LA's --scale, as the authors' zoom would)."""
     batch = volume[None] if volume.ndim == 4 else volume[None, None]
-    resampled = F.interpolate(batch.float(), size=list(size), mode="trilinear", align_corners=corners_aligned)
+    resampled = F.interpolate(batch.float(), size=list(size), mode="trilinear", align_corners=False)
     return resampled[0] if volume.ndim == 4 else resampled[0, 0]
 
 
@@ -460,7 +459,7 @@ def rescale(image, label, scale):
     if scale == 1:
         return image, label
     size = scaled_size(image.shape, scale)
-    return (resample(torch.from_numpy(image), size, corners_aligned=False).numpy(),
+    return (resample(torch.from_numpy(image), size).numpy(),
             resample_labels(torch.from_numpy(label), size).numpy())
 
 
@@ -469,6 +468,34 @@ def resample_labels(labels, size):
     (order 0): equal sizes return it unchanged."""
     rows, cols, slices = (zoom_index(s, n, labels.device) for s, n in zip(labels.shape, size))
     return labels[rows[:, None, None], cols[None, :, None], slices[None, None, :]]
+
+
+def grid_positions(length, size, step, device="cpu"):
+    """Where each of `size` output voxels, `step` input voxels apart (the output spacing over the input's),
+    lies on an input axis of `length` voxels, the two grids' outer edges starting together as nnU-Net's
+    resampling places them: (o + 1/2) step - 1/2, clamped to the input."""
+    return ((torch.arange(size, device=device) + 0.5) * step - 0.5).clamp(0, length - 1)
+
+
+def interpolate_along(volume, axis, position, nearest=False):
+    """`volume` sampled along `axis` at fractional indices `position`: linearly, or the nearest voxel (labels)."""
+    if nearest:
+        return volume.index_select(axis, torch.floor(position + 0.5).long())
+    below = position.floor().long()
+    fraction = (position - below).view(-1, *[1] * (volume.ndim - 1 - axis))
+    above = (below + 1).clamp_max(volume.shape[axis] - 1)
+    return volume.index_select(axis, below) * (1 - fraction) + volume.index_select(axis, above) * fraction
+
+
+def resample_spacing(volume, size, steps, nearest=False):
+    """The last three axes of `volume` resampled to `size` at `steps` (each axis's output spacing over its
+    input spacing: the spacing exactly), one axis at a time, the most shrunken first so the intermediate
+    volumes stay small. Your own scans go to the planned spacing and back on this grid."""
+    first = volume.ndim - 3
+    for axis in sorted(range(3), key=lambda a: size[a] / volume.shape[first + a]):
+        position = grid_positions(volume.shape[first + axis], size[axis], steps[axis], volume.device)
+        volume = interpolate_along(volume, first + axis, position, nearest)
+    return volume
 
 
 def standardize(image, mean, std):
@@ -522,12 +549,23 @@ def check_spacing(spacing, target, path):
                             f"or check its header")
 
 
+def spacing_steps(spacing, target):
+    """Each axis's step from a grid of `spacing` to one of `target` (mm), in the first grid's voxels."""
+    return [t / s for s, t in zip(spacing, target)]
+
+
+def scan_grid(shape, spacing, preprocessing):
+    """A scan's own grid as segment and resample_argmax take it, from the planned one: (its shape, the steps)."""
+    return tuple(shape), spacing_steps(preprocessing["spacing"], spacing)
+
+
 def preprocess_3d(image, spacing, preprocessing, path):
-    """A scan (i, j, k) float32 normalised (in place), then resampled to the target spacing (trilinear)
-    -> float32 array."""
-    check_spacing(spacing, preprocessing["spacing"], path)
-    size = resampled_size(image.shape, spacing, preprocessing["spacing"])
-    return resample(torch.from_numpy(normalize_3d(image, preprocessing)), size, corners_aligned=True).numpy()
+    """A scan (i, j, k) float32 normalised (in place), then resampled to exactly the target spacing
+    (trilinear, resample_spacing) -> float32 array."""
+    target = preprocessing["spacing"]
+    check_spacing(spacing, target, path)
+    size = resampled_size(image.shape, spacing, target)
+    return resample_spacing(torch.from_numpy(normalize_3d(image, preprocessing)), size, spacing_steps(spacing, target)).numpy()
 
 
 # -----------------------------------------------------------------------------
@@ -791,42 +829,39 @@ def sliding_window_probabilities(model, image, window, strides, batch_size=4, we
     return scores[(slice(None), *(slice(short // 2, short // 2 + s) for short, s in zip(shortfall, image.shape)))]
 
 
-def resample_argmax(probabilities, size, slab=8):
-    """(C, D1, D2, D3) probabilities -> (size) uint8 labels: resampled trilinearly to `size` (corners
-    aligned, as resample(corners_aligned=True)), then the argmax, `slab` output slices along the last axis at a time,
-    so the probabilities are never held at full size (trilinear = linear along the last axis, then
-    bilinear in-plane). A thin structure survives that nearest-neighbour labels would cut."""
-    depth = probabilities.shape[-1]
-    positions = torch.linspace(0, depth - 1, size[2], device=probabilities.device)
+def resample_argmax(probabilities, size, steps, slab=8):
+    """(C, D1, D2, D3) probabilities -> (size) uint8 labels: resampled trilinearly to `size` at `steps`
+    (resample_spacing's grid), then the argmax, `slab` output slices along the last axis at a time, so the
+    probabilities are never held at full size. A thin structure survives that nearest-neighbour labels
+    would cut."""
+    depth = grid_positions(probabilities.shape[-1], size[2], steps[2], probabilities.device)
+    rows, cols = (grid_positions(probabilities.shape[a], size[a - 1], steps[a - 1], probabilities.device) for a in (1, 2))
     labels = torch.empty(size, dtype=torch.uint8, device=probabilities.device)
     for start in range(0, size[2], slab):
-        position = positions[start:start + slab]
-        below = position.floor().long()
-        above, fraction = (below + 1).clamp_max(depth - 1), position - below
-        along_depth = probabilities[..., below] * (1 - fraction) + probabilities[..., above] * fraction  # (C, D1, D2, s)
-        in_plane = F.interpolate(along_depth.permute(3, 0, 1, 2), size=list(size[:2]), mode="bilinear", align_corners=True)
-        labels[..., start:start + len(position)] = in_plane.argmax(1).permute(1, 2, 0)
+        along_depth = interpolate_along(probabilities, 3, depth[start:start + slab])  # (C, D1, D2, s)
+        in_plane = interpolate_along(interpolate_along(along_depth, 1, rows), 2, cols)
+        labels[..., start:start + slab] = in_plane.argmax(0)
     return labels
 
 
-def segment(model, image, patch, stride=None, scale=1.0, gaussian=False, keep_largest=None, size=None):
+def segment(model, image, patch, stride=None, scale=1.0, gaussian=False, keep_largest=None, native=None):
     """A whole volume's labels, by the length of the training patch. 2D: slice by slice (segment_slices).
     3D: sliding windows, every --stride XY Z with the probabilities averaged (the authors' LA test), or with
     gaussian nnU-Net's, every half window weighted by gaussian_importance; a model trained at --scale
     segments the volume resampled alike and its probabilities come back. Then the argmax (two classes:
-    foreground where p1 > 0.5), on the volume's grid or resampled to `size` (your own scans: each scan's
-    own grid, resample_argmax), and the largest connected component of each class in keep_largest (None:
+    foreground where p1 > 0.5), on the volume's grid or on `native`, (size, steps) of your own scan's own
+    grid (resample_argmax; scan_grid gives them), and the largest connected component of each class in keep_largest (None:
     every class, the authors' LA protocol; your own scans: those that validation chose). The model must
     be in eval mode."""
     if len(patch) == 2:
         return segment_slices(model, image, patch)
     strides, weights = (([w // 2 for w in patch], gaussian_importance(patch, image.device)) if gaussian
                         else (window_strides(stride or default_stride(patch)), None))
-    resampled = resample(image, scaled_size(image.shape, scale), corners_aligned=False) if scale != 1 else image
+    resampled = resample(image, scaled_size(image.shape, scale)) if scale != 1 else image
     probabilities = sliding_window_probabilities(model, resampled, patch, strides, weights=weights)
     if scale != 1:
-        probabilities = resample(probabilities, image.shape, corners_aligned=False)
-    labels = probabilities.argmax(0) if size is None else resample_argmax(probabilities, size)
+        probabilities = resample(probabilities, image.shape)
+    labels = probabilities.argmax(0) if native is None else resample_argmax(probabilities, *native)
     classes = range(1, len(probabilities)) if keep_largest is None else keep_largest
     return bcp.keep_largest_components(labels[None], classes)[0]
 

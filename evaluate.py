@@ -88,16 +88,19 @@ def predict_scans(model, checkpoint, stride, gaussian, scans, out_dir, device, p
         if not np.isfinite(image).all():
             raise data.DataError(f"{scan}: {np.size(image) - np.isfinite(image).sum()} NaN or infinite voxels; "
                                  f"fill or mask them before segmenting")
+        native = None  # the grid the labels are resampled to: your own 3D scan's
         if volumetric:  # (k, j, i) as read -> (i, j, k), the axis order of UA-MT's LA arrays
             shown = image.transpose(2, 1, 0).astype(np.float32)
             del image
-            volume = (data.preprocess_3d(shown, data.nifti_geometry(header, scan)[0], preprocessing, scan)
-                      if preprocessing else data.zscore(shown))  # both normalise `shown` in place
+            if preprocessing:  # normalised (`shown`, in place) and resampled to the plan's spacing, segmented back
+                spacing = data.nifti_geometry(header, scan)[0]
+                volume, native = data.preprocess_3d(shown, spacing, preprocessing, scan), data.scan_grid(shown.shape, spacing, preprocessing)
+            else:
+                volume = data.zscore(shown)  # in place
         else:
             shown = volume = data.normalize(image.astype(np.float64), scan).reshape(-1, *image.shape[-2:])  # (S, H, W)
         labels = data.segment(model, torch.from_numpy(np.ascontiguousarray(volume)).to(device), patch, stride,
-                              flags.get("scale") or 1.0, gaussian, kept_components(checkpoint),
-                              size=shown.shape if preprocessing else None).cpu().numpy()
+                              flags.get("scale") or 1.0, gaussian, kept_components(checkpoint), native).cpu().numpy()
         data.write_nifti_labels(target, (labels.transpose(2, 1, 0) if volumetric else labels).astype(np.uint8), header)
         if png_dir:
             written = data.read_nifti(target)
@@ -114,14 +117,15 @@ def score_split(model, checkpoint, dataset, args, device):
     names = dataset.split(args.split, flags)
     per_volume = []
     for name, image, label in dataset.volumes(names, standardize=flags.get("standardize", False), num_classes=flags["num_classes"]):
-        truth, spacing, size = label, None, None
+        truth, spacing, native = label, None, None
         if dataset.native_grids:
             truth, spacing = dataset.native_label(name), dataset.own["cases"][name]["spacing"]
-            size = truth.shape
+            native = data.scan_grid(truth.shape, spacing, flags["preprocessing"])
         prediction = data.segment(model, torch.from_numpy(image).to(device), flags["patch_size"], args.stride,
-                                  flags.get("scale") or 1.0, args.windows == "gaussian", kept_components(checkpoint), size).cpu()
+                                  flags.get("scale") or 1.0, args.windows == "gaussian", kept_components(checkpoint), native).cpu()
         if args.save_png:
-            shown = data.resample_labels(prediction, image.shape) if dataset.native_grids else prediction
+            shown = prediction if native is None else data.resample_spacing(
+                prediction, image.shape, data.spacing_steps(spacing, flags["preprocessing"]["spacing"]), nearest=True)
             pictures.save_montage(Path(args.save_png) / f"{name}.png", image, [label, shown.numpy()], slices_last=dataset.dims == 3)
         per_volume.append(bcp.score_volume(prediction.numpy(), truth, flags["num_classes"], spacing, dataset.scoring))
     return per_volume

@@ -450,8 +450,9 @@ def own_volumes_3d(raw, val_fraction, seed, spacing=None, ct_window=None):
             info["cases"][name] = {"shape": native_shape, "spacing": case_spacing.tolist(), "affine": affine.tolist(),
                                    "resampled_shape": list(resampled.shape)}
             more = {"label_native": label} if split in ("val", "test") else {}
+            steps = data.spacing_steps(case_spacing, preprocessing["spacing"])
             yield ("test" if split == "test" else "train"), name, resampled, \
-                data.resample_labels(torch.from_numpy(label), resampled.shape).numpy(), more
+                data.resample_spacing(torch.from_numpy(label), resampled.shape, steps, nearest=True).numpy(), more
     return info, volumes()
 
 

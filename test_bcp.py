@@ -929,9 +929,32 @@ def test_resampled_labels_keep_their_values_at_equal_size_and_their_geometry_the
     assert back.shape == label.shape
     for c in (1, 2):
         assert bcp.dice(back.numpy() == c, label.numpy() == c) > 0.8
-    image = torch.from_numpy(rng.random((5, 4, 3)).astype(np.float32))
-    torch.testing.assert_close(data.resample(image, (5, 4, 3), corners_aligned=True), image)
-    torch.testing.assert_close(data.resample(image, (9, 7, 5), corners_aligned=True)[::2, ::2, ::2], image)  # corners aligned
+
+
+def test_own_scans_are_resampled_to_exactly_the_planned_spacing():
+    """A scan of 0.7 x 1.1 x 2.5 mm voxels whose intensity is each voxel centre's position in mm along
+    its axis: resampled to 1.5 mm, each voxel lies where the grids' edges starting together put it (as
+    nnU-Net's), exactly 1.5 mm from the next, but for a voxel clamped at either end of the scan. Linear and nearest equal
+    scipy's map_coordinates (order 1 and 0) at (o + 1/2) step - 1/2; the equal grid is the identity."""
+    spacing, target, shape = (0.7, 1.1, 2.5), (1.5, 1.5, 1.5), (37, 23, 9)
+    size, steps = data.resampled_size(shape, spacing, target), data.spacing_steps(spacing, target)
+    assert size == [17, 17, 15]
+    for axis in range(3):
+        millimetres = torch.arange(shape[axis], dtype=torch.float64) * spacing[axis]
+        ramp = millimetres.view(*[-1 if a == axis else 1 for a in range(3)]).expand(shape).contiguous()
+        along = data.resample_spacing(ramp, size, steps).movedim(axis, 0)[:, 0, 0].numpy()
+        centres = (np.arange(size[axis]) + 0.5) * target[axis] - 0.5 * spacing[axis]  # in mm, edges starting together
+        inside = (centres >= 0) & (centres <= millimetres[-1].item())
+        assert inside.sum() >= size[axis] - 2
+        np.testing.assert_allclose(along[inside], centres[inside], atol=1e-5)
+        np.testing.assert_allclose(np.diff(along[inside]), target[axis], atol=1e-5)  # the first voxel: half a voxel in from the edge
+    image = torch.from_numpy(np.random.default_rng(0).random(shape))
+    coordinates = np.meshgrid(*[((np.arange(n) + 0.5) * step - 0.5).clip(0, length - 1)
+                                for n, step, length in zip(size, steps, shape)], indexing="ij")
+    for order, nearest in ((1, False), (0, True)):
+        expected = ndimage.map_coordinates(image.numpy(), coordinates, order=order)
+        np.testing.assert_allclose(data.resample_spacing(image, size, steps, nearest).numpy(), expected, atol=1e-5)
+    torch.testing.assert_close(data.resample_spacing(image, shape, (1, 1, 1)), image)
 
 
 def test_standardize_z_scores_each_la_volume(la_root, tmp_path):
@@ -1872,15 +1895,16 @@ def test_probabilities_resampled_back_keep_a_thin_structure_that_nearest_labels_
         size = [3 if a == axis else 1 for a in range(3)]
         nearest = data.resample_labels(probabilities.argmax(0), size)
         assert (nearest == 1).sum() == 0
-        resampled = data.resample_argmax(probabilities, size)
+        resampled = data.resample_argmax(probabilities, size, [2 / 3] * 3)
         assert resampled.flatten().tolist() == [0, 1, 2]
     probabilities = torch.rand(4, 9, 7, 11).softmax(0)
-    whole = F.interpolate(probabilities[None], size=(13, 5, 17), mode="trilinear", align_corners=True)[0].argmax(0)
-    torch.testing.assert_close(data.resample_argmax(probabilities, (13, 5, 17), slab=4).long(), whole)
+    steps = (9 / 13, 1.3, 0.6)
+    whole = data.resample_spacing(probabilities, (13, 5, 17), steps).argmax(0)
+    torch.testing.assert_close(data.resample_argmax(probabilities, (13, 5, 17), steps, slab=4).long(), whole)
 
 
 def test_segment_takes_the_probabilities_back_to_the_scans_grid():
-    """segment(size=...) resamples the window probabilities, not the labels: a 1 x 1 x 1 convolution
+    """segment(native=...) resamples the window probabilities, not the labels: a 1 x 1 x 1 convolution
     turns intensities 0 and 1 into the two columns of the thin-structure case above, and the scan's
     grid, one voxel finer, finds the thin class between them."""
     probabilities = torch.tensor([[0.45, 0.40, 0.15], [0.15, 0.40, 0.45]]).log()  # at intensity 0, at 1
@@ -1889,7 +1913,7 @@ def test_segment_takes_the_probabilities_back_to_the_scans_grid():
         model.weight.copy_((probabilities[1] - probabilities[0]).view(3, 1, 1, 1, 1))
         model.bias.copy_(probabilities[0])
     image = torch.tensor([0.0, 1.0]).view(1, 1, 2)
-    labels = data.segment(model, image, [1, 1, 2], (1, 1), gaussian=False, keep_largest=[], size=(1, 1, 3))
+    labels = data.segment(model, image, [1, 1, 2], (1, 1), gaussian=False, keep_largest=[], native=((1, 1, 3), (1, 1, 2 / 3)))
     assert labels.flatten().tolist() == [0, 1, 2]
 
 

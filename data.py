@@ -672,6 +672,23 @@ def rot90_flip_point(point, shape, k, axis):
     return point, shape
 
 
+def turned_crop(volume, k, axis, corner, patch):
+    """The `patch`-sized box at `corner` of torch.rot90(volume, k, (0, 1)).flip(axis), zero outside the
+    volume (the corner may lie in the padding), without turning the whole volume: the box is taken back
+    through the flip and the rotation, cut from the volume, padded, and turned alone."""
+    shape = [*volume.shape]
+    if k % 2:
+        shape[0], shape[1] = shape[1], shape[0]
+    low, high = list(corner), [c + p - 1 for c, p in zip(corner, patch)]  # inclusive
+    low[axis], high[axis] = shape[axis] - 1 - high[axis], shape[axis] - 1 - low[axis]
+    for _ in range(k % 4):  # undo one rot90 over (0, 1): new[i, j] = old[j, D2 - 1 - i]
+        low[:2], high[:2] = [low[1], shape[0] - 1 - high[0]], [high[1], shape[0] - 1 - low[0]]
+        shape[0], shape[1] = shape[1], shape[0]
+    box = volume[tuple(slice(max(lo, 0), min(hi + 1, n)) for lo, hi, n in zip(low, high, shape))]
+    padding = [side for lo, hi, n in zip(reversed(low), reversed(high), reversed(shape)) for side in (max(-lo, 0), max(hi + 1 - n, 0))]
+    return torch.rot90(F.pad(box, padding), k, (0, 1)).flip(axis)
+
+
 def foreground_crops(batch_size, share):
     """Which crops of a batch are centred on the organ: n = max(1, round(share * batch_size)) of them, spread
     evenly over the batch and the last always among them (nnU-Net centres the last n; spread, both
@@ -690,7 +707,8 @@ class VolumeBank:
     A volume no larger than the patch along an axis is first zero-padded by (patch - size) // 2 + 3 on
     each side of that axis. (The authors' rule, once any axis is that small, pads every axis by
     max((patch - size) // 2 + 3, 0), so also an axis up to 4 voxels larger than the patch; real LA
-    volumes are all larger than the crop, where the two agree.) Only the batch's crops go to `device`.
+    volumes are all larger than the crop, where the two agree.) Each crop is cut first and turned alone
+    (turned_crop): the authors' voxels, without a copy of the whole volume. Only the crops go to `device`.
 
     foreground (nnU-Net's oversampling, for whole scans where most random crops miss the organ): this
     share of every batch's crops, at least one, is centred on a voxel of a foreground class present in its
@@ -739,19 +757,18 @@ class VolumeBank:
         picks = augmentation.get("location", torch.zeros(len(index), 2)).tolist()
         for i, k, axis, corner, centre, pick in zip(index.tolist(), *(augmentation[key].tolist() for key in ("k", "flip_axis", "corner")),
                                                      centred, picks):
-            image, label = (torch.rot90(t, k, (0, 1)).flip(axis) for t in (self.images[i], self.labels[i]))
-            shortfall = [(p - s) // 2 + 3 if s <= p else 0 for s, p in zip(image.shape, patch)]
-            padding = [side for short in reversed(shortfall) for side in (short, short)]
-            image, label = F.pad(image, padding), F.pad(label, padding)
+            turned = rot90_flip_point((0, 0, 0), self.images[i].shape, k, axis)[1]  # the turned volume's shape
+            shortfall = [(p - s) // 2 + 3 if s <= p else 0 for s, p in zip(turned, patch)]
+            padded = [s + 2 * short for s, short in zip(turned, shortfall)]
             voxel = self.centre(i, pick) if centre else None
             if voxel is None:
-                start = [int(f * (s - p)) for f, s, p in zip(corner, image.shape, patch)]
+                start = [int(f * (s - p)) for f, s, p in zip(corner, padded, patch)]
             else:  # the voxel moved with the rotation, flip and padding; the crop around it stays inside
                 voxel, _ = rot90_flip_point(voxel, self.images[i].shape, k, axis)
-                start = [min(max(v + short - p // 2, 0), s - p) for v, short, p, s in zip(voxel, shortfall, patch, image.shape)]
-            box = tuple(slice(b, b + p) for b, p in zip(start, patch))
-            images.append(image[box])
-            labels.append(label[box])
+                start = [min(max(v + short - p // 2, 0), s - p) for v, short, p, s in zip(voxel, shortfall, patch, padded)]
+            corner_in_turned = [b - short for b, short in zip(start, shortfall)]
+            images.append(turned_crop(self.images[i], k, axis, corner_in_turned, patch))
+            labels.append(turned_crop(self.labels[i], k, axis, corner_in_turned, patch))
         return torch.stack(images).unsqueeze(1).to(self.device), torch.stack(labels).long().to(self.device)
 
 

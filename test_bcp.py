@@ -1031,6 +1031,18 @@ def test_volume_bank_crops_like_the_authors(k, axis):
         np.testing.assert_array_equal(ours.numpy(), padded[tuple(slice(c, c + 8) for c in start)])
 
 
+def test_a_crop_of_the_turned_volume_is_cut_without_turning_it():
+    """turned_crop against torch.rot90, flip, zero padding by 3 on every side, then the box: every k,
+    axis and corner, boxes reaching into the padding included, on a volume whose sides all differ."""
+    volume = torch.arange(5 * 7 * 3, dtype=torch.float32).view(5, 7, 3) + 1
+    for k, axis in itertools.product(range(4), range(2)):
+        padded = F.pad(torch.rot90(volume, k, (0, 1)).flip(axis), [3] * 6)
+        for corner in itertools.product(range(0, padded.shape[0] - 4, 2), range(0, padded.shape[1] - 4, 3), range(0, 5, 2)):
+            box = tuple(slice(c, c + p) for c, p in zip(corner, (4, 4, 4)))
+            crop = data.turned_crop(volume, k, axis, [c - 3 for c in corner], (4, 4, 4))
+            assert torch.equal(crop, padded[box]), (k, axis, corner)
+
+
 def test_rotated_and_flipped_points_follow_the_volume():
     """rot90_flip_point against torch.rot90 then flip on a volume with one marked voxel."""
     shape = (5, 7, 3)

@@ -107,7 +107,20 @@ def read_dataset_json(root):
     missing = [key for key in ("unlabeled", *(("val_cases", "preprocessing") if "cases" in own else ())) if key not in own]
     if missing:
         raise DataError(f"{path}: no {', '.join(repr(key) for key in missing)} (write it again with prepare_acdc.py --raw)")
+    if "cases" in own:
+        check_grid(own["preprocessing"], path, "prepare it again with prepare_acdc.py --raw")
     return own
+
+
+EXACT_GRID = "exact spacing"  # preprocessing["grid"]: the scans were resampled by resample_spacing
+
+
+def check_grid(preprocessing, path, advice):
+    """Refuse scans prepared on the corner-aligned grid of earlier versions (up to commit 3af2b86): their
+    predictions would go back to the scans' grids stretched by up to 7 %."""
+    if preprocessing.get("grid") != EXACT_GRID:
+        raise DataError(f"{path}: its scans were resampled on an earlier, corner-aligned grid, not to exactly "
+                        f"the planned spacing; {advice}")
 
 
 class Dataset:
@@ -472,8 +485,9 @@ def resample_labels(labels, size):
 
 def grid_positions(length, size, step, device="cpu"):
     """Where each of `size` output voxels, `step` input voxels apart (the output spacing over the input's),
-    lies on an input axis of `length` voxels, the two grids' outer edges starting together as nnU-Net's
-    resampling places them: (o + 1/2) step - 1/2, clamped to the input."""
+    lies on an input axis of `length` voxels, the two grids' outer edges starting together: (o + 1/2) step
+    - 1/2, clamped to the input (nnU-Net's formula, with the spacings' ratio as the step, so the spacing is
+    exact and the far edges may differ by part of a voxel)."""
     return ((torch.arange(size, device=device) + 0.5) * step - 0.5).clamp(0, length - 1)
 
 
@@ -549,9 +563,9 @@ def check_spacing(spacing, target, path):
                             f"or check its header")
 
 
-def spacing_steps(spacing, target):
-    """Each axis's step from a grid of `spacing` to one of `target` (mm), in the first grid's voxels."""
-    return [t / s for s, t in zip(spacing, target)]
+def spacing_steps(from_spacing, to_spacing):
+    """Each axis's step from a grid of `from_spacing` to one of `to_spacing` (mm), in the first grid's voxels."""
+    return [to / start for start, to in zip(from_spacing, to_spacing)]
 
 
 def scan_grid(shape, spacing, preprocessing):
@@ -672,13 +686,17 @@ def rot90_flip_point(point, shape, k, axis):
     return point, shape
 
 
+def turned_shape(shape, k):
+    """The shape of a (D1, D2, D3) volume after torch.rot90 by k over (0, 1)."""
+    return [shape[1], shape[0], shape[2]] if k % 2 else [*shape]
+
+
 def turned_crop(volume, k, axis, corner, patch):
     """The `patch`-sized box at `corner` of torch.rot90(volume, k, (0, 1)).flip(axis), zero outside the
-    volume (the corner may lie in the padding), without turning the whole volume: the box is taken back
-    through the flip and the rotation, cut from the volume, padded, and turned alone."""
-    shape = [*volume.shape]
-    if k % 2:
-        shape[0], shape[1] = shape[1], shape[0]
+    volume (the corner may lie in the padding; the box overlaps the volume), without turning the whole
+    volume: the box is taken back through the flip and the rotation, cut from the volume, padded, and
+    turned alone."""
+    shape = turned_shape(volume.shape, k)  # the volume's own shape again once the rotations are undone
     low, high = list(corner), [c + p - 1 for c, p in zip(corner, patch)]  # inclusive
     low[axis], high[axis] = shape[axis] - 1 - high[axis], shape[axis] - 1 - low[axis]
     for _ in range(k % 4):  # undo one rot90 over (0, 1): new[i, j] = old[j, D2 - 1 - i]
@@ -757,7 +775,7 @@ class VolumeBank:
         picks = augmentation.get("location", torch.zeros(len(index), 2)).tolist()
         for i, k, axis, corner, centre, pick in zip(index.tolist(), *(augmentation[key].tolist() for key in ("k", "flip_axis", "corner")),
                                                      centred, picks):
-            turned = rot90_flip_point((0, 0, 0), self.images[i].shape, k, axis)[1]  # the turned volume's shape
+            turned = turned_shape(self.images[i].shape, k)
             shortfall = [(p - s) // 2 + 3 if s <= p else 0 for s, p in zip(turned, patch)]
             padded = [s + 2 * short for s, short in zip(turned, shortfall)]
             voxel = self.centre(i, pick) if centre else None
@@ -889,7 +907,7 @@ def choose_post_processing(as_predicted, largest_only):
     as predicted and with only its largest component. -> the classes (1 .. C-1) it helps, and each class's
     mean Dice with the rule applied (the larger of the two), the score evaluation will report."""
     keep_largest = [c for c, (before, after) in enumerate(zip(as_predicted, largest_only), start=1) if after > before]
-    return keep_largest, [max(before, after) for before, after in zip(as_predicted, largest_only)]
+    return keep_largest, [after if c in keep_largest else before for c, (before, after) in enumerate(zip(as_predicted, largest_only), start=1)]
 
 
 # -----------------------------------------------------------------------------

@@ -120,12 +120,12 @@ def score_split(model, checkpoint, dataset, args, device):
         truth, spacing, native = label, None, None
         if dataset.native_grids:
             truth, spacing = dataset.native_label(name), dataset.own["cases"][name]["spacing"]
-            native = data.scan_grid(truth.shape, spacing, flags["preprocessing"])
+            native = data.scan_grid(truth.shape, spacing, dataset.own["preprocessing"])  # the folder's grid
         prediction = data.segment(model, torch.from_numpy(image).to(device), flags["patch_size"], args.stride,
                                   flags.get("scale") or 1.0, args.windows == "gaussian", kept_components(checkpoint), native).cpu()
         if args.save_png:
             shown = prediction if native is None else data.resample_spacing(
-                prediction, image.shape, data.spacing_steps(spacing, flags["preprocessing"]["spacing"]), nearest=True)
+                prediction, image.shape, data.spacing_steps(spacing, dataset.own["preprocessing"]["spacing"]), nearest=True)
             pictures.save_montage(Path(args.save_png) / f"{name}.png", image, [label, shown.numpy()], slices_last=dataset.dims == 3)
         per_volume.append(bcp.score_volume(prediction.numpy(), truth, flags["num_classes"], spacing, dataset.scoring))
     return per_volume
@@ -284,6 +284,8 @@ def main(argv=None):
         kept = f"classes {', '.join(map(str, keep_largest))}" if keep_largest else "no class"
         print(f"post-processing (chosen on validation): the largest component kept for {kept}")
     if args.predict:
+        if flags.get("preprocessing"):
+            data.check_grid(flags["preprocessing"], args.checkpoint, "train it again on scans prepared by this version")
         return predict_scans(model, checkpoint, args.stride, args.windows == "gaussian", data.nifti_scans(args.predict),
                              Path(args.out), args.device, Path(args.save_png) if args.save_png else None)
     dataset = data.Dataset(args.root)

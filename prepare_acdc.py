@@ -436,7 +436,7 @@ def own_volumes_3d(raw, val_fraction, seed, spacing=None, ct_window=None):
     plan = plan_3d([spacings[n] for n in training], [data.nifti_shape(headers[n]) for n in training], spacing)
     for name, case_spacing in spacings.items():
         data.check_spacing(case_spacing, plan["spacing"], images[name])
-    preprocessing = {"spacing": plan["spacing"]} | intensity_rule(raw, images, training, seed, ct_window)
+    preprocessing = {"spacing": plan["spacing"], "grid": data.EXACT_GRID} | intensity_rule(raw, images, training, seed, ct_window)
     info |= {"plan": plan, "preprocessing": preprocessing, "val_cases": sum(split == "val" for split in splits.values()),
              "cases": {}}
 

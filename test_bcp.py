@@ -1507,7 +1507,7 @@ def test_own_3d_scans_end_to_end(tmp_path, capsys):
     assert set(checkpoint["keep_largest"]) <= {1, 2}
     log = (run / "selftrain" / "train.log").read_text()
     assert "with the largest component kept for classes" in log and "only each class's largest" in log
-    assert f"the largest component kept for classes {checkpoint['keep_largest'] or 'none'}" in log
+    assert f"chosen on validation with best.pt (nnU-Net's rule): the largest component kept for classes {checkpoint['keep_largest'] or 'none'}" in log
     assert checkpoint["flags"]["labeled_patients"] == 3 and checkpoint["flags"]["val_cases"] == 1
     rows, _ = data.read_metrics(run / "selftrain" / "metrics.jsonl")
     assert len([r for r in rows if "val_dice_per_class" in r][-1]["val_dice_per_class"]) == 2
@@ -1681,6 +1681,18 @@ def test_a_dataset_json_that_is_not_json_is_one_line(tmp_path, capsys):
     error = capsys.readouterr().err
     assert "dataset.json: not readable JSON" in error and error.count("\n") == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["Task02_Heart"]
+
+
+def test_scans_prepared_on_the_earlier_corner_aligned_grid_are_refused(tmp_path):
+    """A dataset.json from before scans were resampled to exactly the planned spacing (no preprocessing
+    'grid'): one line saying to prepare again, not predictions stretched back onto the scans."""
+    own = {"num_classes": 2, "unlabeled": [], "val_cases": 1, "cases": {}, "preprocessing": {"spacing": [3.0, 3.0, 3.0]}}
+    (tmp_path / "dataset.json").write_text(json.dumps(own))
+    with pytest.raises(data.DataError, match="corner-aligned grid.*prepare it again with prepare_acdc.py --raw"):
+        data.read_dataset_json(tmp_path)
+    own["preprocessing"]["grid"] = data.EXACT_GRID
+    (tmp_path / "dataset.json").write_text(json.dumps(own))
+    assert data.read_dataset_json(tmp_path) == own
 
 
 @pytest.mark.parametrize("name", ["huge.nii", "huge.nii.gz"])

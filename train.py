@@ -823,7 +823,9 @@ def validate_and_save(run, volumes, folder, progress, iteration, views, save):
     save(folder.last_path, iteration)
     folder.save_picture(iteration, views)
     folder.save_curves()
-    per_class_line = lambda scores: ", ".join(f"{d:.4f}" for d in scores)
+    def per_class_line(scores):
+        return ", ".join(f"{d:.4f}" for d in scores)
+
     classes = f" ({per_class_line(per_class)} per class)" if len(per_class) > 1 else ""
     kept = "" if largest_only is None else (f" with the largest component kept for classes {keep_largest or 'none'} (as "
                                             f"predicted {per_class_line(as_predicted)}; only each class's largest "

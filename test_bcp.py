@@ -1507,7 +1507,7 @@ def test_own_3d_scans_end_to_end(tmp_path, capsys):
     assert set(checkpoint["keep_largest"]) <= {1, 2}
     log = (run / "selftrain" / "train.log").read_text()
     assert "with the largest component kept for classes" in log and "only each class's largest" in log
-    assert f"chosen on validation with best.pt (nnU-Net's rule): the largest component kept for classes {checkpoint['keep_largest'] or 'none'}" in log
+    assert f"chosen on validation with best.pt (nnU-Net's rule): the largest component kept for classes {train.class_list(checkpoint['keep_largest'])}" in log
     assert checkpoint["flags"]["labeled_patients"] == 3 and checkpoint["flags"]["val_cases"] == 1
     rows, _ = data.read_metrics(run / "selftrain" / "metrics.jsonl")
     assert len([r for r in rows if "val_dice_per_class" in r][-1]["val_dice_per_class"]) == 2
@@ -1987,7 +1987,7 @@ def test_the_best_checkpoint_is_the_best_after_its_post_processing(monkeypatch):
         train.validate_and_save(run, [], folder, progress, iteration, None, lambda path, step: saved.append((path, step)))
     assert [step for path, step in saved if path == "best"] == [100, 200]
     assert (progress["best_dice"], progress["best_iteration"], progress["keep_largest"]) == (0.8, 200, [1])
-    assert "iter 200 | val Dice 0.8000 with the largest component kept for classes [1]" in logged[1]
+    assert "iter 200 | val Dice 0.8000 with the largest component kept for classes 1 (as predicted 0.5000" in logged[1]
 
 
 def test_png_writer_round_trip(tmp_path):

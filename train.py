@@ -805,6 +805,11 @@ def start_without_foreground(args):
     return init_path
 
 
+def class_list(classes):
+    """[1, 3] -> "1, 3"; [] -> "none"."""
+    return ", ".join(map(str, classes)) or "none"
+
+
 def validate_and_save(run, volumes, folder, progress, iteration, views, save):
     """Every --val-every steps: validate the student (rank 0), keep best.pt when it beats the best so far
     (your own scans: scored with the post-processing this validation chose, as evaluation will score it, and
@@ -827,7 +832,7 @@ def validate_and_save(run, volumes, folder, progress, iteration, views, save):
         return ", ".join(f"{d:.4f}" for d in scores)
 
     classes = f" ({per_class_line(per_class)} per class)" if len(per_class) > 1 else ""
-    kept = "" if largest_only is None else (f" with the largest component kept for classes {keep_largest or 'none'} (as "
+    kept = "" if largest_only is None else (f" with the largest component kept for classes {class_list(keep_largest)} (as "
                                             f"predicted {per_class_line(as_predicted)}; only each class's largest "
                                             f"{per_class_line(largest_only)})")
     folder.log(f"iter {iteration} | val Dice {dice:.4f}{classes}{kept} | best {progress['best_dice']:.4f} @ {progress['best_iteration']}")
@@ -861,7 +866,7 @@ def main(argv=None):
                           dice_loss=bcp.DICE_LOSSES[args.dice_loss])
     if train(run, volumes, folder, progress) and progress["keep_largest"] is not None:
         folder.log(f"post-processing, chosen on validation with best.pt (nnU-Net's rule): the largest component kept for "
-                   f"classes {progress['keep_largest'] or 'none'}")
+                   f"classes {class_list(progress['keep_largest'])}")
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 

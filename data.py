@@ -491,14 +491,20 @@ def grid_positions(length, size, step, device="cpu"):
     return ((torch.arange(size, device=device) + 0.5) * step - 0.5).clamp(0, length - 1)
 
 
-def interpolate_along(volume, axis, position, nearest=False):
-    """`volume` sampled along `axis` at fractional indices `position`: linearly, or the nearest voxel (labels)."""
+def interpolate_along(volume, axis, position, nearest=False, chunk=16):
+    """`volume` sampled along `axis` at fractional indices `position`: linearly, or the nearest voxel (labels).
+    Linear goes `chunk` output slices at a time, so its temporaries stay small next to the volume."""
     if nearest:
         return volume.index_select(axis, torch.floor(position + 0.5).long())
     below = position.floor().long()
     fraction = (position - below).view(-1, *[1] * (volume.ndim - 1 - axis))
     above = (below + 1).clamp_max(volume.shape[axis] - 1)
-    return volume.index_select(axis, below) * (1 - fraction) + volume.index_select(axis, above) * fraction
+    out = volume.new_empty([len(position) if a == axis else n for a, n in enumerate(volume.shape)])
+    for start in range(0, len(position), chunk):
+        part = slice(start, start + chunk)
+        out.narrow(axis, start, len(below[part])).copy_(volume.index_select(axis, below[part]) * (1 - fraction[part])
+                                                        + volume.index_select(axis, above[part]) * fraction[part])
+    return out
 
 
 def resample_spacing(volume, size, steps, nearest=False):

@@ -2053,7 +2053,8 @@ def test_la_defaults_are_the_authors_la_script(la_root):
     assert [train.learning_rate(args, t) for t in (1, 2500, 2501, 5001)] == pytest.approx([0.01, 0.01, 0.001, 0.0001])
 
 
-def test_cpu_schedule_sets_its_values_flags_win_and_paper_stays(synthetic_root, la_root):
+def test_cpu_schedule_sets_its_values_flags_win_and_paper_stays(synthetic_root, la_root, monkeypatch):
+    monkeypatch.setattr(train, "cpu_bf16", lambda: [])  # a CPU without bf16 instructions
     acdc = train.parse_args(["--root", str(synthetic_root), "--phase", "selftrain", "--schedule", "cpu", "--batch-size", "8"])
     assert (acdc.patch_size, acdc.iterations, acdc.labeled_batch_size, acdc.lr_decay) == ((160, 160), 4000, 6, "poly")
     assert acdc.batch_size == 8 and "batch_size" not in acdc.set_by_schedule and "patch_size" in acdc.set_by_schedule
@@ -2065,6 +2066,17 @@ def test_cpu_schedule_sets_its_values_flags_win_and_paper_stays(synthetic_root, 
     assert train.parse_args(["--root", str(la_root), "--schedule", "cpu", "--no-standardize"]).standardize is False
 
 
+def test_cpu_schedule_trains_in_bf16_with_more_steps_where_the_cpu_computes_bf16(synthetic_root, monkeypatch):
+    def parse(*flags):
+        return train.parse_args(["--root", str(synthetic_root), "--phase", "selftrain", *flags])
+    monkeypatch.setattr(train, "cpu_bf16", lambda: ["avx512_bf16"])
+    native = parse("--schedule", "cpu")
+    assert (native.schedule_key, native.precision, native.iterations) == ("acdc_bf16", "bf16", 7500) and "precision" in native.set_by_schedule
+    assert (parse("--schedule", "cpu", "--precision", "fp32").iterations, parse().precision) == (4000, "fp32")
+    monkeypatch.setattr(train, "cpu_bf16", lambda: [])
+    assert (parse("--schedule", "cpu").precision, parse("--schedule", "cpu", "--precision", "bf16").iterations) == ("fp32", 7500)
+
+
 def test_poly_learning_rate_falls_to_zero_over_the_phase(synthetic_root):
     args = train.parse_args(["--root", str(synthetic_root), "--schedule", "cpu", "--iterations", "100", "--lr", "0.02"])
     rates = [train.learning_rate(args, t) for t in range(1, 101)]
@@ -2072,7 +2084,8 @@ def test_poly_learning_rate_falls_to_zero_over_the_phase(synthetic_root):
     assert all(a > b for a, b in zip(rates, rates[1:]))
 
 
-def test_hour_eta_adds_the_self_training_to_come_only_while_pretraining(synthetic_root):
+def test_hour_eta_adds_the_self_training_to_come_only_while_pretraining(synthetic_root, monkeypatch):
+    monkeypatch.setattr(train, "cpu_bf16", lambda: [])
     pretrain = train.parse_args(["--root", str(synthetic_root), "--schedule", "cpu", "--phase", "pretrain"])
     measured, steps = train.CPU_SECONDS_PER_STEP["acdc"], train.CPU_SCHEDULE["acdc"]["iterations"]["selftrain"]
     assert train.later_phases_seconds(pretrain, 2 * measured["pretrain"]) == pytest.approx(2 * steps * measured["selftrain"])

@@ -31,9 +31,9 @@ import bcp
 import data
 import pictures
 
-# The authors' values, the same in their ACDC and their LA script: the method's constants, SGD's, and
-# how often to validate. lr_decay "step" divides the lr by 10 every lr_step steps (DEFAULTS: ACDC's
-# lr_step 0, a constant lr; LA's 2,500 in self-training).
+# The authors' values, the same in their ACDC and their LA script: the method's constants, SGD's, how
+# often to validate, and the arithmetic. lr_decay "step" divides the lr by 10 every lr_step steps
+# (DEFAULTS: ACDC's lr_step 0, a constant lr; LA's 2,500 in self-training).
 METHOD = {
     "u_weight": 0.5,       # alpha (Eq. 6): the weight of the loss terms of a region whose target is a pseudo-label
                            # (ground truth's: 1); constant from the first step, not ramped up as in Mean Teacher
@@ -42,6 +42,7 @@ METHOD = {
     "lr": 0.01,            # SGD's learning rate, at the first step
     "momentum": 0.9, "weight_decay": 1e-4,  # SGD's
     "lr_decay": "step", "val_every": 200,   # the lr's rule (not poly's); validate and keep the best every 200 steps
+    "precision": "fp32",   # TF32 convolutions on CUDA, as on the authors' RTX 3090
 }
 # The authors' settings where their ACDC and LA scripts differ. Per-phase values are dicts. batch_size
 # is the images of a supervised or selftrain step; pretrain draws labeled_batch_size images only (its
@@ -68,10 +69,14 @@ CPU_SCHEDULE = {
     # your own 3D scans: the crop, crops a step and spacing are the plan's (prepare_acdc.plan_3d); at most 25 minutes
     "own3d": {"lr_decay": "poly", "lr_step": 0, "iterations": {"pretrain": 600, "selftrain": 900}, "val_every": 100},
 }
+# Where the CPU computes bf16 natively (cpu_bf16(): AVX-512 BF16 or AMX) and --precision is not given, the
+# schedule trains in bf16: a step costs 0.6-0.76 of an fp32 one there, and the hour holds the paper's share
+# of self-training (docs/results.md, try 4).
+CPU_SCHEDULE["acdc_bf16"] = CPU_SCHEDULE["acdc"] | {"precision": "bf16", "iterations": {"pretrain": 2500, "selftrain": 7500}}
 # Seconds per step, validations included, measured by the schedule's runs on a 2-core CPU (docs/results.md,
 # docs/own_scans.md): the time the schedule announces, and self-training's share of the ETA while pre-training.
-CPU_SECONDS_PER_STEP = {"acdc": {"pretrain": 0.18, "selftrain": 0.48}, "la": {"pretrain": 0.51, "selftrain": 1.28},
-                        "own3d": {"pretrain": 0.48, "selftrain": 1.27}}
+CPU_SECONDS_PER_STEP = {"acdc": {"pretrain": 0.18, "selftrain": 0.48}, "acdc_bf16": {"pretrain": 0.14, "selftrain": 0.36},
+                        "la": {"pretrain": 0.51, "selftrain": 1.28}, "own3d": {"pretrain": 0.48, "selftrain": 1.27}}
 
 LA_ONLY = ("val_cases", "stride", "scale", "foreground_crops", "standardize")  # refused on ACDC, where they would change nothing
 OWN_FOREGROUND_CROPS = 1 / 3  # your own 3D scans: the share of labeled crops centred on the organ (nnU-Net's)
@@ -81,6 +86,15 @@ PHASES = ("supervised", "pretrain", "selftrain")
 RUN_FLAGS = ("phase", "labeled_patients", "batch_size", "labeled_batch_size", "patch_size", "num_classes",
              "beta", "mask", "u_weight", "ema_decay", "seed", "mix", "dice_loss", "pretrain_loss", "lr_step", "val_cases",
              "scale", "foreground_crops", "lr_decay", "standardize")
+
+
+def cpu_schedule_key(dataset, args):
+    """Which CPU_SCHEDULE --schedule cpu takes: the data's (your own 3D scans: "own3d"), in bf16 where the data
+    has a bf16 schedule and --precision says bf16, or says nothing on a CPU that computes bf16 natively."""
+    key = "own3d" if dataset.native_grids else dataset.layout
+    native = args.device == "cpu" and bool(cpu_bf16())
+    bf16 = args.precision == "bf16" or (args.precision is None and native)
+    return f"{key}_bf16" if bf16 and f"{key}_bf16" in CPU_SCHEDULE else key
 
 
 def at_least(minimum, kind=int):
@@ -155,8 +169,8 @@ def parse_args(argv=None):
     p.add_argument("--log-every", type=at_least(1), default=20, help="progress line and metrics row every N steps")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
-                   help="fp32 as the authors (TF32 convolutions on CUDA), or bf16 autocast (faster on a GPU)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], help="fp32 as the authors (TF32 convolutions on CUDA), or bf16 "
+                   "autocast (faster on a GPU, and on a CPU with bf16 instructions, where --schedule cpu takes it)")
     p.add_argument("--compile", action="store_true", help="torch.compile the student and teacher forwards")
     p.add_argument("--time-limit", type=at_least(1.0, float), metavar="MINUTES",
                    help="stop before this much time has passed, with last.pt written; --resume continues")
@@ -168,7 +182,7 @@ def parse_args(argv=None):
     dataset = data.Dataset(args.root)  # the one description of --root, used by everything below
     if args.schedule == "cpu" and args.phase == "supervised":
         p.error("--schedule cpu times pre-training and self-training; --phase supervised takes the paper's settings")
-    args.schedule_key = "own3d" if dataset.native_grids else dataset.layout  # which CPU_SCHEDULE
+    args.schedule_key = cpu_schedule_key(dataset, args)
     schedule = CPU_SCHEDULE[args.schedule_key] if args.schedule == "cpu" else {}
     defaults = dict(METHOD, **DEFAULTS[dataset.layout]) | schedule | own_data_defaults(dataset, args, p)
     for key in LA_ONLY:

@@ -284,7 +284,7 @@ def main():
     p.add_argument("--num-classes", type=int, default=4)
     p.add_argument("--steps", type=int, default=40, help="steps per phase (at least 16)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="as train.py")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default=train.METHOD["precision"], help="as train.py")
     p.add_argument("--compile", action="store_true", help="as train.py")
     p.add_argument("--checkpoint", help="pseudo-labels: the teacher; sliding-window: the model (train.py checkpoints)")
     p.add_argument("--stride", type=int, nargs=2, default=[18, 4], metavar=("XY", "Z"), help="sliding-window strides")

@@ -1476,7 +1476,7 @@ def test_own_3d_intensities_and_geometry_by_hand(modality, tmp_path):
 
 
 @pytest.mark.slow
-def test_own_3d_scans_end_to_end(tmp_path, capsys):
+def test_own_3d_scans_end_to_end(tmp_path, capsys, monkeypatch):
     """The README's commands as written (crops 32 x 32 x 16 here): prepare --3d at 1.25 mm, pretrain,
     selftrain with three classes (post-processing chosen on validation after each, stored in best.pt),
     evaluate the test split on the scans' own grids (one reference without class 2: no error, counted),
@@ -1492,8 +1492,10 @@ def test_own_3d_scans_end_to_end(tmp_path, capsys):
     with pytest.raises(SystemExit):
         train.parse_args(["--root", str(root), "--standardize"])
     assert "prepare_acdc.py already normalised the intensities" in capsys.readouterr().err
+    monkeypatch.setattr(train, "cpu_bf16", lambda: ["amx_bf16"])  # no bf16 schedule for your scans: fp32 on any CPU
     scheduled = train.parse_args(["--root", str(root), "--schedule", "cpu"])  # your scans keep prepare's spacing and intensities
-    assert (scheduled.scale, scheduled.standardize, scheduled.lr_decay) == (1.0, False, "poly") and "scale" not in scheduled.set_by_schedule
+    assert (scheduled.scale, scheduled.standardize, scheduled.lr_decay, scheduled.precision) == (1.0, False, "poly", "fp32")
+    assert "scale" not in scheduled.set_by_schedule
     assert (scheduled.iterations, scheduled.labeled_batch_size, scheduled.batch_size) == (600, 8, 8)  # the plan's crops
     assert train.schedule_minutes(scheduled) < 25
     capsys.readouterr()
@@ -2072,7 +2074,7 @@ def test_cpu_schedule_trains_in_bf16_with_more_steps_where_the_cpu_computes_bf16
     monkeypatch.setattr(train, "cpu_bf16", lambda: ["avx512_bf16"])
     native = parse("--schedule", "cpu")
     assert (native.schedule_key, native.precision, native.iterations) == ("acdc_bf16", "bf16", 7500) and "precision" in native.set_by_schedule
-    assert (parse("--schedule", "cpu", "--precision", "fp32").iterations, parse().precision) == (4000, "fp32")
+    assert (parse("--schedule", "cpu", "--precision", "fp32").iterations, parse().precision, parse().schedule_key) == (4000, "fp32", None)
     monkeypatch.setattr(train, "cpu_bf16", lambda: [])
     assert (parse("--schedule", "cpu").precision, parse("--schedule", "cpu", "--precision", "bf16").iterations) == ("fp32", 7500)
 

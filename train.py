@@ -70,8 +70,8 @@ CPU_SCHEDULE = {
     "own3d": {"lr_decay": "poly", "lr_step": 0, "iterations": {"pretrain": 600, "selftrain": 900}, "val_every": 100},
 }
 # Where the CPU computes bf16 natively (cpu_bf16(): AVX-512 BF16 or AMX) and --precision is not given, the
-# schedule trains in bf16: a step costs 0.6-0.76 of an fp32 one there, and the hour holds the paper's share
-# of self-training (docs/results.md, try 4).
+# schedule trains in bf16 (so does --precision bf16): a 160 × 160 step costs 0.63-0.76 of an fp32 one there,
+# and the hour holds the paper's share of self-training (docs/results.md, try 4 and "Faster steps").
 CPU_SCHEDULE["acdc_bf16"] = CPU_SCHEDULE["acdc"] | {"precision": "bf16", "iterations": {"pretrain": 2500, "selftrain": 7500}}
 # Seconds per step, validations included, measured by the schedule's runs on a 2-core CPU (docs/results.md,
 # docs/own_scans.md): the time the schedule announces, and self-training's share of the ETA while pre-training.
@@ -92,7 +92,7 @@ def cpu_schedule_key(dataset, args):
     """Which CPU_SCHEDULE --schedule cpu takes: the data's (your own 3D scans: "own3d"), in bf16 where the data
     has a bf16 schedule and --precision says bf16, or says nothing on a CPU that computes bf16 natively."""
     key = "own3d" if dataset.native_grids else dataset.layout
-    native = args.device == "cpu" and bool(cpu_bf16())
+    native = torch.device(args.device).type == "cpu" and bool(cpu_bf16())
     bf16 = args.precision == "bf16" or (args.precision is None and native)
     return f"{key}_bf16" if bf16 and f"{key}_bf16" in CPU_SCHEDULE else key
 
@@ -169,8 +169,9 @@ def parse_args(argv=None):
     p.add_argument("--log-every", type=at_least(1), default=20, help="progress line and metrics row every N steps")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--precision", choices=["fp32", "bf16"], help="fp32 as the authors (TF32 convolutions on CUDA), or bf16 "
-                   "autocast (faster on a GPU, and on a CPU with bf16 instructions, where --schedule cpu takes it)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], help=f"fp32 as the authors (TF32 convolutions on CUDA), or bf16 "
+                   f"autocast (faster on a GPU, and on a CPU with bf16 instructions, where --schedule cpu takes it) "
+                   f"({METHOD['precision']})")
     p.add_argument("--compile", action="store_true", help="torch.compile the student and teacher forwards")
     p.add_argument("--time-limit", type=at_least(1.0, float), metavar="MINUTES",
                    help="stop before this much time has passed, with last.pt written; --resume continues")
@@ -182,7 +183,7 @@ def parse_args(argv=None):
     dataset = data.Dataset(args.root)  # the one description of --root, used by everything below
     if args.schedule == "cpu" and args.phase == "supervised":
         p.error("--schedule cpu times pre-training and self-training; --phase supervised takes the paper's settings")
-    args.schedule_key = cpu_schedule_key(dataset, args)
+    args.schedule_key = cpu_schedule_key(dataset, args) if args.schedule == "cpu" else None
     schedule = CPU_SCHEDULE[args.schedule_key] if args.schedule == "cpu" else {}
     defaults = dict(METHOD, **DEFAULTS[dataset.layout]) | schedule | own_data_defaults(dataset, args, p)
     for key in LA_ONLY:
@@ -718,7 +719,7 @@ def learning_rate(args, iteration):
 def later_phases_seconds(args, seconds_per_step):
     """--schedule cpu, while pre-training: the self-training still to come, its steps timed at this
     machine's pace (this phase's seconds per step, times the ratio measured for the two phases)."""
-    if args.phase != "pretrain":
+    if args.schedule != "cpu" or args.phase != "pretrain":
         return 0.0
     measured = CPU_SECONDS_PER_STEP[args.schedule_key]
     return CPU_SCHEDULE[args.schedule_key]["iterations"]["selftrain"] * seconds_per_step * measured["selftrain"] / measured["pretrain"]

@@ -2068,12 +2068,14 @@ def test_cpu_schedule_sets_its_values_flags_win_and_paper_stays(synthetic_root, 
     assert train.parse_args(["--root", str(la_root), "--schedule", "cpu", "--no-standardize"]).standardize is False
 
 
-def test_cpu_schedule_trains_in_bf16_with_more_steps_where_the_cpu_computes_bf16(synthetic_root, monkeypatch):
-    def parse(*flags):
-        return train.parse_args(["--root", str(synthetic_root), "--phase", "selftrain", *flags])
+def test_cpu_schedule_trains_in_bf16_with_more_steps_where_the_cpu_computes_bf16(synthetic_root, la_root, monkeypatch):
+    def parse(*flags, root=synthetic_root):
+        return train.parse_args(["--root", str(root), "--phase", "selftrain", *flags])
     monkeypatch.setattr(train, "cpu_bf16", lambda: ["avx512_bf16"])
     native = parse("--schedule", "cpu")
     assert (native.schedule_key, native.precision, native.iterations) == ("acdc_bf16", "bf16", 7500) and "precision" in native.set_by_schedule
+    la_native = parse("--schedule", "cpu", root=la_root)
+    assert (la_native.schedule_key, la_native.precision, la_native.iterations) == ("la_bf16", "bf16", 3400)
     assert (parse("--schedule", "cpu", "--precision", "fp32").iterations, parse().precision, parse().schedule_key) == (4000, "fp32", None)
     monkeypatch.setattr(train, "cpu_bf16", lambda: [])
     assert (parse("--schedule", "cpu").precision, parse("--schedule", "cpu", "--precision", "bf16").iterations) == ("fp32", 7500)

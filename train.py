@@ -70,13 +70,15 @@ CPU_SCHEDULE = {
     "own3d": {"lr_decay": "poly", "lr_step": 0, "iterations": {"pretrain": 600, "selftrain": 900}, "val_every": 100},
 }
 # Where the CPU computes bf16 natively (cpu_bf16(): AVX-512 BF16 or AMX) and --precision is not given, the
-# schedule trains in bf16 (so does --precision bf16): a 160 × 160 step costs 0.63-0.76 of an fp32 one there,
-# and the hour holds the paper's share of self-training (docs/results.md, try 4 and "Faster steps").
+# schedule trains in bf16 (so does --precision bf16): a step costs 0.6-0.76 of an fp32 one there, and the hour
+# holds the paper's share of self-training or more (docs/results.md, ACDC's and LA's try 4, "Faster steps").
 CPU_SCHEDULE["acdc_bf16"] = CPU_SCHEDULE["acdc"] | {"precision": "bf16", "iterations": {"pretrain": 2500, "selftrain": 7500}}
+CPU_SCHEDULE["la_bf16"] = CPU_SCHEDULE["la"] | {"precision": "bf16", "iterations": {"pretrain": 800, "selftrain": 3400}}
 # Seconds per step, validations included, measured by the schedule's runs on a 2-core CPU (docs/results.md,
 # docs/own_scans.md): the time the schedule announces, and self-training's share of the ETA while pre-training.
 CPU_SECONDS_PER_STEP = {"acdc": {"pretrain": 0.18, "selftrain": 0.48}, "acdc_bf16": {"pretrain": 0.14, "selftrain": 0.36},
-                        "la": {"pretrain": 0.51, "selftrain": 1.28}, "own3d": {"pretrain": 0.48, "selftrain": 1.27}}
+                        "la": {"pretrain": 0.51, "selftrain": 1.28}, "la_bf16": {"pretrain": 0.35, "selftrain": 0.81},
+                        "own3d": {"pretrain": 0.48, "selftrain": 1.27}}
 
 LA_ONLY = ("val_cases", "stride", "scale", "foreground_crops", "standardize")  # refused on ACDC, where they would change nothing
 OWN_FOREGROUND_CROPS = 1 / 3  # your own 3D scans: the share of labeled crops centred on the organ (nnU-Net's)

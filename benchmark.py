@@ -8,9 +8,9 @@ Rerunnable speed benchmarks (they print numbers; nothing here is a test).
                                                     # the teacher's pseudo-labels (largest components) alone
     python benchmark.py steps --root data/ACDC --patch-size 256 --batch-size 24 --labeled-batch-size 12 --labeled-patients 7
                                                     # the paper's shapes (on a GPU; add --compile to try it)
-    python benchmark.py steps --root data/LA --patch-size 64 64 48 --batch-size 8 --labeled-batch-size 4 --labeled-patients 4
+    python benchmark.py steps --root data/LA --patch-size 64 64 32 --batch-size 8 --labeled-batch-size 4 --labeled-patients 4
                                                     # LA's 3D step (V-Net) at the CPU schedule's crop
-    python benchmark.py pseudo-labels --root data/LA --patch-size 64 64 48 --batch-size 8 --labeled-batch-size 4 --checkpoint P
+    python benchmark.py pseudo-labels --root data/LA --patch-size 64 64 32 --batch-size 8 --labeled-batch-size 4 --checkpoint P
                                                     # 3D largest components on a trained teacher's predictions
     python benchmark.py sliding-window --root data/LA --checkpoint P --stride 18 4 --volumes 2
                                                     # LA evaluation: seconds per volume, network and components

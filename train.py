@@ -71,7 +71,7 @@ CPU_SCHEDULE = {
 }
 # Where the CPU computes bf16 natively (cpu_bf16(): AVX-512 BF16 or AMX) and --precision is not given, the
 # schedule trains in bf16 (so does --precision bf16): a step costs 0.6-0.76 of an fp32 one there, and the hour
-# holds the paper's share of self-training or more (docs/results.md, ACDC's and LA's try 4, "Faster steps").
+# holds more self-training, the paper's share on ACDC and nearer it on LA (docs/results.md, try 4, "Faster steps").
 CPU_SCHEDULE["acdc_bf16"] = CPU_SCHEDULE["acdc"] | {"precision": "bf16", "iterations": {"pretrain": 2500, "selftrain": 7500}}
 CPU_SCHEDULE["la_bf16"] = CPU_SCHEDULE["la"] | {"precision": "bf16", "iterations": {"pretrain": 800, "selftrain": 3400}}
 # Seconds per step, validations included, measured by the schedule's runs on a 2-core CPU (docs/results.md,

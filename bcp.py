@@ -165,8 +165,10 @@ NETWORKS = {2: UNet, 3: VNet}  # by the number of spatial dimensions
 def ema_update(teacher, student, decay):
     """teacher <- decay * teacher + (1 - decay) * student over the whole state dict, BN running
     statistics included, as the authors' ACDC script averages it (their LA script averages the
-    parameters only: the same teacher, since a teacher run in train mode never reads those statistics).
-    decay 0 copies the student, decay 1 keeps the teacher."""
+    parameters only: the same pseudo-labels, since the teacher predicts in train mode, from batch
+    statistics, and training never reads its running statistics, which its own forwards also update;
+    a teacher run in eval mode, as evaluate.py --weights teacher runs it, reads them). decay 0 copies
+    the student, decay 1 keeps the teacher."""
     pairs = [(t, s) for t, s in zip(teacher.state_dict().values(), student.state_dict().values())
              if t.is_floating_point()]  # skips BN's num_batches_tracked, unused with a set momentum
     teacher_tensors, student_tensors = zip(*pairs)
@@ -207,7 +209,9 @@ def copy_paste(base, pasted, mask):
 #    a sum over this share into the whole batch's (an all-reduce, gradient included), so every process
 #    computes the one-process loss; process_share() is (N, rank). Without torchrun: the sum, (1, 0).
 
-ACDC_DICE_SMOOTH = 1e-10  # the authors' value; a class absent from a region's prediction and target scores 1, loss 0
+ACDC_DICE_SMOOTH = 1e-10  # the authors' value; a class absent from a region's target adds a loss term of
+                          # 1 - 1e-10 / (sum p^2 + 1e-10): near 1 while the student gives it any probability there,
+                          # 0 only where sum p^2 is far below 1e-10 (an empty region, or confidently absent)
 LA_DICE_SMOOTH = 1e-5
 
 
@@ -278,7 +282,7 @@ def pseudo_label(logits):
 def keep_largest_components(labels, classes):
     """(N, *S) label maps -> the same with, in each item, only the largest connected component of each
     class in `classes` (the rest of that class becomes background); other classes as they are. One
-    largest_component call for every item and class."""
+    largest_component call serves all items and classes at once."""
     classes = torch.tensor(list(classes), dtype=labels.dtype, device=labels.device)
     if not len(classes):
         return labels

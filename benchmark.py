@@ -20,12 +20,10 @@ Rerunnable speed benchmarks (they print numbers; nothing here is a test).
                                                     # each, gloo) beside one process of N threads; on N GPUs add --device cuda
 
 `steps` runs train.py for a few steps per phase and reads the seconds per step from its
-metrics.jsonl, beside the floor measured in the same process: the convolutions the phase cannot
+metrics.jsonl, beside the floor measured in this process with the settings of its flags.json: the convolutions the phase cannot
 avoid (forwards, backward, SGD step, EMA) on random tensors of the same shapes.
 """
 import argparse
-import contextlib
-import io
 import math
 import os
 import resource
@@ -33,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -41,29 +40,27 @@ import torch.nn.functional as F
 
 import bcp
 import data
-import train
+import inference
 
 
-def floor_seconds(args, steps):
-    """Seconds per step of the bare compute of a phase on random tensors, with train.py's settings
-    (device, precision, memory format, compile) for the same flags."""
-    device, autocast, memory_format, compiled = train.runtime(args)
-    patch = args.patch_size
-    network = args.dataset.network
-    student = network(num_classes=args.num_classes).to(device, memory_format=memory_format)
-    teacher = network(num_classes=args.num_classes).to(device, memory_format=memory_format).requires_grad_(False)
+def floor_seconds(flags, plan, steps):
+    """Seconds per step of the bare compute of a phase on random tensors, with the settings train.py ran with
+    (`flags`, its flags.json: device, precision, compile, the networks' shapes, SGD's)."""
+    device, autocast, memory_format, compiled = inference.runtime(flags["device"], flags["precision"], plan.dims, flags["compile"])
+    patch, labeled, network = flags["patch_size"], flags["labeled_batch_size"], bcp.NETWORKS[plan.dims]
+    student = network(num_classes=flags["num_classes"]).to(device, memory_format=memory_format)
+    teacher = network(num_classes=flags["num_classes"]).to(device, memory_format=memory_format).requires_grad_(False)
     student_forward, teacher_forward = compiled(student), compiled(teacher)
-    optimizer = torch.optim.SGD(student.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    labeled = args.labeled_batch_size
-    if args.phase == "supervised":
-        student_batches = [args.batch_size]
-    elif args.phase == "pretrain":
+    optimizer = torch.optim.SGD(student.parameters(), lr=flags["lr"], momentum=flags["momentum"], weight_decay=flags["weight_decay"])
+    if flags["phase"] == "supervised":
+        student_batches = [flags["batch_size"]]
+    elif flags["phase"] == "pretrain":
         student_batches = [labeled // 2]
     else:  # selftrain: X_in and X_out, each as many slices as one labeled half (a or b)
         student_batches = [labeled // 2] * 2
-    teacher_batches = [(args.batch_size - labeled) // 2] * 2 if args.phase == "selftrain" else []
+    teacher_batches = [(flags["batch_size"] - labeled) // 2] * 2 if flags["phase"] == "selftrain" else []
     inputs = [torch.randn(n, 1, *patch, device=device) for n in student_batches]
-    targets = [torch.randint(args.num_classes, (n, *patch), device=device) for n in student_batches]
+    targets = [torch.randint(flags["num_classes"], (n, *patch), device=device) for n in student_batches]
     teacher_inputs = [torch.randn(n, 1, *patch, device=device) for n in teacher_batches]
 
     def step():
@@ -76,7 +73,7 @@ def floor_seconds(args, steps):
         loss.backward()
         optimizer.step()
         if teacher_inputs:
-            bcp.ema_update(teacher, student, args.ema_decay)
+            bcp.ema_update(teacher, student, flags["ema_decay"])
 
     for _ in range(3):  # warm-up (and compilation)
         step()
@@ -93,45 +90,54 @@ def synchronize(device):
         torch.cuda.synchronize()
 
 
-def train_seconds(flags, args):
-    """Seconds per step of train.py, from the `time` column of its metrics.jsonl (warm-up excluded)."""
-    with contextlib.redirect_stdout(io.StringIO()):  # train.py's own log goes to <out>/<phase>/train.log
-        train.main(flags)
-    return logged_seconds(args)
+TRAIN = str(Path(__file__).with_name("train.py"))
 
 
-def logged_seconds(args):
-    rows, _ = data.read_metrics(Path(args.out) / args.phase / "metrics.jsonl")
+def run_train(flags, env=None, launcher=(sys.executable,)):
+    """train.py with these flags, in its own process (a script never imports a script); its log goes to its
+    run folder."""
+    subprocess.run([*launcher, TRAIN, *flags], check=True, capture_output=True, env=env)
+
+
+def logged_seconds(out, phase):
+    """Seconds per step of train.py, from the `time` column of <out>/<phase>/metrics.jsonl (warm-up excluded)."""
+    rows, _ = data.read_metrics(Path(out) / phase / "metrics.jsonl")
     loss_rows = [r for r in rows if "loss" in r]
     first, last = loss_rows[1], loss_rows[-1]  # the first window holds the warm-up
     return (last["time"] - first["time"]) / (last["iter"] - first["iter"])
 
 
-def cheap_la_validation(root, patch_size):
-    """LA: one validation case, one window per window-sized block (the strides of the patch); nothing on ACDC."""
-    if data.Dataset(root).dims == 2:
+def cheap_validation(plan, patch_size):
+    """3D: one validation case, one window per window-sized block (the strides of the patch); nothing in 2D."""
+    if plan.dims == 2:
         return []
-    patch = patch_size * (3 // len(patch_size))
+    patch = plan.patch(patch_size)
     return ["--val-cases", "1", "--stride", str(min(patch[:2])), str(patch[2])]
 
 
+def phase_flags(args, plan, phase, out):
+    """train.py's flags for a few steps of a phase at the benchmark's shapes (self-training from the few
+    pre-training steps by --init: they may predict nothing)."""
+    return ["--root", args.root, "--out", out, "--phase", phase, "--iterations", str(args.steps),
+            "--patch-size", *map(str, args.patch_size), "--batch-size", str(args.batch_size),
+            "--labeled-batch-size", str(args.labeled_batch_size), "--labeled-patients", str(args.labeled_patients),
+            "--log-every", str(max(1, args.steps // 8)), "--val-every", str(10 * args.steps),
+            *cheap_validation(plan, args.patch_size), "--device", args.device,
+            *(["--precision", args.precision] if args.precision else []), *(["--compile"] if args.compile else []),
+            *(["--init", f"{out}/pretrain/best.pt"] if phase == "selftrain" else [])]
+
+
 def bench_steps(args):
-    results = []
+    plan, results = data.Dataset(args.root).plan, []
     with tempfile.TemporaryDirectory() as out:
         for phase in ("supervised", "pretrain", "selftrain"):
-            flags = ["--root", args.root, "--out", out, "--phase", phase, "--iterations", str(args.steps),
-                     "--patch-size", *map(str, args.patch_size), "--batch-size", str(args.batch_size),
-                     "--labeled-batch-size", str(args.labeled_batch_size), "--labeled-patients", str(args.labeled_patients),
-                     "--log-every", str(max(1, args.steps // 8)), "--val-every", str(10 * args.steps),
-                     *cheap_la_validation(args.root, args.patch_size), "--device", args.device, "--precision", args.precision,
-                     *(["--compile"] if args.compile else []),
-                     *(["--init", f"{out}/pretrain/best.pt"] if phase == "selftrain" else [])]  # a few steps may predict nothing
-            train_args = train.parse_args(flags)
+            run_train(phase_flags(args, plan, phase, out))
+            flags = data.read_json(Path(out) / phase / "flags.json")
             if not results:
-                print(f"device {train_args.device} ({torch.cuda.get_device_name() if 'cuda' in train_args.device else 'CPU'}), "
-                      f"{torch.get_num_threads()} threads, {train_args.precision}{', compiled' if args.compile else ''}, "
+                print(f"device {flags['device']} ({torch.cuda.get_device_name() if 'cuda' in flags['device'] else 'CPU'}), "
+                      f"{torch.get_num_threads()} threads, {flags['precision']}{', compiled' if args.compile else ''}, "
                       f"patch {args.patch_size}, batch {args.batch_size} ({args.labeled_batch_size} labeled), {args.steps} steps")
-            results.append((phase, train_seconds(flags, train_args), floor_seconds(train_args, args.steps)))
+            results.append((phase, logged_seconds(out, phase), floor_seconds(flags, plan, args.steps)))
     print(f"{'phase':12s} {'train.py s/step':>16s} {'floor s/step':>13s} {'ratio':>6s}")
     for phase, seconds, floor in results:
         print(f"{phase:12s} {seconds:16.4f} {floor:13.4f} {seconds / floor:6.2f}")
@@ -140,21 +146,15 @@ def bench_steps(args):
 def bench_torchrun(args):
     """Seconds per step of each phase: train.py under torchrun (--processes N, one thread each on the
     CPU, gloo; one GPU each with --device cuda) beside one process (N threads on the CPU), same flags."""
-    results = []
+    plan, results = data.Dataset(args.root).plan, []
     with tempfile.TemporaryDirectory() as out:
         for phase in ("supervised", "pretrain", "selftrain"):
-            flags = ["--root", args.root, "--phase", phase, "--iterations", str(args.steps), "--patch-size", *map(str, args.patch_size),
-                     "--batch-size", str(args.batch_size), "--labeled-batch-size", str(args.labeled_batch_size),
-                     "--labeled-patients", str(args.labeled_patients), "--log-every", str(max(1, args.steps // 8)),
-                     "--val-every", str(10 * args.steps), *cheap_la_validation(args.root, args.patch_size), "--device", args.device]
             seconds = []
             for launcher, threads, run in (([sys.executable], args.processes, "one"),
                                            ([sys.executable, "-m", "torch.distributed.run", "--standalone",
                                              f"--nproc_per_node={args.processes}"], 1, "torchrun")):
-                init = ["--init", f"{out}/{run}/pretrain/best.pt"] if phase == "selftrain" else []  # a few steps may predict nothing
-                command = [*launcher, "train.py", *flags, *init, "--out", f"{out}/{run}"]
-                subprocess.run(command, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
-                seconds.append(logged_seconds(train.parse_args([*flags, *init, "--out", f"{out}/{run}"])))
+                run_train(phase_flags(args, plan, phase, f"{out}/{run}"), {**os.environ, "OMP_NUM_THREADS": str(threads)}, launcher)
+                seconds.append(logged_seconds(f"{out}/{run}", phase))
             results.append((phase, *seconds))
     print(f"device {args.device}, patch {args.patch_size}, batch {args.batch_size} ({args.labeled_batch_size} labeled), {args.steps} steps")
     print(f"{'phase':12s} {'1 process s/step':>17s} {f'torchrun x {args.processes} s/step':>20s} {'ratio':>6s}")
@@ -163,52 +163,53 @@ def bench_torchrun(args):
 
 
 def bench_pseudo_labels(args):
-    """Milliseconds per bcp.pseudo_label on a trained teacher's logits for real unlabeled batches."""
+    """Milliseconds per bcp.pseudo_label on a trained teacher's logits for real unlabeled batches, drawn with
+    the authors' augmentation at the checkpoint's patch."""
     if not args.checkpoint:
         raise SystemExit("benchmark.py pseudo-labels: --checkpoint is required (the teacher)")
-    flags = train.parse_args(["--root", args.root, "--phase", "selftrain", "--device", args.device, "--precision", args.precision,
-                              "--patch-size", *map(str, args.patch_size), "--labeled-patients", str(args.labeled_patients)])
-    device, autocast, memory_format, _ = train.runtime(flags)
-    teacher, _ = data.load_model(args.checkpoint, device)  # in train mode, as train.py's teacher
+    teacher, checkpoint = inference.load_model(args.checkpoint, args.device)  # in train mode, as train.py's teacher
+    flags, dataset = checkpoint["flags"], data.Dataset(args.root)
+    device, autocast, memory_format, _ = inference.runtime(args.device, args.precision or flags["precision"], checkpoint["plan"].dims)
     teacher.to(memory_format=memory_format)
-    _, bank, _, _, _ = train.load_data(flags, device)
-    count = args.batch_size - args.labeled_batch_size
+    bank = dataset.bank(dataset.cases(flags["labeled_patients"], flags.get("val_cases"))[1], device, flags)
+    count, generator = args.batch_size - args.labeled_batch_size, torch.Generator().manual_seed(0)
+    draw = lambda: bank.batch(torch.randint(len(bank), (count,), generator=generator), flags["patch_size"],
+                              bank.random_augmentation(count, generator))[0]
     with torch.no_grad(), autocast:
-        logits = [teacher(train.draw_batch(bank, step, count, flags, train.UNLABELED)[0]) for step in range(1, args.steps + 1)]
+        logits = [teacher(draw()) for _ in range(args.steps)]
     bcp.pseudo_label(logits[0])  # warm-up
     synchronize(device)
     start = time.time()
     for batch in logits:
         bcp.pseudo_label(batch)
     synchronize(device)
-    size = " x ".join(map(str, flags.patch_size))
+    size = " x ".join(map(str, flags["patch_size"]))
     print(f"device {device}: {1000 * (time.time() - start) / len(logits):.1f} ms per pseudo-label of {count} images "
           f"at {size} ({args.checkpoint}, {args.steps} batches)")
 
 
 def bench_sliding_window(args):
-    """LA evaluation of a checkpoint: seconds per validation volume for data.segment (resampling, windows,
-    largest component), and for the largest component alone, at the given strides."""
+    """3D evaluation of a checkpoint: seconds per validation volume for inference.segment (resampling,
+    windows, the plan's largest components), and for the largest component alone, at the given strides."""
     if not args.checkpoint:
         raise SystemExit("benchmark.py sliding-window: --checkpoint is required")
-    model, checkpoint = data.load_model(args.checkpoint, args.device)
+    model, checkpoint = inference.load_model(args.checkpoint, args.device)
     model.eval()
-    flags = checkpoint["flags"]
-    dataset = data.Dataset(args.root)
+    flags, plan = checkpoint["flags"], replace(checkpoint["plan"], windows=args.windows)
+    dataset, classes = data.Dataset(args.root), plan.classes_kept(flags["num_classes"], checkpoint.get("keep_largest"))
     names = dataset.split("val", flags)[:args.volumes]
-    strides = [w // 2 for w in flags["patch_size"]] if args.windows == "gaussian" else data.window_strides(args.stride)
+    strides = [w // 2 for w in flags["patch_size"]] if args.windows == "gaussian" else inference.window_strides(args.stride)
     segment_seconds, component_seconds = 0.0, 0.0
-    for _, image, _ in dataset.volumes(names):
-        image = torch.from_numpy(image).to(args.device)
+    for case in dataset.scored_cases(names, flags, args.device):
         start = time.perf_counter()
-        labels = data.segment(model, image, flags["patch_size"], args.stride, flags.get("scale") or 1.0, args.windows == "gaussian")
-        synchronize(image.device)
+        labels = inference.segment(model, case.image, plan, flags["patch_size"], args.stride, flags.get("scale") or 1.0, classes)
+        synchronize(case.image.device)
         middle = time.perf_counter()
-        bcp.keep_largest_components(labels[None], range(1, flags["num_classes"]))
-        synchronize(image.device)
+        bcp.keep_largest_components(labels[None], classes)
+        synchronize(case.image.device)
         segment_seconds, component_seconds = segment_seconds + middle - start, component_seconds + time.perf_counter() - middle
-    size = data.scaled_size(image.shape, flags.get("scale", 1.0))
-    windows = math.prod(len(data.window_starts(s, w, t)) for s, w, t in zip(size, flags["patch_size"], strides))
+    size = data.scaled_size(case.image.shape, flags.get("scale") or 1.0)
+    windows = math.prod(len(inference.window_starts(s, w, t)) for s, w, t in zip(size, flags["patch_size"], strides))
     print(f"device {args.device}, {torch.get_num_threads()} threads, window {flags['patch_size']}, {args.windows} windows, strides {strides}, "
           f"scale {flags.get('scale', 1.0)}: {segment_seconds / len(names):.2f} s per volume ({windows} windows on the last), "
           f"of which the largest component {component_seconds / len(names):.2f} s; {len(names)} volumes")
@@ -218,8 +219,8 @@ def bench_memory(args):
     """Peak resident memory of a train.py self-train process on LA at the paper's crop and batch
     (112 x 112 x 80, 4 labeled + 4 unlabeled), 2 steps from a 1-step pre-training, CPU."""
     with tempfile.TemporaryDirectory() as out:
-        common = [sys.executable, "train.py", "--root", args.root, "--out", out, "--device", "cpu",
-                  *cheap_la_validation(args.root, [112, 112, 80]), "--labeled-patients", str(args.labeled_patients)]
+        common = [sys.executable, TRAIN, "--root", args.root, "--out", out, "--device", "cpu",
+                  *cheap_validation(data.Dataset(args.root).plan, [112, 112, 80]), "--labeled-patients", str(args.labeled_patients)]
         peaks = {}
         for phase, steps in (("pretrain", 1), ("selftrain", 2)):
             subprocess.run([*common, "--phase", phase, "--iterations", str(steps)], check=True, capture_output=True)
@@ -284,7 +285,7 @@ def main():
     p.add_argument("--num-classes", type=int, default=4)
     p.add_argument("--steps", type=int, default=40, help="steps per phase (at least 16)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default=train.METHOD["precision"], help="as train.py")
+    p.add_argument("--precision", choices=["fp32", "bf16"], help="as train.py (its default)")
     p.add_argument("--compile", action="store_true", help="as train.py")
     p.add_argument("--checkpoint", help="pseudo-labels: the teacher; sliding-window: the model (train.py checkpoints)")
     p.add_argument("--stride", type=int, nargs=2, default=[18, 4], metavar=("XY", "Z"), help="sliding-window strides")

@@ -1,33 +1,32 @@
 """
-The data around BCP: what a --root holds, described once (Dataset), its images and labels, the
-training banks with the authors' augmentation, whole-volume inference, scans, checkpoints. bcp.py is the
-method and knows nothing of this file; train.py, evaluate.py, prepare_acdc.py and benchmark.py share it.
+The data around BCP: what a --root holds and how it is trained, segmented and scored, decided once (its
+Plan, in its Dataset), its images and labels, the training banks with the authors' augmentation, scans.
+bcp.py is the method and inference.py the whole-volume inference; data.py imports neither, and train.py,
+evaluate.py, prepare_acdc.py and benchmark.py share it.
 
-  1. errors, lists and the one description of a data set (Dataset)
+  1. errors, lists, the plans (Plan: ACDC's, LA's, your own data's) and the one description of a data set
   2. reading and writing arrays: SSL4MIS / UA-MT h5 files, NIfTI scans, your own scans' folders
   3. resampling and intensities
   4. the training banks: ACDC slices (SliceBank) and 3D volumes (VolumeBank) with their augmentation
-  5. whole volumes: slice by slice (ACDC), sliding windows (3D), the probabilities back to a scan's grid,
-     the post-processing chosen on validation
-  6. checkpoints and run files, devices
+  5. run files
 """
 import gzip
-import itertools
 import json
 import math
 import os
 import struct
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import h5py
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-import bcp
 
 # -----------------------------------------------------------------------------
-# 1. Errors, lists and the one description of a data set
+# 1. Errors, lists, the plans and the one description of a data set
 
 class DataError(Exception):
     """Bad input data; the message names the file and the problem."""
@@ -74,6 +73,16 @@ def is_la_layout(root):
     return (Path(root) / LA_FOLDER).is_dir()
 
 
+def volume_path(root, layout, name):
+    """The h5 file of a whole volume in a layout ("acdc" or "la")."""
+    return Path(root) / LA_FOLDER / name / "mri_norm2.h5" if layout == "la" else Path(root) / "data" / f"{name}.h5"
+
+
+def slice_path(root, name):
+    """The h5 file of an ACDC-layout training slice."""
+    return Path(root) / "data" / "slices" / f"{name}.h5"
+
+
 def check_layout(root):
     """Refuse a --root that exists but holds neither layout, saying what was looked for (a folder
     that does not exist is named by the first file it should hold)."""
@@ -93,21 +102,21 @@ def read_json(path):
         raise DataError(f"{path}: not readable JSON ({error})") from None
 
 
-def read_dataset_json(root):
+def read_dataset_json(root, layout):
     """ROOT/dataset.json, which prepare_acdc.py --raw writes for your own data: 'num_classes', 'class_names',
-    'unlabeled' (the training volumes that have no labels) and, in 3D, 'val_cases', 'plan' (prepare_acdc.plan_3d:
-    spacing, crop, crops a step), 'preprocessing' (the spacing and intensities every scan was given) and 'cases'
-    (each scan's own grid). {} for ACDC and LA."""
+    'unlabeled' (the training volumes that have no labels) and, in 3D (the "la" layout), 'val_cases', 'plan'
+    (prepare_acdc.plan_3d: spacing, crop, crops a step), 'preprocessing' (the spacing and intensities every scan
+    was given) and 'cases' (each scan's own grid). {} for ACDC and LA."""
     path = Path(root) / "dataset.json"
     if not path.exists():
         return {}
     own = read_json(path)
     if not isinstance(own, dict) or not isinstance(own.get("num_classes"), int):
         raise DataError(f"{path}: needs an integer 'num_classes'")
-    missing = [key for key in ("unlabeled", *(("val_cases", "preprocessing") if "cases" in own else ())) if key not in own]
+    missing = [key for key in ("unlabeled", *(("val_cases", "preprocessing", "cases") if layout == "la" else ())) if key not in own]
     if missing:
         raise DataError(f"{path}: no {', '.join(repr(key) for key in missing)} (write it again with prepare_acdc.py --raw)")
-    if "cases" in own:
+    if layout == "la":
         check_grid(own["preprocessing"], path, "prepare it again with prepare_acdc.py --raw")
     return own
 
@@ -123,32 +132,199 @@ def check_grid(preprocessing, path, advice):
                         f"the planned spacing; {advice}")
 
 
+@dataclass(frozen=True)
+class Plan:
+    """How a data set is trained, segmented and scored, made once where the data is opened (Dataset.plan)
+    and kept in every checkpoint, as nnU-Net's plans are: train.py, evaluate.py and benchmark.py read it
+    and never work it out again. ACDC's and LA's are the paper's protocols as the authors run them
+    (ACDC_PLAN, LA_PLAN); your own data's comes from its fingerprint, which prepare_acdc.py --raw wrote to
+    its dataset.json (own_plan).
+      name             "acdc", "la", "own2d" or "own3d": the log's, the run folder's and the paper's rows' name
+      dims             2: slices and a U-Net; 3: volumes, crops and a V-Net (bcp.NETWORKS); a patch's length
+      settings         train.py's flags under the paper's schedule, a dict by phase where phases differ: the
+                       patch, images a step, each phase's steps and lr policy, the Dice form and pre-training
+                       loss, the intensities (scale, standardize), the validation cases
+      cpu_settings     what --schedule cpu replaces, by name: in fp32, and in bf16 (its "precision") where the CPU
+                       computes bf16; cpu_seconds: their seconds a step, validations included, on a 2-core CPU
+      windows          how a whole volume is segmented: "slices" (each slice resized to the patch: the authors'
+                       ACDC test), "authors" (windows every --stride, a plain mean: UA-MT's LA test) or
+                       "gaussian" (every half window, Gaussian weights: nnU-Net's)
+      post_processing  "none"; "largest": every class's largest component (the authors' LA test); "chosen":
+                       per class where it raises the validation Dice, kept with best.pt (nnU-Net's rule)
+      scoring          "paper": a class missing from the prediction scores 0; "nnunet": a class absent from
+                       both prediction and reference is left out (bcp.dice_per_class)
+      grid             "stored": scored on the h5 arrays; "native": on each scan's own grid, in mm
+      intensities      how --predict brings a NIfTI scan to the network: {"rule": "minmax"} (SSL4MIS's ACDC),
+                       {"rule": "zscore"} (UA-MT's LA), or {"rule": "prepared"} with prepare_acdc.py's preprocessing
+                       of your own 3D scans (spacing, modality, normalisation)
+      limits           your own data: the most labeled and validation cases it holds, the largest crop"""
+    name: str
+    dims: int
+    settings: dict
+    cpu_settings: dict
+    cpu_seconds: dict
+    windows: str
+    post_processing: str
+    scoring: str
+    grid: str
+    intensities: dict
+    limits: dict = field(default_factory=dict)
+
+    def schedule(self, name, bf16):
+        """(What --schedule `name` replaces, its key in cpu_settings and flags.json): nothing for "paper"; for
+        "cpu" this plan's CPU schedule, in bf16 where `bf16` asks and the plan has one."""
+        if name == "paper":
+            return {}, None
+        in_bf16 = [key for key, settings in self.cpu_settings.items() if settings.get("precision") == "bf16"]
+        key = in_bf16[0] if bf16 and in_bf16 else next(iter(self.cpu_settings))
+        return self.cpu_settings[key], key
+
+    def resolve(self, base, phase, schedule, given):
+        """A run's settings in one order: `base` (train.py's METHOD) | the plan's | the schedule's (what
+        --schedule cpu replaces) | the flags `given` (those not None); a value by phase becomes this phase's.
+        The patch as a tuple of dims sizes (cut to your own scans' smallest volume). -> (settings, the
+        keys the schedule set)."""
+        defaults = base | self.settings | schedule
+        settings = {key: value[phase] if isinstance(value, dict) else value for key, value in defaults.items()}
+        settings |= {key: given[key] for key in defaults if given.get(key) is not None}
+        settings["patch_size"] = self.patch(settings["patch_size"])
+        set_by_schedule = sorted(key for key, value in schedule.items() if given.get(key) is None and defaults[key] == value)
+        return settings, set_by_schedule
+
+    def patch(self, sizes):
+        """1 or dims sizes -> a tuple of dims sizes (its length is the dimension), each at most your own
+        scans' largest crop (said in one line); ValueError for another count."""
+        if len(sizes) not in (1, self.dims):
+            raise ValueError(f"--patch-size takes 1 or {self.dims} numbers for {self.dims}D data, got {len(sizes)}")
+        patch = tuple(sizes) * (self.dims // len(sizes))
+        largest = self.limits.get("patch_size", patch)
+        fitted = tuple(min(p, most) for p, most in zip(patch, largest))
+        if fitted != patch:
+            print(f"--patch-size {' '.join(map(str, patch))} is larger than the smallest resampled training volume "
+                  f"allows: crops of {' x '.join(map(str, fitted))}")
+        return fitted
+
+    def refuse(self, given, root):
+        """A line naming the first flag given that asks for more than your own data at `root` holds; None if none."""
+        for key, most in self.limits.items():
+            if key in LIMITS and (given.get(key) or 0) > most:
+                return f"--{key.replace('_', '-')} {given[key]}: {root} {LIMITS[key].format(most)}"
+        if given.get("standardize") and self.intensities["rule"] == "prepared":
+            return f"--standardize: prepare_acdc.py already normalised the intensities of {root}"
+        return None
+
+    def classes_kept(self, num_classes, chosen=None):
+        """The classes whose largest connected component a prediction keeps: `chosen` on validation (None
+        before a choice: none) or, as the plan says, none or every foreground class."""
+        if self.post_processing == "chosen":
+            return list(chosen or [])
+        return list(range(1, num_classes)) if self.post_processing == "largest" else []
+
+
+# The authors' ACDC script: slices resized whole to 256 x 256, batch 24 = 12 labeled + 12 unlabeled, 10,000 +
+# 30,000 steps at a constant lr, the ACDC Dice, the two region terms in pre-training, SGD's momentum carried.
+# --schedule cpu: both phases within an hour on a 2-core CPU, validations included, chosen on the validation
+# split (docs/results.md, "An hour on a CPU"); in bf16 where the CPU computes bf16 natively (train.cpu_bf16),
+# where a step costs 0.63-0.78 of an fp32 one and the hour holds the paper's share of self-training.
+ACDC_CPU = {"patch_size": [160], "batch_size": 12, "labeled_batch_size": 6, "lr_decay": "poly",
+            "iterations": {"pretrain": 6000, "selftrain": 4000}, "val_every": 500}
+ACDC_PLAN = Plan(
+    name="acdc", dims=2,
+    settings={"labeled_patients": 7, "batch_size": 24, "labeled_batch_size": 12, "patch_size": [256], "num_classes": 4,
+              "iterations": {"supervised": 10000, "pretrain": 10000, "selftrain": 30000}, "lr_step": 0,
+              "dice_loss": "acdc", "pretrain_loss": "regions", "selftrain_sgd": "pretrain"},
+    cpu_settings={"acdc": ACDC_CPU, "acdc_bf16": ACDC_CPU | {"precision": "bf16", "iterations": {"pretrain": 2500, "selftrain": 7500}}},
+    cpu_seconds={"acdc": {"pretrain": 0.18, "selftrain": 0.48}, "acdc_bf16": {"pretrain": 0.14, "selftrain": 0.36}},
+    windows="slices", post_processing="none", scoring="paper", grid="stored", intensities={"rule": "minmax"})
+
+# The authors' LA script: random 112 x 112 x 80 crops, 4 labeled (+ 4 unlabeled in self-training), 2,000 + 15,000
+# steps, the lr divided by 10 every 2,500 self-training steps, the LA Dice over the whole crop in pre-training, SGD
+# fresh in self-training, sliding windows every 18, 18, 4 and the largest component; 8 cases held aside to validate.
+# --schedule cpu: volumes at half scale, 64 x 64 x 32 crops, each volume z-scored as loaded.
+LA_CPU = {"patch_size": [64, 64, 32], "scale": 0.5, "batch_size": 8, "labeled_batch_size": 4, "lr_decay": "poly",
+          "lr_step": 0, "iterations": {"pretrain": 800, "selftrain": 2000}, "val_every": 200, "standardize": True}
+LA_PLAN = Plan(
+    name="la", dims=3,
+    settings={"labeled_patients": 8, "batch_size": {"supervised": 4, "pretrain": 4, "selftrain": 8}, "labeled_batch_size": 4,
+              "patch_size": [112, 112, 80], "num_classes": 2,
+              "iterations": {"supervised": 6000, "pretrain": 2000, "selftrain": 15000},
+              "lr_step": {"supervised": 2500, "pretrain": 0, "selftrain": 2500}, "dice_loss": "la", "pretrain_loss": "whole",
+              "selftrain_sgd": "fresh", "val_cases": 8, "scale": 1.0, "foreground_crops": 0.0, "standardize": False},
+    cpu_settings={"la": LA_CPU, "la_bf16": LA_CPU | {"precision": "bf16", "iterations": {"pretrain": 800, "selftrain": 3400}}},
+    cpu_seconds={"la": {"pretrain": 0.51, "selftrain": 1.28}, "la_bf16": {"pretrain": 0.35, "selftrain": 0.81}},
+    windows="authors", post_processing="largest", scoring="paper", grid="stored", intensities={"rule": "zscore"})
+
+LIMITS = {"labeled_patients": "has {} labeled training cases",
+          "val_cases": "holds {} labeled validation cases (prepare_acdc.py --val-fraction sets them)"}
+OWN_FOREGROUND_CROPS = 1 / 3  # your own 3D scans: the share of labeled crops centred on the organ (nnU-Net's)
+OWN_3D_CPU = {"lr_decay": "poly", "lr_step": 0, "iterations": {"pretrain": 600, "selftrain": 900}, "val_every": 100}
+
+
+def own_3d_plan(preprocessing, settings=None, limits=None):
+    """Your own 3D scans: LA's network and losses on the crop and crops a step prepare_acdc.py planned, a third
+    of the labeled crops centred on the organ, scored as nnU-Net scores (its windows, the post-processing
+    chosen on validation, each scan's own grid) and --predict normalising and resampling as `preprocessing`
+    says. --schedule cpu: at most 25 minutes on a 2-core CPU (docs/own_scans.md)."""
+    return replace(LA_PLAN, name="own3d", settings=LA_PLAN.settings | (settings or {}), cpu_settings={"own3d": OWN_3D_CPU},
+                   cpu_seconds={"own3d": {"pretrain": 0.48, "selftrain": 1.27}}, windows="gaussian",
+                   post_processing="chosen", scoring="nnunet", grid="native", intensities={"rule": "prepared"} | preprocessing,
+                   limits=limits or {})
+
+
+def own_plan(dataset):
+    """Your own data's plan from its dataset.json (prepare_acdc.py --raw): its classes, every labeled case
+    labeled; in 2D ACDC's settings scored as nnU-Net scores, in 3D own_3d_plan with the crop and crops a step
+    prepare_acdc.py planned, cut to the smallest resampled training volume."""
+    own, labeled = dataset.own, dataset.labeled_count()
+    settings = {"num_classes": own["num_classes"], "labeled_patients": labeled}
+    if dataset.layout == "acdc":
+        return replace(ACDC_PLAN, name="own2d", settings=ACDC_PLAN.settings | settings, scoring="nnunet",
+                       limits={"labeled_patients": labeled})
+    planned = own.get("plan", {})  # the crop and crops a step prepare_acdc.py planned (older sets: LA's)
+    settings |= {key: planned[key] for key in ("patch_size", "labeled_batch_size") if key in planned}
+    if "batch_size" in planned:
+        settings["batch_size"] = {"supervised": planned["labeled_batch_size"], "pretrain": planned["labeled_batch_size"],
+                                  "selftrain": planned["batch_size"]}
+    settings |= {"val_cases": own["val_cases"], "foreground_crops": OWN_FOREGROUND_CROPS}
+    smallest = np.min([own["cases"][name]["resampled_shape"] for name in read_list(dataset.root, "train.list")], axis=0)
+    return own_3d_plan(own["preprocessing"], settings, {"labeled_patients": labeled, "val_cases": own["val_cases"],
+                                                        "patch_size": largest_crop(smallest)})
+
+
+def largest_crop(shape):
+    """The largest crop a volume of `shape` holds, each side a multiple of 16 (the networks halve it four
+    times), at least 16 (a smaller volume is padded)."""
+    return [int(max(16, s // 16 * 16)) for s in shape]
+
+
+def fitted_patch(patch, shape):
+    """A crop cut to a volume's shape (largest_crop)."""
+    return [min(int(p), largest) for p, largest in zip(patch, largest_crop(shape))]
+
+
 class Dataset:
     """What a --root holds, read once where it is opened; train.py, evaluate.py and prepare_acdc.py ask it.
-      layout       "acdc": the SSL4MIS layout (2D slices to train on, volumes to validate and test);
-                   "la": UA-MT's (3D volumes in <LA_FOLDER>/<case>/mri_norm2.h5), which your own 3D scans share
-      dims         2 or 3: the network (bcp.NETWORKS), the length of a patch, how a whole volume is segmented
-                   (slice by slice, or by sliding windows)
+      layout       where the files are: "acdc", the SSL4MIS layout (2D slices to train on, volumes to validate
+                   and test); "la", UA-MT's (3D volumes in <LA_FOLDER>/<case>/mri_norm2.h5), which your own 3D
+                   scans share
+      own          your own data's dataset.json (read_dataset_json), {} for ACDC and LA
+      plan         how it is trained, segmented and scored (Plan): ACDC_PLAN, LA_PLAN or own_plan's
       num_classes  background included; class_names the others'
-      own          your own data's dataset.json (read_dataset_json: its classes and plan), {} for ACDC and LA.
-                   Your own data is validated and scored as nnU-Net does (scoring "nnunet": Gaussian windows, a class absent from both
-                   reference and prediction left out), ACDC and LA as the paper ("paper"); your own 3D scans
-                   on each scan's own grid (native_grids)
-      synthetic    prepare_acdc.py's phantoms (its SYNTHETIC marker), not real scans"""
+      synthetic    prepare_acdc.py's phantoms (its SYNTHETIC marker), not real scans
+      unlabeled_truth  whether the unlabeled images have labels (ACDC's and LA's do; they never enter the loss,
+                   only the pseudo-labels' diagnostics)"""
 
     def __init__(self, root):
         self.root = Path(root)
         check_layout(self.root)
         self.layout = "la" if is_la_layout(self.root) else "acdc"
-        self.dims = 3 if self.layout == "la" else 2
-        self.network = bcp.NETWORKS[self.dims]
-        self.own = read_dataset_json(self.root)
+        self.own = read_dataset_json(self.root, self.layout)
         known = self.own.get("class_names") or (ACDC_CLASSES if self.layout == "acdc" else ("LA",))
         self.num_classes = self.own.get("num_classes", len(known) + 1)
         self.class_names = tuple(known)
         self.synthetic = (self.root / "SYNTHETIC").exists()
-        self.scoring = "nnunet" if self.own else "paper"
-        self.native_grids = "cases" in self.own
+        self.unlabeled_truth = not self.own.get("unlabeled")
+        self.plan = own_plan(self) if self.own else ACDC_PLAN if self.layout == "acdc" else LA_PLAN
 
     def names_of_classes(self, num_classes):
         """The foreground classes' names for a model of num_classes (a --num-classes of its own: numbers)."""
@@ -156,12 +332,10 @@ class Dataset:
 
     def path(self, name):
         """The h5 file of a volume."""
-        return self.root / LA_FOLDER / name / "mri_norm2.h5" if self.layout == "la" else self.root / "data" / f"{name}.h5"
+        return volume_path(self.root, self.layout, name)
 
     def labeled_count(self):
-        """Your own data: how many labeled training cases there are (None for ACDC and LA)."""
-        if not self.own:
-            return None
+        """Your own data: how many labeled training cases there are."""
         if self.layout == "acdc":
             return len(labeled_patients(self.root, self.own))
         return len(read_list(self.root, "train.list")) - len(self.own["unlabeled"]) - self.own["val_cases"]
@@ -189,15 +363,17 @@ class Dataset:
             volumes = [(name, zscore(image), label) for name, image, label in volumes]
         return [(name, *rescale(image, label, scale)) for name, image, label in volumes]
 
-    def bank(self, names, device, scale=1.0, standardize=False, foreground=0.0, num_classes=None):
-        """The training bank of these slices (ACDC) or volumes (3D), on `device` (num_classes as volumes)."""
-        num_classes = num_classes or self.num_classes
+    def bank(self, names, device, flags=None, foreground=None):
+        """The training bank of these slices (ACDC layout) or volumes (3D) on `device`, as a run with `flags`
+        takes them (its classes; volumes at its scale, z-scored with its standardize); `foreground`, the share
+        of crops centred on a class (VolumeBank)."""
+        flags = {"num_classes": self.num_classes} | {key: value for key, value in (flags or {}).items() if value is not None}
         if self.layout == "acdc":
-            pairs = [read_h5(self.root / "data" / "slices" / f"{name}.h5", 2, num_classes) for name in names]
+            pairs = [read_h5(slice_path(self.root, name), 2, flags["num_classes"]) for name in names]
             return SliceBank([image for image, _ in pairs], [label for _, label in pairs], device)
-        volumes = self.volumes(names, scale, standardize, num_classes)
+        volumes = self.volumes(names, flags.get("scale", 1.0), flags.get("standardize", False), flags["num_classes"])
         return VolumeBank([image for _, image, _ in volumes], [label for _, _, label in volumes], device,
-                          foreground, num_classes)
+                          foreground or 0.0, flags["num_classes"])
 
     def native_label(self, name):
         """Your own 3D scans: the label map of a scan on its own grid, which prepare_acdc.py --3d keeps
@@ -208,6 +384,33 @@ class Dataset:
                 return f["label_native"][()]
         except (OSError, KeyError) as error:
             raise DataError(f"{path}: no readable 'label_native' (written by prepare_acdc.py --3d; {error})") from None
+
+
+    def scored_cases(self, names, flags, device, grid="stored"):
+        """The volumes of `names` as Cases on `device`, as a run with `flags` saw them (its z-scoring and
+        classes; segment applies its scale), each with its reference on the grid named: "stored" (the h5
+        arrays, in voxels) or "native" (your own 3D scans: each scan's own grid, in mm)."""
+        for name, image, label in self.volumes(names, standardize=flags.get("standardize") or False,
+                                               num_classes=flags["num_classes"]):
+            label = torch.from_numpy(label).to(device)
+            truth, spacing, native = label, None, None
+            if grid == "native":
+                truth, spacing = torch.from_numpy(self.native_label(name)).to(device), self.own["cases"][name]["spacing"]
+                native = scan_grid(truth.shape, spacing, self.own["preprocessing"])
+            yield Case(name, torch.from_numpy(image).to(device), label, truth, spacing, native)
+
+
+class Case(NamedTuple):
+    """A whole volume to segment and score: its image as the network takes it, (S, H, W) or (D1, D2, D3), and
+    its label on that grid; the reference it is scored against (the label, or your own scan's on its own
+    grid), that reference's spacing in mm (None: voxels) and its grid when it is not the image's ((size,
+    steps) of scan_grid; None: the image's). The tensors on one device."""
+    name: str
+    image: torch.Tensor
+    label: torch.Tensor
+    truth: torch.Tensor
+    spacing: list = None
+    native: tuple = None
 
 
 def labeled_patients(root, own):
@@ -434,6 +637,42 @@ def nifti_scans(path):
     if not path.is_file():
         raise DataError(f"{path}: no such file or folder")
     return [path]
+
+
+def read_scan_3d(path, use="--3d"):
+    """(array (i, j, k) float32 in NIfTI index order, as UA-MT's LA arrays, spacing in mm, affine, header) of a
+    3D scan; `use` names what refuses another dimension."""
+    array, header = read_nifti(path, with_header=True)
+    if array.ndim != 3:
+        raise DataError(f"{path}: a {array.ndim}D image of shape {array.shape}; {use} takes one 3D scan per file")
+    return (array.transpose(2, 1, 0).astype(np.float32), *nifti_geometry(header, path), header)
+
+
+def scan_input(path, plan):
+    """A NIfTI scan as a model of `plan` takes it -> (shown: the array its pictures draw, volume: the network's
+    input, float32; native: the scan's own grid the probabilities go back to, None for the input's; the header).
+    2D plans: (S, H, W) slices min-max normalised over the volume (SSL4MIS's ACDC). 3D plans, in NIfTI index
+    order (i, j, k): your own scans' preprocessing (normalised, resampled to the planned spacing), or z-scored
+    as a whole (UA-MT's LA, which also cropped around the atrium). One scan in memory at a time, as float32."""
+    if plan.dims == 2:
+        image, header = read_nifti(path, with_header=True)
+        if image.ndim not in (2, 3):
+            raise DataError(f"{path}: a {image.ndim}D image of shape {image.shape}; --predict takes one 2D or 3D scan per file")
+        check_finite(image, path)
+        volume = normalize(image.astype(np.float64), path).reshape(-1, *image.shape[-2:])
+        return volume, volume, None, header
+    shown, spacing, _, header = read_scan_3d(path, "--predict")
+    check_finite(shown, path)
+    if plan.intensities["rule"] == "zscore":
+        return shown, zscore(shown), None, header  # in place
+    return (shown, preprocess_3d(shown, spacing, plan.intensities, path), scan_grid(shown.shape, spacing, plan.intensities),
+            header)  # `shown` normalised in place
+
+
+def check_finite(image, path):
+    if not np.isfinite(image).all():
+        raise DataError(f"{path}: {np.size(image) - np.isfinite(image).sum()} NaN or infinite voxels; "
+                        f"fill or mask them before segmenting")
 
 
 # -----------------------------------------------------------------------------
@@ -797,127 +1036,7 @@ class VolumeBank:
 
 
 # -----------------------------------------------------------------------------
-# 5. Whole volumes: slice by slice (ACDC), sliding windows (3D), post-processing
-
-@torch.no_grad()
-def segment_slices(model, image, patch):
-    """ACDC: a volume slice by slice, as the authors: (S, H, W) float tensor -> (S, H, W) long labels.
-    Each slice is resized to the (P, P) patch (nearest), segmented, and the argmax resized back."""
-    slices = resize_nearest(image, *patch).unsqueeze(1)  # (S, 1, P, P)
-    return resize_nearest(model(slices).argmax(1), *image.shape[-2:])
-
-
-def window_starts(size, window, stride):
-    """Corners of sliding windows along one axis, as UA-MT's test_single_case: every `stride`, the last
-    flush with the end (ceil((size - window) / stride) + 1 windows). A stride larger than the window
-    would leave voxels between windows uncovered: ValueError."""
-    if stride < 1 or stride > window < size:
-        raise ValueError(f"a sliding-window stride must lie in 1 .. the window ({window}), got {stride}")
-    return [min(stride * i, size - window) for i in range(math.ceil((size - window) / stride) + 1)]
-
-
-AUTHORS_STRIDE = (18, 4)  # UA-MT's and BCP's LA test strides (XY, Z) for a 112 x 112 x 80 window
-
-
-def window_strides(stride):
-    """--stride XY Z -> the strides along the three axes (XY, XY, Z)."""
-    return (stride[0], stride[0], stride[1])
-
-
-def default_stride(window):
-    """The authors' strides, each at most the window's side: (XY, Z) for a (D1, D2, D3) window."""
-    return [min(AUTHORS_STRIDE[0], *window[:2]), min(AUTHORS_STRIDE[1], window[2])]
-
-
-def check_stride(stride, window):
-    """--stride XY Z must not exceed the window along its axes, or voxels between windows would be left
-    out: ValueError saying so."""
-    if stride[0] > min(window[:2]) or stride[1] > window[2]:
-        raise ValueError(f"--stride {' '.join(map(str, stride))}: larger than the window {list(window)}; "
-                         f"voxels between windows would be left out")
-
-
-def gaussian_importance(window, device="cpu"):
-    """nnU-Net's window weights: a Gaussian centred on the window, sigma 1/8 of its size along each
-    axis, scaled to a maximum of 1, its zeros raised to the smallest positive weight."""
-    axes = [torch.exp(-0.5 * ((torch.arange(w, device=device) - (w - 1) / 2) / (w / 8)) ** 2) for w in window]
-    weights = axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
-    weights = weights / weights.max()
-    return weights.clamp_min(weights[weights > 0].min())
-
-
-@torch.no_grad()
-def sliding_window_probabilities(model, image, window, strides, batch_size=4, weights=None):
-    """LA: (D1, D2, D3) float tensor -> (C, D1, D2, D3) softmax probabilities averaged over the windows
-    covering each voxel (the authors: a plain mean; weights (*window): a weighted one, as nnU-Net's
-    Gaussian). A volume smaller than the window along an axis is zero-padded evenly and the result
-    cropped back."""
-    shortfall = [max(w - s, 0) for s, w in zip(image.shape, window)]
-    padded = F.pad(image, [p for short in reversed(shortfall) for p in (short // 2, short - short // 2)])
-    corners = list(itertools.product(*(window_starts(s, w, stride) for s, w, stride in zip(padded.shape, window, strides))))
-    boxes = [tuple(slice(c, c + w) for c, w in zip(corner, window)) for corner in corners]
-    weights = torch.ones(window, device=image.device) if weights is None else weights
-    scores, counts = None, torch.zeros(padded.shape, device=image.device)
-    for start in range(0, len(boxes), batch_size):
-        group = boxes[start:start + batch_size]
-        probs = model(torch.stack([padded[box] for box in group]).unsqueeze(1)).float().softmax(1)
-        if scores is None:
-            scores = torch.zeros(probs.shape[1], *padded.shape, device=image.device)
-        for box, p in zip(group, probs):
-            scores[(slice(None), *box)] += p * weights
-            counts[box] += weights
-    scores /= counts
-    return scores[(slice(None), *(slice(short // 2, short // 2 + s) for short, s in zip(shortfall, image.shape)))]
-
-
-def resample_argmax(probabilities, size, steps, slab=8):
-    """(C, D1, D2, D3) probabilities -> (size) uint8 labels: resampled trilinearly to `size` at `steps`
-    (resample_spacing's grid), then the argmax, `slab` output slices along the last axis at a time, so the
-    probabilities are never held at full size. A thin structure survives that nearest-neighbour labels
-    would cut."""
-    depth = grid_positions(probabilities.shape[-1], size[2], steps[2], probabilities.device)
-    rows, cols = (grid_positions(probabilities.shape[a], size[a - 1], steps[a - 1], probabilities.device) for a in (1, 2))
-    labels = torch.empty(size, dtype=torch.uint8, device=probabilities.device)
-    for start in range(0, size[2], slab):
-        along_depth = interpolate_along(probabilities, 3, depth[start:start + slab])  # (C, D1, D2, s)
-        in_plane = interpolate_along(interpolate_along(along_depth, 1, rows), 2, cols)
-        labels[..., start:start + slab] = in_plane.argmax(0)
-    return labels
-
-
-def segment(model, image, patch, stride=None, scale=1.0, gaussian=False, keep_largest=None, native=None):
-    """A whole volume's labels, by the length of the training patch. 2D: slice by slice (segment_slices).
-    3D: sliding windows, every --stride XY Z with the probabilities averaged (the authors' LA test), or with
-    gaussian nnU-Net's, every half window weighted by gaussian_importance; a model trained at --scale
-    segments the volume resampled alike and its probabilities come back. Then the argmax (two classes:
-    foreground where p1 > 0.5), on the volume's grid or on `native`, (size, steps) of your own scan's own
-    grid (resample_argmax; scan_grid gives them), and the largest connected component of each class in keep_largest (None:
-    every class, the authors' LA protocol; your own scans: those that validation chose). The model must
-    be in eval mode."""
-    if len(patch) == 2:
-        return segment_slices(model, image, patch)
-    strides, weights = (([w // 2 for w in patch], gaussian_importance(patch, image.device)) if gaussian
-                        else (window_strides(stride or default_stride(patch)), None))
-    resampled = resample(image, scaled_size(image.shape, scale)) if scale != 1 else image
-    probabilities = sliding_window_probabilities(model, resampled, patch, strides, weights=weights)
-    if scale != 1:
-        probabilities = resample(probabilities, image.shape)
-    labels = probabilities.argmax(0) if native is None else resample_argmax(probabilities, *native)
-    classes = range(1, len(probabilities)) if keep_largest is None else keep_largest
-    return bcp.keep_largest_components(labels[None], classes)[0]
-
-
-def choose_post_processing(as_predicted, largest_only):
-    """nnU-Net's post-processing rule: keep only the largest connected component of a class where that
-    raises the class's mean Dice over the validation cases. Both: the mean Dice of each foreground class,
-    as predicted and with only its largest component. -> the classes (1 .. C-1) it helps, and each class's
-    mean Dice with the rule applied (the larger of the two), the score evaluation will report."""
-    keep_largest = [c for c, (before, after) in enumerate(zip(as_predicted, largest_only), start=1) if after > before]
-    return keep_largest, [after if c in keep_largest else before for c, (before, after) in enumerate(zip(as_predicted, largest_only), start=1)]
-
-
-# -----------------------------------------------------------------------------
-# 6. Checkpoints and run files, devices
+# 5. Run files
 
 def write_atomic(path, data):
     """Write bytes (or a callable that writes to a binary file) to `path` through a temporary file in
@@ -935,59 +1054,6 @@ def write_atomic(path, data):
         temporary.unlink(missing_ok=True)
         raise
 
-
-def load_checkpoint(path, required=("model", "flags")):
-    """A checkpoint dict written by train.py, loaded on the CPU with weights_only; it must hold the
-    `required` keys."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such checkpoint") from None
-    except Exception as error:  # torch's message for what weights_only refuses runs over several lines
-        first_line = (str(error).strip().splitlines() or [""])[0]
-        raise DataError(f"{path}: not a readable checkpoint ({type(error).__name__}: {first_line[:200]})") from None
-    missing = [key for key in required if not isinstance(checkpoint, dict) or key not in checkpoint]
-    if missing:
-        raise DataError(f"{path}: not a train.py checkpoint (no {', '.join(repr(k) for k in missing)})")
-    return checkpoint
-
-
-def load_weights(model, weights, path):
-    """model.load_state_dict(weights), with one clear line naming the file when they do not fit."""
-    try:
-        model.load_state_dict(weights)  # copies fp16 weights into the float32 parameters
-    except (RuntimeError, TypeError, AttributeError) as error:
-        raise DataError(f"{path}: the weights do not fit this {type(model).__name__} "
-                        f"({' '.join(str(error).split())[:300]})") from None
-
-
-def load_model(path, device="cpu", weights="model"):
-    """(U-Net or V-Net, by the length of the run's patch, with the weights of a train.py checkpoint or its
-    fp16 export, on `device`; the checkpoint). weights "teacher": a self-training checkpoint's EMA teacher
-    instead of its student ("model")."""
-    checkpoint = load_checkpoint(path, required=(weights, "flags"))
-    flags = checkpoint["flags"] if isinstance(checkpoint["flags"], dict) else {}
-    num_classes, patch = flags.get("num_classes"), flags.get("patch_size")
-    if not isinstance(num_classes, int):
-        raise DataError(f"{path}: its flags do not say num_classes")
-    if not (isinstance(patch, (list, tuple)) and len(patch) in bcp.NETWORKS):
-        raise DataError(f"{path}: its flags do not give patch_size as 2 or 3 sizes (got {patch!r})")
-    if checkpoint[weights] is None:
-        raise DataError(f"{path}: holds no {weights} (a pre-training or supervised checkpoint has no teacher)")
-    model = bcp.NETWORKS[len(patch)](num_classes=num_classes).to(device)
-    load_weights(model, checkpoint[weights], path)
-    return model, checkpoint
-
-
-def checked_device(name):
-    """torch.device(name); ValueError naming the problem for an unknown device or CUDA without a GPU."""
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device {name}: not a device torch knows (cpu, cuda, cuda:1, ...)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine")
-    return device
 
 
 def read_metrics(path):

@@ -6,6 +6,9 @@ Score a checkpoint on a split of ACDC or LA with the paper's protocol, beside th
     python evaluate.py --root data/LA --checkpoint runs/la_8/selftrain/best.pt     # LA's test.list
     python evaluate.py --checkpoint P --predict scans/ --out labels/   # segment NIfTI scans (your own)
 
+A model segments as the plan its checkpoint keeps says (data.Plan: windows, post-processing, intensities;
+--windows and --stride choose other windows); a split is scored as its data set's plan scores it.
+
 Protocol (as the authors compute the tables). ACDC: every slice resized to the training patch size
 (nearest), argmax, resized back (nearest). LA: sliding windows of the training crop (strides 18, 18,
 4), the probabilities averaged, foreground where p1 > 0.5, the largest connected component. Then per
@@ -17,9 +20,10 @@ predictions. Mean over volumes, then over the classes.
 Your own scans (a --root that prepare_acdc.py --raw wrote) are scored as nnU-Net scores them: 3D
 models segment with nnU-Net's windows (every half window, Gaussian weights; --windows authors for
 the others), the probabilities resampled to each scan's own grid and then the argmax, the largest
-component kept only for the classes where validation chose it (train.py, with best.pt); Dice, Jaccard, HD95 and ASD on that grid in mm. A class absent from both reference and
-prediction is left out of that case's means; one absent from either alone scores Dice 0, its HD95
-and ASD left out (undefined); each kind is counted.
+component kept only for the classes where validation chose it (train.py, with best.pt); Dice, Jaccard,
+HD95 and ASD on that grid in mm. A class absent from both reference and prediction is left out of that
+case's means; one absent from either alone scores Dice 0, its HD95 and ASD left out (undefined); each
+kind is counted.
 """
 import argparse
 import json
@@ -27,6 +31,7 @@ import sys
 import tempfile
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +39,7 @@ import torch
 
 import bcp
 import data
+import inference
 import pictures
 
 # The paper's tables by data set and labeled patients (cases). ACDC: test split, 20 patients / 40
@@ -55,25 +61,15 @@ def check_writable(folder):
     tempfile.TemporaryFile(dir=folder).close()
 
 
-def kept_components(checkpoint):
-    """The classes whose largest connected component is kept: every class under the paper's LA protocol
-    (None); for a model of your own 3D scans, those its validation chose (train.py keeps them with
-    best.pt as keep_largest), none before a choice."""
-    return (checkpoint.get("keep_largest") or []) if checkpoint["flags"].get("preprocessing") else None
-
-
-def predict_scans(model, checkpoint, stride, gaussian, scans, out_dir, device, png_dir=None):
-    """Segment each NIfTI scan as training saw its images and write <out_dir>/<name>.nii.gz, a uint8 label
-    map with the scan's geometry (nnU-Net's <name>_0000 scans give <name>.nii.gz, as labelsTr names them).
-    2D models (ACDC): per-volume min-max to [0, 1], slices resized to the patch, nearest back. 3D models, in
-    NIfTI index order (i, j, k), by sliding windows: trained on your own 3D scans, the training's intensities
-    and spacing (prepare_acdc.py --3d), the probabilities resampled back to the scan's grid, then the argmax
-    and the post-processing validation chose; on LA, the scan z-scored as a whole (as UA-MT preprocessed LA,
-    which also cropped around the atrium) and the authors' largest component. One scan is in memory at a
+def predict_scans(model, checkpoint, stride, scans, out_dir, device, png_dir=None):
+    """Segment each NIfTI scan as its plan says and write <out_dir>/<name>.nii.gz, a uint8 label map with the
+    scan's geometry (nnU-Net's <name>_0000 scans give <name>.nii.gz, as labelsTr names them). The plan's
+    intensities bring the scan to the network (data.scan_input: ACDC min-max, LA z-scored, your own scans
+    normalised and resampled as prepared) and its windows and post-processing segment it (inference.segment),
+    the probabilities resampled back to the scan's grid where it was resampled. One scan is in memory at a
     time, as float32. png_dir: a montage of each scan with the outlines read back from the written file."""
-    flags = checkpoint["flags"]
-    patch, preprocessing = flags["patch_size"], flags.get("preprocessing")
-    volumetric = len(patch) == 3
+    flags, plan = checkpoint["flags"], checkpoint["plan"]
+    volumetric = plan.dims == 3  # 3D arrays are in NIfTI index order (i, j, k); 2D volumes (slice, row, col)
     targets = {scan: out_dir / data.label_name(scan) for scan in scans}
     inputs = {scan.resolve() for scan in scans}
     for target in targets.values():
@@ -81,26 +77,10 @@ def predict_scans(model, checkpoint, stride, gaussian, scans, out_dir, device, p
             raise data.DataError(f"{target}: is one of the scans to segment; give another --out")
     for scan, target in targets.items():
         start = time.time()
-        image, header = data.read_nifti(scan, with_header=True)
-        if image.ndim not in ((3,) if volumetric else (2, 3)):
-            raise data.DataError(f"{scan}: a {image.ndim}D image of shape {image.shape}; --predict takes one "
-                                 f"{'3D' if volumetric else '2D or 3D'} scan per file")
-        if not np.isfinite(image).all():
-            raise data.DataError(f"{scan}: {np.size(image) - np.isfinite(image).sum()} NaN or infinite voxels; "
-                                 f"fill or mask them before segmenting")
-        native = None  # the grid the labels are resampled to: your own 3D scan's
-        if volumetric:  # (k, j, i) as read -> (i, j, k), the axis order of UA-MT's LA arrays
-            shown = image.transpose(2, 1, 0).astype(np.float32)
-            del image
-            if preprocessing:  # normalised (`shown`, in place) and resampled to the plan's spacing, segmented back
-                spacing = data.nifti_geometry(header, scan)[0]
-                volume, native = data.preprocess_3d(shown, spacing, preprocessing, scan), data.scan_grid(shown.shape, spacing, preprocessing)
-            else:
-                volume = data.zscore(shown)  # in place
-        else:
-            shown = volume = data.normalize(image.astype(np.float64), scan).reshape(-1, *image.shape[-2:])  # (S, H, W)
-        labels = data.segment(model, torch.from_numpy(np.ascontiguousarray(volume)).to(device), patch, stride,
-                              flags.get("scale") or 1.0, gaussian, kept_components(checkpoint), native).cpu().numpy()
+        shown, volume, native, header = data.scan_input(scan, plan)
+        labels = inference.segment(model, torch.from_numpy(np.ascontiguousarray(volume)).to(device), plan, flags["patch_size"],
+                                   stride, flags.get("scale") or 1.0, plan.classes_kept(flags["num_classes"], checkpoint.get("keep_largest")),
+                                   native).cpu().numpy()
         data.write_nifti_labels(target, (labels.transpose(2, 1, 0) if volumetric else labels).astype(np.uint8), header)
         if png_dir:
             written = data.read_nifti(target)
@@ -110,31 +90,28 @@ def predict_scans(model, checkpoint, stride, gaussian, scans, out_dir, device, p
 
 
 def score_split(model, checkpoint, dataset, args, device):
-    """Each volume of the split segmented and scored (bcp.score_volume) -> [per class scores] per volume.
-    Your own 3D scans are scored on each scan's own grid, in mm; --save-png draws each volume on the grid
-    the model saw."""
-    flags = checkpoint["flags"]
-    names = dataset.split(args.split, flags)
-    per_volume = []
-    for name, image, label in dataset.volumes(names, standardize=flags.get("standardize", False), num_classes=flags["num_classes"]):
-        truth, spacing, native = label, None, None
-        if dataset.native_grids:
-            truth, spacing = dataset.native_label(name), dataset.own["cases"][name]["spacing"]
-            native = data.scan_grid(truth.shape, spacing, dataset.own["preprocessing"])  # the folder's grid
-        prediction = data.segment(model, torch.from_numpy(image).to(device), flags["patch_size"], args.stride,
-                                  flags.get("scale") or 1.0, args.windows == "gaussian", kept_components(checkpoint), native).cpu()
+    """Each volume of the split segmented as the checkpoint's plan says and scored (bcp.score_volume) as the
+    data set's plan scores, on its grid (your own 3D scans: each scan's own, in mm) -> [per class scores] per
+    volume. --save-png draws each volume on the grid the model saw."""
+    flags, plan, scored = checkpoint["flags"], checkpoint["plan"], dataset.plan
+
+    def score(case, prediction):
         if args.save_png:
-            shown = prediction if native is None else data.resample_spacing(
-                prediction, image.shape, data.spacing_steps(spacing, dataset.own["preprocessing"]["spacing"]), nearest=True)
-            pictures.save_montage(Path(args.save_png) / f"{name}.png", image, [label, shown.numpy()], slices_last=dataset.dims == 3)
-        per_volume.append(bcp.score_volume(prediction.numpy(), truth, flags["num_classes"], spacing, dataset.scoring))
-    return per_volume
+            shown = prediction if case.native is None else data.resample_spacing(
+                prediction, case.image.shape, data.spacing_steps(case.spacing, scored.intensities["spacing"]), nearest=True)
+            pictures.save_montage(Path(args.save_png) / f"{case.name}.png", case.image.cpu().numpy(),
+                                  [case.label.cpu().numpy(), shown.cpu().numpy()], slices_last=plan.dims == 3)
+        return bcp.score_volume(prediction.cpu().numpy(), case.truth.cpu().numpy(), flags["num_classes"], case.spacing, scored.scoring)
+
+    cases = dataset.scored_cases(dataset.split(args.split, flags), flags, device, scored.grid)
+    return inference.segment_and_score(model, cases, plan, flags, args.stride,
+                                       plan.classes_kept(flags["num_classes"], checkpoint.get("keep_largest")), score)
 
 
 def print_table(per_volume, checkpoint, dataset, args):
     """The mean of each class over the volumes, their mean, the paper's rows beside them and the count of
     empty predictions (and, for your own scans, of each kind nnU-Net counts). -> (per_class, mean, counts)."""
-    flags = checkpoint["flags"]
+    flags, scored = checkpoint["flags"], dataset.plan
     class_names = dataset.names_of_classes(flags["num_classes"])
     with warnings.catch_warnings():  # a metric left out of every volume is NaN
         warnings.simplefilter("ignore", RuntimeWarning)
@@ -149,31 +126,31 @@ def print_table(per_volume, checkpoint, dataset, args):
         print(f"{row_name:42s} {scores['dice']:8.2f} {scores['jaccard']:10.2f} {scores['hd95']:8.2f} {scores['asd']:8.2f}")
     if dataset.synthetic:
         print("SYNTHETIC phantoms: the paper's rows do not apply")
-    elif not dataset.own:
+    elif scored.name in PAPER_ROWS:
         if args.split != "test":
             print(f"the paper's rows below were measured on the test split, these on {args.split}")
-        for row_name, *row in PAPER_ROWS[dataset.layout].get(flags.get("labeled_patients"), []):
+        for row_name, *row in PAPER_ROWS[scored.name].get(flags.get("labeled_patients"), []):
             print(f"{row_name:42s} {row[0]:8.2f} {row[1]:10.2f} {row[2]:8.2f} {row[3]:8.2f}")
     total = len(per_volume) * len(class_names)
-    if dataset.scoring == "paper":
+    if scored.scoring == "paper":
         print(f"class-volumes with an empty prediction (scored 0): {counts['empty prediction']} of {total}")
     else:
         print(f"class-volumes ({total}), as nnU-Net counts them: {counts['scored']} scored; "
               f"{counts['empty prediction']} with an empty prediction and {counts['empty reference']} with an empty "
               f"reference (Dice 0, HD95 and ASD left out); {counts['absent from both']} absent from both (left out)")
-    if dataset.native_grids:
-        print(f"scored on each scan's own grid ({args.windows} windows, the probabilities resampled back, then the "
+    if scored.grid == "native":
+        print(f"scored on each scan's own grid ({checkpoint['plan'].windows} windows, the probabilities resampled back, then the "
               f"argmax), HD95 and ASD in mm")
     return per_class, mean, counts
 
 
 def export_fp16(checkpoint, path, weights="model"):
-    """The weights (the student's, or weights="teacher") in float16 with the flags and the post-processing
-    validation chose: half the size; evaluation casts them back to float32 on load."""
+    """The weights (the student's, or weights="teacher") in float16 with the flags, the plan and the
+    post-processing validation chose: half the size; evaluation casts them back to float32 on load."""
     data.write_atomic(path, lambda f: torch.save(
         {"model": {k: v.half() if v.is_floating_point() else v for k, v in checkpoint[weights].items()},
-         "flags": checkpoint["flags"], "iteration": checkpoint.get("iteration"), "best_dice": checkpoint.get("best_dice"),
-         "keep_largest": checkpoint.get("keep_largest")}, f))
+         "flags": checkpoint["flags"], "plan": inference.saved_plan(checkpoint["plan"]), "iteration": checkpoint.get("iteration"),
+         "best_dice": checkpoint.get("best_dice"), "keep_largest": checkpoint.get("keep_largest")}, f))
 
 
 def embed_slices(model, bank, patch_size, batch_size=32):
@@ -247,7 +224,7 @@ def parse_args(argv=None):
     if args.stride and min(args.stride) < 1:
         p.error(f"--stride must be positive, got {args.stride}")
     try:
-        args.device = data.checked_device(args.device)
+        args.device = inference.checked_device(args.device)
     except ValueError as error:
         p.error(str(error))
     if bool(args.predict) != bool(args.out):
@@ -262,45 +239,43 @@ def main(argv=None):
     for folder in [Path(f).parent for f in (args.json, args.export) if f] + [Path(d) for d in (args.save_png, args.kde, args.out) if d]:
         check_writable(folder)  # before the evaluation, not after it
     weights = "model" if args.weights == "student" else "teacher"
-    model, checkpoint = data.load_model(args.checkpoint, args.device, weights)
+    model, checkpoint = inference.load_model(args.checkpoint, args.device, weights)
     model.eval()
-    flags = checkpoint["flags"]
+    flags, plan = checkpoint["flags"], checkpoint["plan"]
     if args.export:
         export_fp16(checkpoint, args.export, weights)
-    patch, given_stride = flags["patch_size"], args.stride
-    if len(patch) == 2 and (args.stride or args.windows):
+    if plan.dims == 2 and (args.stride or args.windows):
         p.error(f"--stride and --windows apply to 3D models; {args.checkpoint} holds a 2D U-Net")
-    if len(patch) == 3:
-        args.stride = args.stride or data.default_stride(patch)
+    if args.windows == "gaussian" and args.stride:
+        p.error("--stride sets the authors' windows; --windows gaussian steps every half window")
+    if plan.dims == 3:  # the plan's windows, unless --windows or --stride asks for others
+        checkpoint["plan"] = plan = replace(plan, windows=args.windows or ("authors" if args.stride else plan.windows))
         try:
-            data.check_stride(args.stride, patch)
+            args.stride = inference.strides(args.stride, flags["patch_size"])
         except ValueError as error:
             p.error(str(error))
-    if args.windows == "gaussian" and given_stride:
-        p.error("--stride sets the authors' windows; --windows gaussian steps every half window")
-    args.windows = args.windows or ("gaussian" if flags.get("preprocessing") and not given_stride else "authors")
-    keep_largest = kept_components(checkpoint)
-    if keep_largest is not None:
-        kept = f"classes {', '.join(map(str, keep_largest))}" if keep_largest else "no class"
+    if plan.post_processing == "chosen":
+        kept = plan.classes_kept(flags["num_classes"], checkpoint.get("keep_largest"))
+        kept = f"classes {', '.join(map(str, kept))}" if kept else "no class"
         print(f"post-processing (chosen on validation): the largest component kept for {kept}")
     if args.predict:
-        if flags.get("preprocessing"):
-            data.check_grid(flags["preprocessing"], args.checkpoint, "train it again on scans prepared by this version")
-        return predict_scans(model, checkpoint, args.stride, args.windows == "gaussian", data.nifti_scans(args.predict),
-                             Path(args.out), args.device, Path(args.save_png) if args.save_png else None)
+        if plan.intensities["rule"] == "prepared":
+            data.check_grid(plan.intensities, args.checkpoint, "train it again on scans prepared by this version")
+        return predict_scans(model, checkpoint, args.stride, data.nifti_scans(args.predict), Path(args.out), args.device,
+                             Path(args.save_png) if args.save_png else None)
     dataset = data.Dataset(args.root)
     data.check_splits(dataset.root)
-    if len(patch) != dataset.dims:
-        raise data.DataError(f"{args.checkpoint}: a {len(patch)}D model cannot segment the {dataset.dims}D volumes of {args.root}")
-    if args.kde and dataset.dims == 3:
+    if plan.dims != dataset.plan.dims:
+        raise data.DataError(f"{args.checkpoint}: a {plan.dims}D model cannot segment the {dataset.plan.dims}D volumes of {args.root}")
+    if args.kde and plan.dims == 3:
         raise data.DataError("--kde embeds 2D slices; it does not apply to 3D volumes")
     per_volume = score_split(model, checkpoint, dataset, args, args.device)
     per_class, mean, counts = print_table(per_volume, checkpoint, dataset, args)
     if args.kde:
-        feature_distributions(model, dataset, flags["labeled_patients"], patch, args.device, args.kde)
+        feature_distributions(model, dataset, flags["labeled_patients"], flags["patch_size"], args.device, args.kde)
     if args.json:
         data.write_atomic(args.json, json.dumps(
-            {"mean": mean, "per_class": per_class, "volumes": len(per_volume), "scoring": dataset.scoring,
+            {"mean": mean, "per_class": per_class, "volumes": len(per_volume), "scoring": dataset.plan.scoring,
              "empty_predictions": counts["empty prediction"], "empty_references": counts["empty reference"],
              "absent_from_both": counts["absent from both"],
              "checkpoint": str(args.checkpoint), "split": args.split}, indent=2).encode() + b"\n")

@@ -121,14 +121,12 @@ def write_layout(out, volumes, force, marker=None, info=None, la=False):
         lists = {"train": [], "val": [], "test": [], "train_slices": []}
         for split, name, image, label, *more in volumes:
             lists[split].append(name)
-            if la:
-                (staging / data.LA_FOLDER / name).mkdir(parents=True)
-                write_h5(staging / data.LA_FOLDER / name / "mri_norm2.h5", image, label, **(more[0] if more else {}))
-                continue
-            write_h5(staging / "data" / f"{name}.h5", image, label)
-            if split == "train":
+            path = data.volume_path(staging, "la" if la else "acdc", name)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_h5(path, image, label, **(more[0] if more else {}))
+            if split == "train" and not la:
                 for i, (image_slice, label_slice) in enumerate(zip(image, label), start=1):
-                    write_h5(staging / "data" / "slices" / f"{name}_slice_{i}.h5", image_slice, label_slice)
+                    write_h5(data.slice_path(staging, f"{name}_slice_{i}"), image_slice, label_slice)
                     lists["train_slices"].append(f"{name}_slice_{i}")
         for split, names in lists.items():
             if names or not la:
@@ -342,14 +340,6 @@ def modality_of(raw):
     return "CT" if str(channels.get("0", "")).upper() == "CT" else "MRI"
 
 
-def read_scan_3d(path):
-    """(array (i, j, k) float32 in NIfTI index order, spacing, affine) of a 3D scan."""
-    array, header = data.read_nifti(path, with_header=True)
-    if array.ndim != 3:
-        raise data.DataError(f"{path}: a {array.ndim}D image of shape {array.shape}; --3d takes one 3D scan per file")
-    return (array.transpose(2, 1, 0).astype(np.float32), *data.nifti_geometry(header, path))
-
-
 def read_labels_3d(path, shape, affine):
     """A label map (i, j, k) uint8 of any stored type (own_cases checked its values), on its scan's grid."""
     labels, header = data.read_nifti(path, with_header=True)
@@ -389,7 +379,7 @@ def plan_3d(spacings, shapes, spacing=None):
     else:
         target = np.asarray(spacing, float)
     median_shape = np.median(shapes * spacings / target, axis=0).round().astype(int)
-    patch = [int(min(p, max(16, s // 16 * 16))) for p, s in zip(CPU_PATCH, median_shape)]
+    patch = data.fitted_patch(CPU_PATCH, median_shape)
     return {"spacing": target.tolist(), "median_shape": median_shape.tolist(), "patch_size": patch,
             "labeled_batch_size": LABELED_CROPS, "batch_size": 2 * LABELED_CROPS}
 
@@ -403,7 +393,7 @@ def intensity_rule(raw, images, training, seed, ct_window=None):
     if rule["modality"] == "CT":
         rng, samples = np.random.default_rng(seed), []
         for name, label_path in training.items():
-            image, _, affine = read_scan_3d(images[name])
+            image, _, affine, _ = data.read_scan_3d(images[name])
             foreground = image[read_labels_3d(label_path, image.shape, affine) > 0]
             samples.append(rng.choice(foreground, min(len(foreground), FOREGROUND_SAMPLES), replace=False))
         samples = np.concatenate(samples).astype(np.float64)
@@ -413,7 +403,7 @@ def intensity_rule(raw, images, training, seed, ct_window=None):
                        "normalization": "clipped to the window, then the training foreground's mean and std"}
     shares = []
     for name in training:
-        image = read_scan_3d(images[name])[0]
+        image = data.read_scan_3d(images[name])[0]
         occupied = [np.flatnonzero(image.any(axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)]
         shares.append(np.prod([(o[-1] - o[0] + 1) / n if len(o) else 0 for o, n in zip(occupied, image.shape)]))
     inside = float(np.median(shares)) < NONZERO_SHARE
@@ -442,7 +432,7 @@ def own_volumes_3d(raw, val_fraction, seed, spacing=None, ct_window=None):
 
     def volumes():
         for name, split in splits.items():
-            image, case_spacing, affine = read_scan_3d(images[name])
+            image, case_spacing, affine, _ = data.read_scan_3d(images[name])
             label = read_labels_3d(labels[name], image.shape, affine) if name in labels else np.zeros(image.shape, np.uint8)
             native_shape = list(image.shape)
             resampled = data.preprocess_3d(image, case_spacing, preprocessing, images[name])
@@ -592,7 +582,7 @@ def check_la(dataset):
     with a 3D image and labels of one shape in 0..C-1, no case listed twice or in both lists."""
     root, problems, lists = dataset.root, [], {}
     for split in ("train", "test"):
-        if split == "test" and dataset.native_grids and not (root / "test.list").exists():
+        if split == "test" and dataset.own and not (root / "test.list").exists():
             lists[split] = []  # your own 3D scans without imagesTs + labelsTs
             continue
         try:
@@ -641,8 +631,8 @@ def check(root):
     for name in lists["train_slices"]:
         if data.patient_of(name) not in train_patients:
             problems.append(f"{root / 'train_slices.list'}: {name} belongs to no patient of train.list")
-    items = [(root / "data" / "slices" / f"{n}.h5", 2) for n in lists["train_slices"]]
-    items += [(root / "data" / f"{n}.h5", 3) for split in ("train", "val", "test") for n in lists[split]]
+    items = [(data.slice_path(root, n), 2) for n in lists["train_slices"]]
+    items += [(dataset.path(n), 3) for split in ("train", "val", "test") for n in lists[split]]
     for path, ndim in items:
         if not path.exists():
             problems.append(f"{path}: listed but missing")

@@ -22,6 +22,7 @@ scipy.ndimage; NIfTI headers as nibabel reads them); the product imports neither
 """
 import copy
 import gzip
+import hashlib
 import itertools
 import json
 import math
@@ -49,6 +50,7 @@ import bcp
 import benchmark
 import data
 import evaluate
+import inference
 import pictures
 import prepare_acdc
 import train
@@ -398,7 +400,7 @@ def step_setup(root, flags, phase, out, device="cpu"):
     args = train.parse_args(["--root", str(root), *flags, "--phase", phase, "--out", str(out), "--device", str(device)])
     labeled, unlabeled, _, _, _ = train.load_data(args, device)
     torch.manual_seed(0)
-    network = args.dataset.network
+    network = bcp.NETWORKS[args.dataset.plan.dims]
     (out / "pretrain").mkdir(parents=True, exist_ok=True)
     torch.save({"model": network(num_classes=args.num_classes).state_dict()}, out / "pretrain" / "best.pt")
     folder = SimpleNamespace(log=lambda message: None, last_path=out / phase / "last.pt")
@@ -1117,8 +1119,95 @@ def test_foreground_crops_are_a_fixed_share_of_every_batch(batch, share, centred
 def test_a_checkpoint_weights_only_refuses_is_one_line(tmp_path):
     torch.save({"model": SimpleNamespace(weights=1), "flags": {}}, tmp_path / "pickled.pt")
     with pytest.raises(data.DataError) as error:
-        data.load_checkpoint(tmp_path / "pickled.pt")
+        inference.load_checkpoint(tmp_path / "pickled.pt")
     assert str(error.value).startswith(f"{tmp_path / 'pickled.pt'}: not a readable checkpoint") and "\n" not in str(error.value)
+
+
+# What train.py resolved at commit 1a93707, before the plans, for each kind of data: the plan must give the same.
+# (labeled_patients, batch_size, labeled_batch_size, patch_size, num_classes, iterations, lr_decay, lr_step, val_every,
+#  precision, dice_loss, pretrain_loss, selftrain_sgd, val_cases, scale, foreground_crops, standardize, stride,
+#  schedule_key, set_by_schedule) by (data, phase, flags, whether the CPU computes bf16)
+PLAN_KEYS = ("labeled_patients", "batch_size", "labeled_batch_size", "patch_size", "num_classes", "iterations", "lr_decay",
+             "lr_step", "val_every", "precision", "dice_loss", "pretrain_loss", "selftrain_sgd", "val_cases", "scale",
+             "foreground_crops", "standardize", "stride", "schedule_key", "set_by_schedule")
+CPU_ACDC = ["batch_size", "iterations", "labeled_batch_size", "lr_decay", "patch_size", "val_every"]
+CPU_LA = ["batch_size", "iterations", "labeled_batch_size", "lr_decay", "lr_step", "patch_size", "scale", "standardize", "val_every"]
+SETTINGS_AT_1A93707 = {
+    ("acdc", "selftrain", (), False): [7, 24, 12, (256, 256), 4, 30000, "step", 0, 200, "fp32", "acdc", "regions", "pretrain",
+                                       None, None, None, None, None, None, []],
+    ("acdc", "pretrain", ("--schedule", "cpu"), True): [7, 12, 6, (160, 160), 4, 2500, "poly", 0, 500, "bf16", "acdc", "regions",
+                                                        "pretrain", None, None, None, None, None, "acdc_bf16", sorted(CPU_ACDC + ["precision"])],
+    ("acdc", "selftrain", ("--schedule", "cpu"), False): [7, 12, 6, (160, 160), 4, 4000, "poly", 0, 500, "fp32", "acdc", "regions",
+                                                          "pretrain", None, None, None, None, None, "acdc", CPU_ACDC],
+    ("la", "supervised", (), False): [8, 4, 4, (112, 112, 80), 2, 6000, "step", 2500, 200, "fp32", "la", "whole", "fresh", 8, 1.0,
+                                      0.0, False, [18, 4], None, []],
+    ("la", "selftrain", (), False): [8, 8, 4, (112, 112, 80), 2, 15000, "step", 2500, 200, "fp32", "la", "whole", "fresh", 8, 1.0,
+                                     0.0, False, [18, 4], None, []],
+    ("la", "pretrain", ("--schedule", "cpu"), True): [8, 8, 4, (64, 64, 32), 2, 800, "poly", 0, 200, "bf16", "la", "whole", "fresh",
+                                                      8, 0.5, 0.0, True, [18, 4], "la_bf16", sorted(CPU_LA + ["precision"])],
+    ("la", "selftrain", ("--schedule", "cpu"), False): [8, 8, 4, (64, 64, 32), 2, 2000, "poly", 0, 200, "fp32", "la", "whole",
+                                                        "fresh", 8, 0.5, 0.0, True, [18, 4], "la", CPU_LA],
+    ("own2d", "pretrain", ("--schedule", "cpu"), True): [4, 12, 6, (160, 160), 4, 2500, "poly", 0, 500, "bf16", "acdc", "regions",
+                                                         "pretrain", None, None, None, None, None, "acdc_bf16", sorted(CPU_ACDC + ["precision"])],
+    ("own3d", "selftrain", (), False): [3, 16, 8, (48, 32, 16), 3, 15000, "step", 2500, 200, "fp32", "la", "whole", "fresh", 1,
+                                        1.0, 1 / 3, False, [18, 4], None, []],
+    ("own3d", "pretrain", ("--schedule", "cpu"), True): [3, 8, 8, (48, 32, 16), 3, 600, "poly", 0, 100, "fp32", "la", "whole",
+                                                         "fresh", 1, 1.0, 1 / 3, False, [18, 4], "own3d",
+                                                         ["iterations", "lr_decay", "lr_step", "val_every"]],
+    ("own3d", "selftrain", ("--patch-size", "64", "--iterations", "7"), False): [3, 16, 8, (48, 32, 16), 3, 7, "step", 2500, 200,
+                                                                                 "fp32", "la", "whole", "fresh", 1, 1.0, 1 / 3,
+                                                                                 False, [18, 4], None, []],
+}
+
+
+@pytest.fixture(scope="module")
+def own_roots(tmp_path_factory):
+    """Your own data of both kinds, prepared: 2D slices (own_data_folder) and 3D volumes (own_3d_folder)."""
+    folder = tmp_path_factory.mktemp("own")
+    own_data_folder(folder / "raw2d")
+    own_3d_folder(folder / "raw3d")
+    assert prepare_acdc.main(["--raw", str(folder / "raw2d"), "--out", str(folder / "own2d")]) == 0
+    assert prepare_acdc.main(["--raw", str(folder / "raw3d"), "--3d", "--out", str(folder / "own3d")]) == 0
+    return {"own2d": folder / "own2d", "own3d": folder / "own3d"}
+
+
+@pytest.mark.parametrize("kind,phase,flags,native_bf16", list(SETTINGS_AT_1A93707))
+def test_each_kinds_plan_resolves_the_settings_it_replaced(kind, phase, flags, native_bf16, synthetic_root, la_root, own_roots,
+                                                           monkeypatch):
+    """ACDC's, LA's, your own 2D and 3D data's plans, under the paper's schedule and --schedule cpu, with and
+    without native bf16, with flags given: train.py resolves exactly what it did before the plans."""
+    monkeypatch.setattr(train, "cpu_bf16", lambda: ["avx512_bf16"] if native_bf16 else [])
+    root = {"acdc": synthetic_root, "la": la_root, **own_roots}[kind]
+    args = train.parse_args(["--root", str(root), "--phase", phase, *flags, "--device", "cpu"])
+    assert args.dataset.plan.name == kind
+    assert [getattr(args, key) for key in PLAN_KEYS] == SETTINGS_AT_1A93707[kind, phase, flags, native_bf16]
+
+
+def test_each_kind_of_data_has_its_plan(synthetic_root, la_root, own_roots):
+    """What each plan decides beyond the flags: the paper's protocols for ACDC and LA, nnU-Net's scoring for your
+    own data, and in 3D its windows, post-processing, grid and preprocessing."""
+    plans = {kind: data.Dataset(root).plan for kind, root in (("acdc", synthetic_root), ("la", la_root), *own_roots.items())}
+    assert {kind: (plan.dims, plan.windows, plan.post_processing, plan.scoring, plan.grid, plan.intensities["rule"])
+            for kind, plan in plans.items()} == {
+        "acdc": (2, "slices", "none", "paper", "stored", "minmax"), "la": (3, "authors", "largest", "paper", "stored", "zscore"),
+        "own2d": (2, "slices", "none", "nnunet", "stored", "minmax"), "own3d": (3, "gaussian", "chosen", "nnunet", "native", "prepared")}
+    assert plans["own3d"].intensities["spacing"] == data.Dataset(own_roots["own3d"]).own["preprocessing"]["spacing"]
+    assert [plans["la"].classes_kept(3), plans["acdc"].classes_kept(4), plans["own3d"].classes_kept(3, [2]),
+            plans["own3d"].classes_kept(3)] == [[1, 2], [], [2], []]
+
+
+def test_a_checkpoint_from_before_the_plans_gets_its_plan_on_reading():
+    """Checkpoints written up to commit 1a93707 hold flags and no plan: a 2D one is ACDC's, a 3D one LA's, and one
+    whose flags hold your own scans' preprocessing your own 3D scans' (nnU-Net's windows, post-processing chosen,
+    --predict resampling as prepared). A plan the checkpoint keeps is read back as written."""
+    for path in sorted(Path(__file__).parent.glob("measurements/**/best_fp16.pt")):
+        assert inference.load_model(path)[1]["plan"] == data.ACDC_PLAN, path
+    old = lambda **flags: inference.checkpoint_plan({"flags": {"num_classes": 2} | flags}, "old.pt")
+    assert old(patch_size=[64, 64, 32]) == data.LA_PLAN and old(patch_size=[160, 160]) == data.ACDC_PLAN
+    preprocessing = {"spacing": [3.0, 3.0, 3.0], "modality": "MRI", "grid": data.EXACT_GRID}
+    own = old(patch_size=[48, 32, 16], preprocessing=preprocessing)
+    assert (own.windows, own.post_processing, own.intensities) == ("gaussian", "chosen", {"rule": "prepared"} | preprocessing)
+    assert inference.checkpoint_plan({"plan": inference.saved_plan(own), "flags": {}}, "new.pt") == own
 
 
 def test_committed_checkpoints_load_on_the_cpu():
@@ -1127,7 +1216,7 @@ def test_committed_checkpoints_load_on_the_cpu():
     assert len(paths) >= 3
     for path in paths:
         assert (path.parent / "flags.json").exists() and (path.parent / "metrics.jsonl").exists()
-        model, _ = data.load_model(path)
+        model, _ = inference.load_model(path)
         assert torch.isfinite(model.eval()(torch.rand(1, 1, 64, 64))).all(), path
 
 
@@ -1138,11 +1227,11 @@ def test_the_teacher_of_a_selftrain_checkpoint_loads_on_request(tmp_path):
     flags = {"num_classes": 4, "patch_size": [32, 32]}
     torch.save({"model": student.state_dict(), "teacher": teacher.state_dict(), "flags": flags}, tmp_path / "self.pt")
     torch.save({"model": student.state_dict(), "teacher": None, "flags": flags}, tmp_path / "pre.pt")
-    loaded, _ = data.load_model(tmp_path / "self.pt", weights="teacher")
+    loaded, _ = inference.load_model(tmp_path / "self.pt", weights="teacher")
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), teacher.state_dict().values()))
     assert not torch.equal(loaded.head.weight, student.head.weight)
     with pytest.raises(data.DataError, match=r"pre\.pt: holds no teacher"):
-        data.load_model(tmp_path / "pre.pt", weights="teacher")
+        inference.load_model(tmp_path / "pre.pt", weights="teacher")
 
 
 @pytest.mark.slow
@@ -1359,7 +1448,7 @@ def test_own_scans_end_to_end(tmp_path):
     own_data_folder(tmp_path / "raw")
     root, run = tmp_path / "mine", tmp_path / "run"
     assert prepare_acdc.main(["--raw", str(tmp_path / "raw"), "--out", str(root)]) == 0
-    info = data.read_dataset_json(root)
+    info = data.read_dataset_json(root, "acdc")
     assert info["num_classes"] == 4 and info["class_names"] == ["RV", "Myo", "LV"]
     assert sorted(info["unlabeled"]) == ["extra-000", "heart-005", "heart-006"]
     assert len((root / "val.list").read_text().split()) == 1 and len((root / "test.list").read_text().split()) == 2
@@ -1370,15 +1459,15 @@ def test_own_scans_end_to_end(tmp_path):
     tiny = TINY[:at] + TINY[at + 2:]  # the default: every labeled case
     for phase in ("pretrain", "selftrain"):
         train.main(["--root", str(root), *tiny, "--out", str(run), "--phase", phase, "--iterations", "4"])
-    flags = data.load_checkpoint(run / "selftrain" / "best.pt")["flags"]
+    flags = inference.load_checkpoint(run / "selftrain" / "best.pt")["flags"]
     assert flags["labeled_patients"] == 4 and flags["num_classes"] == 4
     evaluate.main(["--root", str(root), "--checkpoint", str(run / "selftrain" / "best.pt"), "--json", str(tmp_path / "s.json")])
     assert set(json.loads((tmp_path / "s.json").read_text())["per_class"]) == {"RV", "Myo", "LV"}
     evaluate.main(["--checkpoint", str(run / "selftrain" / "best.pt"), "--predict", str(tmp_path / "raw" / "imagesTs"),
                    "--out", str(tmp_path / "labels"), "--save-png", str(tmp_path / "pictures")])
-    model, _ = data.load_model(run / "selftrain" / "best.pt")
+    model, _ = inference.load_model(run / "selftrain" / "best.pt")
     for name, image, _ in data.Dataset(root).volumes(data.read_list(root, "test.list")):
-        expected = data.segment_slices(model.eval(), torch.from_numpy(image), (32, 32)).numpy()
+        expected = inference.segment_slices(model.eval(), torch.from_numpy(image), (32, 32)).numpy()
         written = data.read_nifti(tmp_path / "labels" / f"{name.replace('-', '_')}.nii.gz")  # labelsTr's names: no channel suffix
         np.testing.assert_array_equal(written, expected)
     assert len(list((tmp_path / "pictures").glob("*.png"))) == 2
@@ -1444,7 +1533,7 @@ def test_own_3d_intensities_and_geometry_by_hand(modality, tmp_path):
     root = tmp_path / "mine"
     assert prepare_acdc.main(["--raw", str(tmp_path / "raw"), "--3d", "--spacing", "1", "1", "1", "--out", str(root),
                               "--val-fraction", "0.25"]) == 0
-    info = data.read_dataset_json(root)
+    info = data.read_dataset_json(root, "la")
     assert prepare_acdc.check(root) == []
     train_list = data.read_list(root, "train.list")
     assert info["val_cases"] == 1 and sorted(train_list[-3:-1]) == ["atrium-004", "extra-000"] == sorted(info["unlabeled"])
@@ -1504,7 +1593,7 @@ def test_own_3d_scans_end_to_end(tmp_path, capsys, monkeypatch):
     for phase in ("pretrain", "selftrain"):
         train.main([*flags, "--phase", phase])
     assert "crops of 32 x 32 x 16" in capsys.readouterr().out  # the 48 is cut to the smallest resampled volume
-    checkpoint = data.load_checkpoint(run / "selftrain" / "best.pt")
+    checkpoint = inference.load_checkpoint(run / "selftrain" / "best.pt")
     assert checkpoint["flags"]["patch_size"] == (32, 32, 16) and checkpoint["flags"]["num_classes"] == 3
     assert set(checkpoint["keep_largest"]) <= {1, 2}
     log = (run / "selftrain" / "train.log").read_text()
@@ -1625,7 +1714,7 @@ def test_a_decathlon_task_prepares_as_downloaded(tmp_path, capsys, volumetric):
     assert prepare_acdc.main(["--raw", str(tmp_path / "Task02_Heart"), "--out", str(out), "--val-fraction", "0.34",
                               *(["--3d"] if volumetric else [])]) == 0
     assert "3 imagesTs scans have no labelsTs: they join the unlabeled scans" in capsys.readouterr().out
-    info = data.read_dataset_json(out)
+    info = data.Dataset(out).own
     assert sorted(info["unlabeled"]) == ["la-006", "la-007", "la-008"] and info["class_names"] == ["left atrium"]
     train_list = data.read_list(out, "train.list")
     assert not any(name.startswith(".") for name in train_list)
@@ -1691,10 +1780,10 @@ def test_scans_prepared_on_the_earlier_corner_aligned_grid_are_refused(tmp_path)
     own = {"num_classes": 2, "unlabeled": [], "val_cases": 1, "cases": {}, "preprocessing": {"spacing": [3.0, 3.0, 3.0]}}
     (tmp_path / "dataset.json").write_text(json.dumps(own))
     with pytest.raises(data.DataError, match="corner-aligned grid.*prepare it again with prepare_acdc.py --raw"):
-        data.read_dataset_json(tmp_path)
+        data.read_dataset_json(tmp_path, "la")
     own["preprocessing"]["grid"] = data.EXACT_GRID
     (tmp_path / "dataset.json").write_text(json.dumps(own))
-    assert data.read_dataset_json(tmp_path) == own
+    assert data.read_dataset_json(tmp_path, "la") == own
 
 
 @pytest.mark.parametrize("name", ["huge.nii", "huge.nii.gz"])
@@ -1776,7 +1865,7 @@ def test_segment_slices_is_slice_by_slice_resize_argmax_resize_back():
     torch.manual_seed(0)
     model = bcp.UNet().eval()
     volume = torch.rand(3, 21, 30)
-    prediction = data.segment_slices(model, volume, (32, 32))
+    prediction = inference.segment_slices(model, volume, (32, 32))
     resized = ndimage.zoom(volume.numpy(), (1, 32 / 21, 32 / 30), order=0)
     with torch.no_grad():
         labels = model(torch.from_numpy(resized)[:, None]).argmax(1).numpy()
@@ -1786,9 +1875,9 @@ def test_segment_slices_is_slice_by_slice_resize_argmax_resize_back():
 
 def test_window_starts_by_hand():
     """UA-MT: ceil((size - window) / stride) + 1 windows, the last flush with the end."""
-    assert data.window_starts(100, 64, 18) == [0, 18, 36]
-    assert data.window_starts(101, 64, 18) == [0, 18, 36, 37]
-    assert data.window_starts(64, 64, 18) == [0]
+    assert inference.window_starts(100, 64, 18) == [0, 18, 36]
+    assert inference.window_starts(101, 64, 18) == [0, 18, 36, 37]
+    assert inference.window_starts(64, 64, 18) == [0]
 
 
 class WindowModel(torch.nn.Module):
@@ -1819,9 +1908,9 @@ def test_strides_cover_every_voxel_or_are_refused(la_root, tmp_path, capsys):
     assert train.parse_args(["--root", str(la_root), "--patch-size", "16", "32", "16"]).stride == [16, 4]
     assert train.parse_args(["--root", str(la_root), "--patch-size", "32", "32", "16"]).stride == [18, 4]
     with pytest.raises(ValueError, match="stride must lie in 1 .. the window"):
-        data.window_starts(100, 32, 40)
-    probabilities = data.sliding_window_probabilities(WindowModel().eval(), torch.randn(40, 40, 20), (16, 16, 16),
-                                                     data.window_strides(data.default_stride([16, 16, 16])))
+        inference.window_starts(100, 32, 40)
+    probabilities = inference.sliding_window_probabilities(WindowModel().eval(), torch.randn(40, 40, 20), (16, 16, 16),
+                                                     inference.window_strides(inference.strides(None, [16, 16, 16])))
     assert torch.isfinite(probabilities).all()
 
 
@@ -1830,7 +1919,7 @@ def test_sliding_window_is_the_direct_forward_when_the_volume_is_the_window():
     image = torch.randn(32, 16, 16)
     with torch.no_grad():
         direct = model(image[None, None]).softmax(1)[0]
-    torch.testing.assert_close(data.sliding_window_probabilities(model, image, (32, 16, 16), (18, 18, 4)), direct)
+    torch.testing.assert_close(inference.sliding_window_probabilities(model, image, (32, 16, 16), (18, 18, 4)), direct)
 
 
 def test_sliding_window_pads_a_volume_smaller_than_the_window():
@@ -1840,7 +1929,7 @@ def test_sliding_window_pads_a_volume_smaller_than_the_window():
     image = torch.randn(32, 12, 16)
     with torch.no_grad():
         expected = model(torch.nn.functional.pad(image, (0, 0, 2, 2))[None, None]).softmax(1)[0, :, :, 2:14]
-    probabilities = data.sliding_window_probabilities(model, image, (32, 16, 16), (18, 18, 4))
+    probabilities = inference.sliding_window_probabilities(model, image, (32, 16, 16), (18, 18, 4))
     assert probabilities.shape == (2, 32, 12, 16)
     torch.testing.assert_close(probabilities, expected)
 
@@ -1856,7 +1945,7 @@ def test_overlapping_windows_average_the_probabilities():
     for start, probs in windows.items():
         total[:, start:start + 32] += probs
         count[start:start + 32] += 1
-    torch.testing.assert_close(data.sliding_window_probabilities(model, image, (32, 16, 16), (8, 8, 8)), total / count)
+    torch.testing.assert_close(inference.sliding_window_probabilities(model, image, (32, 16, 16), (8, 8, 8)), total / count)
 
 
 def authors_sliding_window(model, image, patch, stride_xy, stride_z):
@@ -1892,7 +1981,7 @@ def test_sliding_window_with_unequal_strides_matches_the_authors_loop():
     image = np.random.default_rng(0).normal(size=(45, 38, 29)).astype(np.float32)
 
     def loop(strides):
-        starts = [data.window_starts(s, w, t) for s, w, t in zip(image.shape, (20, 16, 12), strides)]
+        starts = [inference.window_starts(s, w, t) for s, w, t in zip(image.shape, (20, 16, 12), strides)]
         total, count = np.zeros((2, *image.shape)), np.zeros(image.shape)
         for corner in itertools.product(*starts):
             box = tuple(slice(c, c + w) for c, w in zip(corner, (20, 16, 12)))
@@ -1901,13 +1990,13 @@ def test_sliding_window_with_unequal_strides_matches_the_authors_loop():
             count[box] += 1
         return total / count
 
-    assert [len(data.window_starts(s, w, t)) for s, w, t in zip(image.shape, (20, 16, 12), (7, 5, 3))] == [5, 6, 7]
-    ours = data.sliding_window_probabilities(model, torch.from_numpy(image), (20, 16, 12), (7, 5, 3)).numpy()
+    assert [len(inference.window_starts(s, w, t)) for s, w, t in zip(image.shape, (20, 16, 12), (7, 5, 3))] == [5, 6, 7]
+    ours = inference.sliding_window_probabilities(model, torch.from_numpy(image), (20, 16, 12), (7, 5, 3)).numpy()
     np.testing.assert_allclose(ours, loop((7, 5, 3)), atol=1e-6)
     authors = authors_sliding_window(model, image, (20, 16, 12), 5, 3)
-    np.testing.assert_allclose(data.sliding_window_probabilities(model, torch.from_numpy(image), (20, 16, 12),
-                                                                data.window_strides((5, 3))).numpy(), authors, atol=1e-6)
-    labels = data.segment(model, torch.from_numpy(image), [20, 16, 12], (5, 3)).numpy()
+    np.testing.assert_allclose(inference.sliding_window_probabilities(model, torch.from_numpy(image), (20, 16, 12),
+                                                                inference.window_strides((5, 3))).numpy(), authors, atol=1e-6)
+    labels = inference.segment(model, torch.from_numpy(image), data.LA_PLAN, [20, 16, 12], (5, 3), keep_largest=[1]).numpy()
     np.testing.assert_array_equal(labels, largest_connected_component(authors.argmax(0) == 1))
 
 
@@ -1921,12 +2010,12 @@ def test_probabilities_resampled_back_keep_a_thin_structure_that_nearest_labels_
         size = [3 if a == axis else 1 for a in range(3)]
         nearest = data.resample_labels(probabilities.argmax(0), size)
         assert (nearest == 1).sum() == 0
-        resampled = data.resample_argmax(probabilities, size, [2 / 3] * 3)
+        resampled = inference.resample_argmax(probabilities, size, [2 / 3] * 3)
         assert resampled.flatten().tolist() == [0, 1, 2]
     probabilities = torch.rand(4, 9, 7, 11).softmax(0)
     steps = (9 / 13, 1.3, 0.6)
     whole = data.resample_spacing(probabilities, (13, 5, 17), steps).argmax(0)
-    torch.testing.assert_close(data.resample_argmax(probabilities, (13, 5, 17), steps, slab=4).long(), whole)
+    torch.testing.assert_close(inference.resample_argmax(probabilities, (13, 5, 17), steps, slab=4).long(), whole)
 
 
 def test_segment_takes_the_probabilities_back_to_the_scans_grid():
@@ -1939,7 +2028,7 @@ def test_segment_takes_the_probabilities_back_to_the_scans_grid():
         model.weight.copy_((probabilities[1] - probabilities[0]).view(3, 1, 1, 1, 1))
         model.bias.copy_(probabilities[0])
     image = torch.tensor([0.0, 1.0]).view(1, 1, 2)
-    labels = data.segment(model, image, [1, 1, 2], (1, 1), gaussian=False, keep_largest=[], native=((1, 1, 3), (1, 1, 2 / 3)))
+    labels = inference.segment(model, image, data.LA_PLAN, [1, 1, 2], (1, 1), native=((1, 1, 3), (1, 1, 2 / 3)))
     assert labels.flatten().tolist() == [0, 1, 2]
 
 
@@ -1952,7 +2041,7 @@ def test_a_rescaled_model_segments_at_full_resolution():
         small = torch.nn.functional.interpolate(image[None, None], size=[16, 16, 16], mode="trilinear")
         probabilities = torch.nn.functional.interpolate(model(small).softmax(1), size=[32, 32, 32], mode="trilinear")[0]
     expected = bcp.keep_largest_components(probabilities.argmax(0)[None], [1])[0]
-    labels = data.segment(model, image, [16, 16, 16], (16, 16), scale=0.5)
+    labels = inference.segment(model, image, data.LA_PLAN, [16, 16, 16], (16, 16), scale=0.5, keep_largest=[1])
     assert labels.shape == (32, 32, 32) and torch.equal(labels, expected)
 
 
@@ -1968,7 +2057,7 @@ def test_largest_component_is_kept_only_where_validation_gains():
     largest = bcp.keep_largest_components(prediction[None], [1, 2])[0]
     as_predicted, largest_only = (bcp.dice_per_class(p, label, 3, "nnunet").tolist() for p in (prediction, largest))
     assert as_predicted[0] == 1.0 > largest_only[0] and as_predicted[1] < 1.0 == largest_only[1]
-    classes, post_processed = data.choose_post_processing(as_predicted, largest_only)
+    classes, post_processed = inference.choose_post_processing(as_predicted, largest_only)
     assert classes == [2] and post_processed == [1.0, 1.0]
     kept = bcp.keep_largest_components(prediction[None], classes)[0]
     assert torch.equal(kept, label)  # both components of class 1 stay
@@ -2081,6 +2170,59 @@ def test_cpu_schedule_trains_in_bf16_with_more_steps_where_the_cpu_computes_bf16
     assert (parse("--schedule", "cpu").precision, parse("--schedule", "cpu", "--precision", "bf16").iterations) == ("fp32", 7500)
 
 
+# Commit 1a93707, before the plans, with these flags: a hash of each phase's 20 first steps' draws (labeled halves
+# and their labels, M; unlabeled halves and their labels), and the losses it logged for those steps.
+FIRST_STEPS_FLAGS = {"acdc": ["--patch-size", "32", "--batch-size", "4", "--labeled-batch-size", "2", "--labeled-patients", "2"],
+                     "la": ["--patch-size", "32", "32", "16", "--batch-size", "4", "--labeled-batch-size", "2",
+                            "--labeled-patients", "2", "--val-cases", "2", "--stride", "16", "16"]}
+DRAWS_AT_1A93707 = {("acdc", "pretrain"): "b3016e346a5f1808", ("acdc", "selftrain"): "004cfbab10e632c8",
+                    ("la", "pretrain"): "844037e971624e88", ("la", "selftrain"): "eda901223d87c631"}
+LOSSES_AT_1A93707 = {
+    ("acdc", "pretrain"): [2.35998, 2.18333, 1.90861, 1.6194, 1.28681, 1.10927, 1.05986, 1.04786, 0.87302, 0.87143, 0.84825,
+                           0.79564, 0.86631, 0.76518, 0.83038, 0.87557, 0.93896, 0.75862, 0.7895, 0.79086],
+    ("acdc", "selftrain"): [1.24137, 1.24241, 1.31542, 1.30777, 1.25556, 1.20528, 1.20503, 1.18859, 1.21683, 1.21908, 1.28287,
+                            1.18111, 1.24382, 1.31871, 1.44057, 1.1976, 1.20555, 1.28024, 1.18951, 1.19428],
+    ("la", "pretrain"): [0.64471, 0.51796, 0.62279, 0.5266, 0.52927, 0.42741, 0.55966, 0.49413, 0.52911, 0.38684, 0.35824,
+                         0.40495, 0.47625, 0.4117, 0.38838, 0.32947, 0.34172, 0.30165, 0.31065, 0.29174],
+    ("la", "selftrain"): [0.99269, 1.06143, 0.97691, 1.07003, 1.11929, 0.77108, 1.11391, 1.37254, 0.64958, 0.87429, 0.72982,
+                          0.91289, 0.92324, 1.08632, 1.35863, 0.7405, 0.60971, 0.89379, 0.86925, 1.60484],
+}
+
+
+def first_steps_digest(args):
+    """The hash of a phase's draws in its 20 first steps, as recorded in DRAWS_AT_1A93707."""
+    def digest(*tensors):
+        hashed = hashlib.sha256()
+        for tensor in tensors:
+            hashed.update(tensor.contiguous().numpy().tobytes())
+        return hashed.hexdigest()[:16]
+    labeled, unlabeled, *_ = train.load_data(args, torch.device("cpu"))
+    steps = []
+    for step in range(1, 21):
+        (l_a, l_b), (g_a, g_b) = train.draw_halves(labeled, step, args.labeled_batch_size, args, train.LABELED)
+        parts = [l_a, l_b, g_a, g_b, train.draw_mask(step, args, "cpu")]
+        if args.phase == "selftrain":
+            (u_a, u_b), (h_a, h_b) = train.draw_halves(unlabeled, step, args.batch_size - args.labeled_batch_size, args, train.UNLABELED)
+            parts += [u_a, u_b, h_a, h_b]
+        steps.append(digest(*parts))
+    return hashlib.sha256("".join(steps).encode()).hexdigest()[:16]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["acdc", "la"])
+def test_the_first_steps_draw_and_lose_what_they_did_before_the_plans(kind, synthetic_root, la_root, tmp_path):
+    """With the same flags, each phase draws bitwise the batches, augmentation and masks of its 20 first steps
+    that commit 1a93707 drew, and logs its losses (to 1 %: another CPU's convolutions round differently)."""
+    root = {"acdc": synthetic_root, "la": la_root}[kind]
+    for phase in ("pretrain", "selftrain"):
+        flags = ["--root", str(root), *FIRST_STEPS_FLAGS[kind], "--phase", phase, "--out", str(tmp_path), "--device", "cpu"]
+        assert first_steps_digest(train.parse_args(flags)) == DRAWS_AT_1A93707[kind, phase]
+        train.main([*flags, "--iterations", "20", "--log-every", "1", "--val-every", "10",
+                    *(["--init", str(tmp_path / "pretrain" / "best.pt")] if phase == "selftrain" else [])])
+        rows, _ = data.read_metrics(tmp_path / phase / "metrics.jsonl")
+        assert [row["loss"] for row in rows if "loss" in row] == pytest.approx(LOSSES_AT_1A93707[kind, phase], rel=0.01)
+
+
 def test_poly_learning_rate_falls_to_zero_over_the_phase(synthetic_root):
     args = train.parse_args(["--root", str(synthetic_root), "--schedule", "cpu", "--iterations", "100", "--lr", "0.02"])
     rates = [train.learning_rate(args, t) for t in range(1, 101)]
@@ -2091,7 +2233,7 @@ def test_poly_learning_rate_falls_to_zero_over_the_phase(synthetic_root):
 def test_hour_eta_adds_the_self_training_to_come_only_while_pretraining(synthetic_root, monkeypatch):
     monkeypatch.setattr(train, "cpu_bf16", lambda: [])
     pretrain = train.parse_args(["--root", str(synthetic_root), "--schedule", "cpu", "--phase", "pretrain"])
-    measured, steps = train.CPU_SECONDS_PER_STEP["acdc"], train.CPU_SCHEDULE["acdc"]["iterations"]["selftrain"]
+    measured, steps = data.ACDC_PLAN.cpu_seconds["acdc"], data.ACDC_PLAN.cpu_settings["acdc"]["iterations"]["selftrain"]
     assert train.later_phases_seconds(pretrain, 2 * measured["pretrain"]) == pytest.approx(2 * steps * measured["selftrain"])
     assert train.later_phases_seconds(train.parse_args(["--root", str(synthetic_root), "--schedule", "cpu", "--phase", "selftrain"]), 1.0) == 0
 
@@ -2146,7 +2288,7 @@ def test_a_step_never_waits_for_the_device(phase, monkeypatch):
 def test_models_run_channels_last_on_the_cpu_with_the_same_logits(synthetic_root, la_root):
     for root, network, image, expected in ((synthetic_root, bcp.UNet, torch.rand(2, 1, 32, 32), torch.channels_last),
                                            (la_root, bcp.VNet, torch.rand(2, 1, 32, 32, 16), torch.channels_last_3d)):
-        _, _, memory_format, _ = train.runtime(train.parse_args(["--root", str(root), "--device", "cpu"]))
+        _, _, memory_format, _ = inference.runtime("cpu", "fp32", data.Dataset(root).plan.dims)
         assert memory_format == expected
         torch.manual_seed(0)
         model = network(num_classes=2).eval()
@@ -2157,7 +2299,7 @@ def test_models_run_channels_last_on_the_cpu_with_the_same_logits(synthetic_root
 
 
 def final_weights(run, phase):
-    return data.load_checkpoint(run / phase / "last.pt")["model"]
+    return inference.load_checkpoint(run / phase / "last.pt")["model"]
 
 
 @pytest.mark.slow
@@ -2169,7 +2311,7 @@ def test_resumed_training_ends_with_the_same_weights(synthetic_root, tmp_path):
         train.main([*common, "--out", str(tmp_path / "straight"), "--phase", phase, "--iterations", "4"])
         train.main([*common, "--out", str(tmp_path / "resumed"), "--phase", phase, "--iterations", "2"])
         train.main([*common, "--out", str(tmp_path / "resumed"), "--phase", phase, "--iterations", "4", "--resume"])
-        straight, resumed = (data.load_checkpoint(tmp_path / run / phase / "last.pt") for run in ("straight", "resumed"))
+        straight, resumed = (inference.load_checkpoint(tmp_path / run / phase / "last.pt") for run in ("straight", "resumed"))
         assert resumed["iteration"] == 4
         for part in ("model", "teacher") if phase == "selftrain" else ("model",):
             for key, value in straight[part].items():
@@ -2209,7 +2351,7 @@ def test_rerun_without_resume_leaves_the_run_untouched(synthetic_root, tmp_path)
         train.main([*command[:-1], "2"])
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
     train.main([*command[:-1], "2", "--overwrite"])
-    assert data.load_checkpoint(run / "last.pt")["iteration"] == 2
+    assert inference.load_checkpoint(run / "last.pt")["iteration"] == 2
     assert "iter 4" not in (run / "train.log").read_text() and "iter 2" in (run / "train.log").read_text()
 
 
@@ -2223,12 +2365,12 @@ def test_time_limit_stops_cleanly_and_resume_ends_identical(synthetic_root, tmp_
     clock = iter(range(0, 10**6, 4))
     monkeypatch.setattr(train, "time", SimpleNamespace(time=lambda: float(next(clock))))
     train.main([*common, "--out", str(tmp_path / "cut"), "--time-limit", "1"])
-    stopped = data.load_checkpoint(tmp_path / "cut" / "pretrain" / "last.pt")["iteration"]
+    stopped = inference.load_checkpoint(tmp_path / "cut" / "pretrain" / "last.pt")["iteration"]
     assert 1 <= stopped < 8
     assert f"time limit: stopped at iteration {stopped} of 8; continue with --resume" in capsys.readouterr().out
     monkeypatch.undo()
     train.main([*common, "--out", str(tmp_path / "cut"), "--resume"])
-    straight, resumed = (data.load_checkpoint(tmp_path / run / "pretrain" / "last.pt") for run in ("straight", "cut"))
+    straight, resumed = (inference.load_checkpoint(tmp_path / run / "pretrain" / "last.pt") for run in ("straight", "cut"))
     assert resumed["iteration"] == 8
     for key, value in straight["model"].items():
         assert torch.equal(value, resumed["model"][key]), key
@@ -2241,13 +2383,13 @@ def test_selftrain_carries_the_pretrain_momentum(synthetic_root, tmp_path, capsy
     exactly momentum * the pre-train's buffers (SGD: buffer = momentum * buffer + gradient)."""
     common = ["--root", str(synthetic_root), *TINY]
     train.main([*common, "--out", str(tmp_path), "--phase", "pretrain", "--iterations", "2"])
-    pretrained = data.load_checkpoint(tmp_path / "pretrain" / "best.pt")
+    pretrained = inference.load_checkpoint(tmp_path / "pretrain" / "best.pt")
     torch.save({"model": pretrained["model"], "flags": pretrained["flags"]}, tmp_path / "weights_only.pt")
     for run, init in (("with", tmp_path / "pretrain" / "best.pt"), ("without", tmp_path / "weights_only.pt")):
         train.main([*common, "--out", str(tmp_path / run), "--phase", "selftrain", "--iterations", "1",
                     "--val-every", "1", "--init", str(init)])
     assert "holds no SGD state" in capsys.readouterr().out
-    carried, fresh = (data.load_checkpoint(tmp_path / run / "selftrain" / "last.pt")["optimizer"]["state"]
+    carried, fresh = (inference.load_checkpoint(tmp_path / run / "selftrain" / "last.pt")["optimizer"]["state"]
                       for run in ("with", "without"))
     for index, state in pretrained["optimizer"]["state"].items():
         torch.testing.assert_close(carried[index]["momentum_buffer"] - fresh[index]["momentum_buffer"],
@@ -2264,7 +2406,7 @@ def test_nan_loss_stops_and_keeps_checkpoints(synthetic_root, tmp_path, capsys, 
     with pytest.raises(SystemExit):
         train.main([*args[:-1], "6", "--resume", "--lr", "1e30"])
     assert "stopping: the loss became" in capsys.readouterr().out
-    checkpoint = data.load_checkpoint(tmp_path / "pretrain" / "last.pt")
+    checkpoint = inference.load_checkpoint(tmp_path / "pretrain" / "last.pt")
     assert checkpoint["iteration"] == 2 and all(torch.isfinite(v).all() for v in checkpoint["model"].values() if v.is_floating_point())
 
 
@@ -2278,7 +2420,7 @@ def test_nan_weights_never_reach_a_checkpoint(synthetic_root, tmp_path):
     checkpoints = list((tmp_path / "pretrain").glob("*.pt"))
     assert checkpoints
     for path in checkpoints:
-        assert train.all_finite(data.load_checkpoint(path)), path
+        assert train.all_finite(inference.load_checkpoint(path)), path
     assert "stopping" in (tmp_path / "pretrain" / "train.log").read_text()
 
 
@@ -2288,7 +2430,7 @@ def test_a_picture_that_cannot_be_written_costs_nothing_else(synthetic_root, tmp
         raise OSError(f"[Errno 28] No space left on device: '{path}'")
     monkeypatch.setattr(pictures, "save_step_picture", fail)
     train.main(["--root", str(synthetic_root), *TINY, "--out", str(tmp_path), "--phase", "pretrain", "--iterations", "4"])
-    assert data.load_checkpoint(tmp_path / "pretrain" / "last.pt")["iteration"] == 4
+    assert inference.load_checkpoint(tmp_path / "pretrain" / "last.pt")["iteration"] == 4
     assert "could not write the step picture" in capsys.readouterr().out
 
 
@@ -2297,7 +2439,7 @@ def test_a_folder_in_a_pictures_way_costs_that_picture_only(synthetic_root, tmp_
     """A new run in a folder where a step picture's name is taken by a folder: the run trains to its end."""
     (tmp_path / "pretrain" / "pictures" / "iter_000002.png").mkdir(parents=True)
     train.main(["--root", str(synthetic_root), *TINY, "--out", str(tmp_path), "--phase", "pretrain", "--iterations", "4"])
-    assert data.load_checkpoint(tmp_path / "pretrain" / "last.pt")["iteration"] == 4
+    assert inference.load_checkpoint(tmp_path / "pretrain" / "last.pt")["iteration"] == 4
     assert "could not write the step picture" in capsys.readouterr().out
 
 
@@ -2328,7 +2470,7 @@ def test_selftrain_refuses_a_pretraining_that_predicts_no_foreground(synthetic_r
     flags = ["--root", str(synthetic_root), *TINY, "--out", str(tmp_path), "--iterations", "2"]
     train.main([*flags, "--phase", "pretrain"])
     best = tmp_path / "pretrain" / "best.pt"
-    torch.save({**data.load_checkpoint(best), "predicts_no_foreground": True}, best)  # as a collapsed run leaves it
+    torch.save({**inference.load_checkpoint(best), "predicts_no_foreground": True}, best)  # as a collapsed run leaves it
     with pytest.raises(data.DataError, match=r"best\.pt: predicts no foreground on any validation volume that has some.*--labeled-batch-size"):
         train.main([*flags, "--phase", "selftrain"])
     assert not (tmp_path / "selftrain").exists()
@@ -2342,7 +2484,7 @@ def test_the_fully_supervised_la_row_trains_and_selftrain_asks_for_unlabeled_cas
     trains; self-training says it has no unlabeled case."""
     flags = ["--root", str(la_root), *LA_TINY, "--labeled-patients", "6", "--out", str(tmp_path)]
     train.main([*flags, "--phase", "supervised", "--iterations", "1", "--batch-size", "2"])
-    assert data.load_checkpoint(tmp_path / "supervised" / "last.pt")["iteration"] == 1
+    assert inference.load_checkpoint(tmp_path / "supervised" / "last.pt")["iteration"] == 1
     with pytest.raises(data.DataError, match="every training case is labeled; selftrain needs unlabeled ones"):
         train.main([*flags, "--phase", "selftrain", "--iterations", "1"])
 
@@ -2354,7 +2496,7 @@ def test_bf16_autocast_path_trains(synthetic_root, tmp_path):
     for precision in ("bf16", "fp32"):
         train.main(["--root", str(synthetic_root), *TINY, "--out", str(tmp_path / precision), "--phase", "pretrain",
                     "--iterations", "2", "--precision", precision])
-    bf16, fp32 = (data.load_checkpoint(tmp_path / p / "pretrain" / "last.pt") for p in ("bf16", "fp32"))
+    bf16, fp32 = (inference.load_checkpoint(tmp_path / p / "pretrain" / "last.pt") for p in ("bf16", "fp32"))
     assert bf16["flags"]["precision"] == "bf16"
     weights = [(bf16["model"][k], v) for k, v in fp32["model"].items() if v.is_floating_point()]
     assert all(torch.isfinite(a).all() for a, _ in weights)
@@ -2416,7 +2558,7 @@ def test_supervised_phase_and_evaluation_json(synthetic_root, tmp_path, capsys):
                    "--export", str(tmp_path / "small.pt")])
     evaluate.main(["--root", str(synthetic_root), "--checkpoint", str(tmp_path / "small.pt"), "--json", str(tmp_path / "small.json")])
     small = json.loads((tmp_path / "small.json").read_text())
-    full, half = (data.load_model(path)[0].eval() for path in (tmp_path / "supervised" / "best.pt", tmp_path / "small.pt"))
+    full, half = (inference.load_model(path)[0].eval() for path in (tmp_path / "supervised" / "best.pt", tmp_path / "small.pt"))
     slices = torch.cat([data.resize_nearest(torch.from_numpy(image), 32, 32) for _, image, _ in data.Dataset(synthetic_root).volumes(data.read_list(synthetic_root, "test.list"))])
     with torch.no_grad():  # fp16 weights, cast back to float32, give the same probabilities to rounding
         probabilities = [model(slices[:, None]).softmax(1) for model in (full, half)]
@@ -2460,12 +2602,36 @@ def test_la_end_to_end_on_synthetic_phantoms(la_root, tmp_path, capsys):
     evaluate.main(["--checkpoint", str(checkpoint), "--predict", str(tmp_path / f"{case}.nii.gz"),
                    "--out", str(tmp_path / "labels"), "--stride", "16", "16", "--windows", "authors"])
     predicted = np.asarray(nibabel.load(tmp_path / "labels" / f"{case}.nii.gz").dataobj)
-    model, _ = data.load_model(checkpoint)
+    model, _ = inference.load_model(checkpoint)
     expected = largest_connected_component(authors_sliding_window(model.eval(), image, (32, 32, 16), 16, 16).argmax(0) == 1)
     assert predicted.shape == image.shape and expected.any() and (predicted != expected).mean() < 1e-3
 
 
 @pytest.mark.slow
+@pytest.mark.slow
+def test_evaluate_segments_as_the_plan_in_the_checkpoint_says(la_root, tmp_path, monkeypatch):
+    """evaluate.py takes the plan from the checkpoint and never works it out again: an LA model segments with
+    the authors' windows and every class's largest component; the same checkpoint with those two plan fields
+    changed by hand segments with nnU-Net's windows and no post-processing, on a split and with --predict."""
+    train.main(["--root", str(la_root), *LA_TINY, "--out", str(tmp_path), "--phase", "supervised", "--iterations", "1"])
+    checkpoint = torch.load(tmp_path / "supervised" / "best.pt", weights_only=True)
+    checkpoint["plan"] |= {"windows": "gaussian", "post_processing": "none"}
+    torch.save(checkpoint, tmp_path / "changed.pt")
+    scan = tmp_path / "scans" / "case.nii.gz"
+    scan.parent.mkdir()
+    nibabel.save(nibabel.Nifti1Image(np.random.default_rng(0).random((40, 36, 20), dtype=np.float32), np.eye(4)), scan)
+    seen, segment = [], inference.segment
+    def spy(model, image, plan, patch, stride, scale, keep_largest, native):
+        seen.append((plan.windows, list(keep_largest)))
+        return segment(model, image, plan, patch, stride, scale, keep_largest, native)
+    monkeypatch.setattr(inference, "segment", spy)
+    for name, expected in (("supervised/best.pt", ("authors", [1])), ("changed.pt", ("gaussian", []))):
+        evaluate.main(["--root", str(la_root), "--split", "val", "--checkpoint", str(tmp_path / name)])
+        evaluate.main(["--checkpoint", str(tmp_path / name), "--predict", str(scan), "--out", str(tmp_path / "labels")])
+        assert seen == [expected] * 3  # the two validation cases, the scan
+        seen.clear()
+
+
 def test_nan_in_a_test_volume_stops_evaluation_naming_it(synthetic_root, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(synthetic_root, copy)
@@ -2608,7 +2774,7 @@ def assert_same_runs(one, two, phase, parts=("model",)):
         logged = [[r[key] for r in run_rows if key in r] for run_rows in rows]
         assert len(logged[0]) == len(logged[1]) > 0, key
         np.testing.assert_allclose(logged[1], logged[0], rtol=1e-5, err_msg=key)
-    first, second = (data.load_checkpoint(run / phase / "last.pt") for run in (one, two))
+    first, second = (inference.load_checkpoint(run / phase / "last.pt") for run in (one, two))
     for part in parts:
         for key, value in first[part].items():
             if value.is_floating_point():
@@ -2650,10 +2816,10 @@ def test_a_run_cut_by_the_time_limit_under_torchrun_resumes_to_the_straight_runs
     torchrun([*common, "--out", str(tmp_path / "straight")])
     cut = torchrun([*common, "--out", str(tmp_path / "cut"), "--time-limit", "1"],
                    env={"PYTHONPATH": f"{clock.parent}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "FAKE_CLOCK": "1"})
-    stopped = data.load_checkpoint(tmp_path / "cut" / "pretrain" / "last.pt")["iteration"]
+    stopped = inference.load_checkpoint(tmp_path / "cut" / "pretrain" / "last.pt")["iteration"]
     assert 1 <= stopped < 8 and f"time limit: stopped at iteration {stopped} of 8" in cut.stdout
     torchrun([*common, "--out", str(tmp_path / "cut"), "--resume"])
-    assert data.load_checkpoint(tmp_path / "cut" / "pretrain" / "last.pt")["iteration"] == 8
+    assert inference.load_checkpoint(tmp_path / "cut" / "pretrain" / "last.pt")["iteration"] == 8
     assert_same_runs(tmp_path / "straight", tmp_path / "cut", "pretrain")
 
 
@@ -2686,7 +2852,7 @@ def test_cuda_selftrain_step_in_bf16_matches_the_cpu_in_fp32(synthetic_root):
         banks = [data.Dataset(synthetic_root).bank(n, device) for n in names]
         torch.manual_seed(0)
         run = tiny_run([*TINY, "--phase", "selftrain", "--device", device, "--precision", precision], *banks, device)
-        run.autocast = train.runtime(run.args)[1]
+        run.autocast = inference.runtime(device, precision, 2)[1]
         run.student.eval(), run.teacher.eval()
         losses[device] = train.selftrain_step(run, 3)[0].item()
     assert losses["cuda"] == pytest.approx(losses["cpu"], abs=0.05)
@@ -2719,16 +2885,17 @@ def test_cuda_evaluation_matches_the_cpu_voxel_by_voxel(layout, synthetic_root, 
     train.main(["--root", str(root), *flags, "--out", str(tmp_path), "--phase", "supervised", "--iterations", "8"])
     args = train.parse_args(["--root", str(root), *flags, "--phase", "supervised"])
     _, _, volumes, _, _ = train.load_data(args, torch.device("cpu"))
-    models = {device: data.load_model(tmp_path / "supervised" / "best.pt", device)[0].eval() for device in ("cpu", "cuda")}
-    for image, _ in volumes:
+    models = {device: inference.load_model(tmp_path / "supervised" / "best.pt", device)[0].eval() for device in ("cpu", "cuda")}
+    for image in (case.image for case in volumes):
         probabilities, labels = {}, {}
         for device, model in models.items():
             with torch.no_grad():
                 if layout == "acdc":
                     probabilities[device] = model(data.resize_nearest(image.to(device), 32, 32)[:, None]).softmax(1).cpu()
                 else:
-                    probabilities[device] = data.sliding_window_probabilities(model, image.to(device), (32, 32, 16), (16, 16, 16)).cpu()
-                labels[device] = data.segment(model, image.to(device), args.patch_size, args.stride).cpu()
+                    probabilities[device] = inference.sliding_window_probabilities(model, image.to(device), (32, 32, 16), (16, 16, 16)).cpu()
+                labels[device] = inference.segment(model, image.to(device), args.dataset.plan, args.patch_size, args.stride,
+                                                   keep_largest=args.dataset.plan.classes_kept(args.num_classes)).cpu()
         assert (probabilities["cuda"] - probabilities["cpu"]).abs().max() < CUDA_PROBABILITY_TOLERANCE
         top2 = probabilities["cpu"].topk(2, dim=1 if layout == "acdc" else 0).values
         clear = (top2.select(1 if layout == "acdc" else 0, 0) - top2.select(1 if layout == "acdc" else 0, 1)) > CUDA_LABEL_MARGIN
@@ -2774,10 +2941,10 @@ def test_cuda_compiled_run_cut_by_the_time_limit_resumes_to_the_straight_runs_we
     clock = iter(range(0, 10**6, 4))
     monkeypatch.setattr(train, "time", SimpleNamespace(time=lambda: float(next(clock))))
     train.main([*common, "--out", str(tmp_path / "cut"), "--time-limit", "1"])
-    assert data.load_checkpoint(tmp_path / "cut" / "pretrain" / "last.pt")["iteration"] < 12
+    assert inference.load_checkpoint(tmp_path / "cut" / "pretrain" / "last.pt")["iteration"] < 12
     monkeypatch.undo()
     train.main([*common, "--out", str(tmp_path / "cut"), "--resume"])
-    straight, resumed = (data.load_checkpoint(tmp_path / run / "pretrain" / "last.pt") for run in ("straight", "cut"))
+    straight, resumed = (inference.load_checkpoint(tmp_path / run / "pretrain" / "last.pt") for run in ("straight", "cut"))
     assert resumed["iteration"] == 12 and train.all_finite(resumed["model"])
     for key, value in straight["model"].items():
         torch.testing.assert_close(resumed["model"][key], value, atol=1e-5, rtol=1e-4, msg=key)

@@ -20,7 +20,6 @@ import math
 import os
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -29,11 +28,14 @@ import torch
 
 import bcp
 import data
+import inference
 import pictures
 
 # The authors' values, the same in their ACDC and their LA script: the method's constants, SGD's, how
-# often to validate, and the arithmetic. lr_decay "step" divides the lr by 10 every lr_step steps
-# (DEFAULTS: ACDC's lr_step 0, a constant lr; LA's 2,500 in self-training).
+# often to validate, and the arithmetic. lr_decay "step" divides the lr by 10 every lr_step steps (each data
+# set's plan in data.py: ACDC's lr_step 0, a constant lr; LA's 2,500 in self-training). A run's settings are
+# these | its plan's (data.ACDC_PLAN, data.LA_PLAN, your own data's) | --schedule cpu's | the flags given
+# (data.Plan.resolve).
 METHOD = {
     "u_weight": 0.5,       # alpha (Eq. 6): the weight of the loss terms of a region whose target is a pseudo-label
                            # (ground truth's: 1); constant from the first step, not ramped up as in Mean Teacher
@@ -44,59 +46,14 @@ METHOD = {
     "lr_decay": "step", "val_every": 200,   # the lr's rule (not poly's); validate and keep the best every 200 steps
     "precision": "fp32",   # TF32 convolutions on CUDA, as on the authors' RTX 3090
 }
-# The authors' settings where their ACDC and LA scripts differ. Per-phase values are dicts. batch_size
-# is the images of a supervised or selftrain step; pretrain draws labeled_batch_size images only (its
-# batch_size is unused). A flag left unset takes its METHOD value, or its data set's value here.
-DEFAULTS = {
-    "acdc": {"labeled_patients": 7, "batch_size": 24, "labeled_batch_size": 12, "patch_size": [256], "num_classes": 4,
-             "iterations": {"supervised": 10000, "pretrain": 10000, "selftrain": 30000}, "lr_step": 0,
-             "dice_loss": "acdc", "pretrain_loss": "regions", "selftrain_sgd": "pretrain"},
-    "la": {"labeled_patients": 8, "batch_size": {"supervised": 4, "pretrain": 4, "selftrain": 8}, "labeled_batch_size": 4,
-           "patch_size": [112, 112, 80], "num_classes": 2, "iterations": {"supervised": 6000, "pretrain": 2000, "selftrain": 15000},
-           "lr_step": {"supervised": 2500, "pretrain": 0, "selftrain": 2500},
-           "dice_loss": "la", "pretrain_loss": "whole", "selftrain_sgd": "fresh",
-           "val_cases": 8, "scale": 1.0, "foreground_crops": 0.0, "standardize": False},
-}
 
-# --schedule cpu: a pre-train and a self-train meant to end within an hour on a 2-core CPU, validations
-# included, chosen on the validation splits (docs/results.md, "An hour on a CPU"). They replace the values
-# above; a flag given on the command line still wins.
-CPU_SCHEDULE = {
-    "acdc": {"patch_size": [160], "batch_size": 12, "labeled_batch_size": 6, "lr_decay": "poly",
-             "iterations": {"pretrain": 6000, "selftrain": 4000}, "val_every": 500},
-    "la": {"patch_size": [64, 64, 32], "scale": 0.5, "batch_size": 8, "labeled_batch_size": 4, "lr_decay": "poly",
-           "lr_step": 0, "iterations": {"pretrain": 800, "selftrain": 2000}, "val_every": 200, "standardize": True},
-    # your own 3D scans: the crop, crops a step and spacing are the plan's (prepare_acdc.plan_3d); at most 25 minutes
-    "own3d": {"lr_decay": "poly", "lr_step": 0, "iterations": {"pretrain": 600, "selftrain": 900}, "val_every": 100},
-}
-# Where the CPU computes bf16 natively (cpu_bf16(): AVX-512 BF16 or AMX) and --precision is not given, the
-# schedule trains in bf16 (so does --precision bf16): a step costs 0.6-0.76 of an fp32 one there, and the hour
-# holds more self-training, the paper's share on ACDC and nearer it on LA (docs/results.md, try 4, "Faster steps").
-CPU_SCHEDULE["acdc_bf16"] = CPU_SCHEDULE["acdc"] | {"precision": "bf16", "iterations": {"pretrain": 2500, "selftrain": 7500}}
-CPU_SCHEDULE["la_bf16"] = CPU_SCHEDULE["la"] | {"precision": "bf16", "iterations": {"pretrain": 800, "selftrain": 3400}}
-# Seconds per step, validations included, measured by the schedule's runs on a 2-core CPU (docs/results.md,
-# docs/own_scans.md): the time the schedule announces, and self-training's share of the ETA while pre-training.
-CPU_SECONDS_PER_STEP = {"acdc": {"pretrain": 0.18, "selftrain": 0.48}, "acdc_bf16": {"pretrain": 0.14, "selftrain": 0.36},
-                        "la": {"pretrain": 0.51, "selftrain": 1.28}, "la_bf16": {"pretrain": 0.35, "selftrain": 0.81},
-                        "own3d": {"pretrain": 0.48, "selftrain": 1.27}}
-
-LA_ONLY = ("val_cases", "stride", "scale", "foreground_crops", "standardize")  # refused on ACDC, where they would change nothing
-OWN_FOREGROUND_CROPS = 1 / 3  # your own 3D scans: the share of labeled crops centred on the organ (nnU-Net's)
+THREE_D_ONLY = ("val_cases", "stride", "scale", "foreground_crops", "standardize")  # refused on 2D data, where they change nothing
 
 PHASES = ("supervised", "pretrain", "selftrain")
 # Flags that define what a run trains: --resume refuses a value other than the checkpoint's.
 RUN_FLAGS = ("phase", "labeled_patients", "batch_size", "labeled_batch_size", "patch_size", "num_classes",
              "beta", "mask", "u_weight", "ema_decay", "seed", "mix", "dice_loss", "pretrain_loss", "lr_step", "val_cases",
              "scale", "foreground_crops", "lr_decay", "standardize")
-
-
-def cpu_schedule_key(dataset, args):
-    """Which CPU_SCHEDULE --schedule cpu takes: the data's (your own 3D scans: "own3d"), in bf16 where the data
-    has a bf16 schedule and --precision says bf16, or says nothing on a CPU that computes bf16 natively."""
-    key = "own3d" if dataset.native_grids else dataset.layout
-    native = torch.device(args.device).type == "cpu" and bool(cpu_bf16())
-    bf16 = args.precision == "bf16" or (args.precision is None and native)
-    return f"{key}_bf16" if bf16 and f"{key}_bf16" in CPU_SCHEDULE else key
 
 
 def at_least(minimum, kind=int):
@@ -182,46 +139,44 @@ def parse_args(argv=None):
     p.add_argument("--init", help="selftrain: start student, teacher (and SGD state) from this checkpoint "
                                   "(default <out>/pretrain/best.pt)")
     args = p.parse_args(argv)
-    dataset = data.Dataset(args.root)  # the one description of --root, used by everything below
+    dataset = data.Dataset(args.root)  # the one description of --root and its plan, read by everything below
+    plan = dataset.plan
     if args.schedule == "cpu" and args.phase == "supervised":
         p.error("--schedule cpu times pre-training and self-training; --phase supervised takes the paper's settings")
-    args.schedule_key = cpu_schedule_key(dataset, args) if args.schedule == "cpu" else None
-    schedule = CPU_SCHEDULE[args.schedule_key] if args.schedule == "cpu" else {}
-    defaults = dict(METHOD, **DEFAULTS[dataset.layout]) | schedule | own_data_defaults(dataset, args, p)
-    for key in LA_ONLY:
-        if dataset.dims == 2 and getattr(args, key) is not None:
+    for key in THREE_D_ONLY:
+        if plan.dims == 2 and getattr(args, key) is not None:
             p.error(f"--{key.replace('_', '-')} applies to 3D volumes only; {args.root} holds 2D slices (the ACDC layout)")
-    args.set_by_schedule = sorted(key for key, value in schedule.items() if getattr(args, key) is None and defaults[key] == value)
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value[args.phase] if isinstance(value, dict) else value)
-    args.out = args.out or f"runs/{dataset.layout}_{args.labeled_patients}"
-    if len(args.patch_size) not in (1, dataset.dims):
-        p.error(f"--patch-size takes 1 or {dataset.dims} numbers on {args.root}, got {len(args.patch_size)}")
-    args.patch_size = tuple(args.patch_size * (dataset.dims // len(args.patch_size)))  # its length is the dimension
+    refused = plan.refuse(vars(args), args.root)
+    if refused:
+        p.error(refused)
+    bf16 = args.precision == "bf16" or (args.precision is None and args.schedule == "cpu"
+                                        and torch.device(args.device).type == "cpu" and bool(cpu_bf16()))
+    schedule, args.schedule_key = plan.schedule(args.schedule, bf16)
+    try:
+        settings, args.set_by_schedule = plan.resolve(METHOD, args.phase, schedule, vars(args))
+    except ValueError as error:
+        p.error(str(error))
+    vars(args).update(settings)
+    args.out = args.out or f"runs/{plan.name}_{args.labeled_patients}"
     if any(size % 16 for size in args.patch_size):
         p.error(f"--patch-size must be a multiple of 16 (the network halves it four times), got {list(args.patch_size)}")
     if not 0 < args.beta < 1:
         p.error(f"--beta must lie between 0 and 1, got {args.beta}")
     if not 0 <= args.ema_decay <= 1:
         p.error(f"--ema-decay must lie in [0, 1], got {args.ema_decay}")
-    if dataset.dims == 3 and not 0 <= args.foreground_crops <= 1:
-        p.error(f"--foreground-crops must lie in [0, 1], got {args.foreground_crops}")
-    args.preprocessing = dataset.own.get("preprocessing")  # your own 3D scans: what --predict repeats
-    if dataset.native_grids:
-        args.patch_size = clamped_patch(args.patch_size, dataset)
-    if dataset.dims == 3:
+    if plan.dims == 3:
+        if not 0 <= args.foreground_crops <= 1:
+            p.error(f"--foreground-crops must lie in [0, 1], got {args.foreground_crops}")
         if not 0 < args.scale <= 1:
             p.error(f"--scale must lie in (0, 1], got {args.scale}")
-        args.stride = args.stride or data.default_stride(args.patch_size)
         try:
-            data.check_stride(args.stride, args.patch_size)
+            args.stride = inference.strides(args.stride, args.patch_size)
         except ValueError as error:
             p.error(str(error))
     if args.resume and args.overwrite:
         p.error("--resume continues a run and --overwrite replaces it: give one")
     try:
-        data.checked_device(args.device)
+        inference.checked_device(args.device)
     except ValueError as error:
         p.error(str(error))
     half_batches = [args.labeled_batch_size] + ([args.batch_size - args.labeled_batch_size] if args.phase == "selftrain" else [])
@@ -237,35 +192,8 @@ def parse_args(argv=None):
                     f"by {processes} processes")
     if processes > 1 and args.device == "cuda":
         args.device = f"cuda:{os.environ['LOCAL_RANK']}"  # one GPU per process
-    args.dataset = dataset  # the description, not a flag: saved_flags leaves it out
+    args.dataset = dataset  # the description and its plan, not a flag: saved_flags leaves it out (checkpoints keep the plan)
     return args
-
-
-def own_data_defaults(dataset, args, p):
-    """Your own data (a dataset.json of prepare_acdc.py --raw): its classes, every labeled case labeled,
-    and in 3D its validation cases, the plan's crop and crops a step, nnU-Net's foreground crops and no
-    rescaling or z-scoring (prepare_acdc.py resampled and normalised the scans). Flags that ask for more
-    than it holds are refused."""
-    if not dataset.own:
-        return {}
-    labeled = dataset.labeled_count()
-    if (args.labeled_patients or 0) > labeled:
-        p.error(f"--labeled-patients {args.labeled_patients}: {args.root} has {labeled} labeled training cases")
-    defaults = {"num_classes": dataset.num_classes, "labeled_patients": labeled}
-    if dataset.dims == 2:
-        return defaults
-    if args.standardize:
-        p.error(f"--standardize: prepare_acdc.py already normalised the intensities of {args.root}")
-    if (args.val_cases or 0) > dataset.own["val_cases"]:
-        p.error(f"--val-cases {args.val_cases}: {args.root} holds {dataset.own['val_cases']} labeled validation cases "
-                f"(prepare_acdc.py --val-fraction sets them)")
-    plan = dataset.own.get("plan", {})  # the crop and crops a step prepare_acdc.py planned (older sets: LA's)
-    crops = {key: plan[key] for key in ("patch_size", "labeled_batch_size") if key in plan}
-    if "batch_size" in plan:
-        crops["batch_size"] = {"supervised": plan["labeled_batch_size"], "pretrain": plan["labeled_batch_size"],
-                               "selftrain": plan["batch_size"]}
-    return defaults | crops | {"val_cases": dataset.own["val_cases"], "foreground_crops": OWN_FOREGROUND_CROPS,
-                               "scale": 1.0, "standardize": False}
 
 
 def saved_flags(args):
@@ -273,21 +201,11 @@ def saved_flags(args):
     return {key: value for key, value in vars(args).items() if key != "dataset"}
 
 
-def clamped_patch(patch_size, dataset):
-    """Your own 3D scans: the crop cut to the smallest resampled training volume along each axis (to
-    a multiple of 16), said in one line; the mask's box follows the crop."""
-    cases = dataset.own["cases"]
-    smallest = np.min([cases[name]["resampled_shape"] for name in data.read_list(dataset.root, "train.list")], axis=0)
-    clamped = tuple(int(min(p, max(16, s // 16 * 16))) for p, s in zip(patch_size, smallest))
-    if clamped != patch_size:
-        print(f"--patch-size {' '.join(map(str, patch_size))} is larger than the smallest resampled training volume "
-              f"({' x '.join(map(str, smallest))}): crops of {' x '.join(map(str, clamped))}")
-    return clamped
-
-
 # ----------------------------------------------------------------------------- random streams
-# Every draw is a pure function of (seed, phase, stream, step): a resumed run draws exactly what an
-# uninterrupted one would, and self-training does not replay pre-training's batches and masks.
+# A step's batches, augmentation and mask come from generators keyed by the seed, the phase, the stream and the
+# step (the shuffle by the epoch), so self-training does not replay pre-training's batches and masks. Weights and
+# dropout draw from torch's global generator, seeded once, whose state every checkpoint keeps: a resumed run
+# draws exactly what an uninterrupted one would.
 
 PHASE_STREAMS = {"supervised": 0, "pretrain": 1, "selftrain": 2}
 LABELED, UNLABELED, MASK = 0, 1, 2  # the streams of a phase
@@ -434,60 +352,52 @@ STEPS = {"supervised": supervised_step, "pretrain": pretrain_step, "selftrain": 
 # ----------------------------------------------------------------------------- data, validation, checkpoints, pictures
 
 def load_data(args, device):
-    """The labeled and unlabeled banks (None before selftrain), the validation volumes as (image, label)
-    tensors, all on the device, one line saying what was loaded, and whether the unlabeled images have
-    true labels (ACDC's and LA's do; they never enter the loss, only the pseudo-label diagnostics)."""
-    dataset = args.dataset
+    """The labeled and unlabeled banks (None before selftrain), the validation volumes (data.Case) at full
+    resolution, as evaluated, all on the device, one line saying what was loaded, and whether the unlabeled
+    images have true labels (ACDC's and LA's do; they never enter the loss, only the pseudo-label diagnostics)."""
+    dataset, flags = args.dataset, vars(args)
     data.check_splits(dataset.root)
     labeled_names, unlabeled_names, val_names = dataset.cases(args.labeled_patients, args.val_cases)
-    if dataset.dims == 3:  # crops centred on the organ need labels: the labeled bank only
-        bank = lambda names, foreground=0.0: dataset.bank(names, device, args.scale, args.standardize, foreground, args.num_classes)
-        labeled = bank(labeled_names, args.foreground_crops)
-        held_aside = f"{len(val_names)} validation cases held aside from train.list ({val_names[0]} ...)"
-    else:
-        bank = lambda names: dataset.bank(names, device, num_classes=args.num_classes)
-        labeled = bank(labeled_names)
-        held_aside = f"{len(val_names)} validation volumes"
+    labeled = dataset.bank(labeled_names, device, flags, args.foreground_crops)  # centred crops need labels: labeled only
     unlabeled = None
     if args.phase == "selftrain":
         if not unlabeled_names:
             raise data.DataError(f"{dataset.root / 'train.list'}: every training case is labeled; selftrain needs unlabeled ones")
-        unlabeled = bank(unlabeled_names)
-    validation = dataset.volumes(val_names, standardize=dataset.dims == 3 and args.standardize,  # full resolution, as evaluated
-                                 num_classes=args.num_classes)
-    volumes = [(torch.from_numpy(image).to(device), torch.from_numpy(label).to(device)) for _, image, label in validation]
+        unlabeled = dataset.bank(unlabeled_names, device, flags)
+    cases = list(dataset.scored_cases(val_names, flags, device))
+    held_aside = (f"{len(val_names)} validation cases held aside from train.list ({val_names[0]} ...)" if dataset.plan.dims == 3
+                  else f"{len(val_names)} validation volumes")
     summary = (f"{args.phase}: {len(labeled_names)} labeled images ({args.labeled_patients} patients), "
                f"{len(unlabeled) if unlabeled else 0} unlabeled, {held_aside}, device {device}")
-    unlabeled_truth = not dataset.own.get("unlabeled")  # your own unlabeled scans have no labels
-    return labeled, unlabeled, volumes, summary, unlabeled_truth
+    return labeled, unlabeled, cases, summary, dataset.unlabeled_truth
 
 
 @torch.no_grad()
-def validate(model, volumes, args, autocast):
-    """Mean Dice over the validation volumes of each foreground class -> a list, one per class, and for your
-    own 3D scans the same with only the largest component of each class kept (else None), and whether the
-    model predicted no foreground at all on every volume whose label has some (a collapse). ACDC: each
-    volume's slices as one batch; LA: the sliding window and largest component of the evaluation (the
-    authors' in-training LA validation skips the largest component); a class the model does not predict
-    scores 0, as in the authors' evaluation. Your own scans, as nnU-Net validates: its windows (every half
-    window, Gaussian weights), a class absent from both prediction and truth left out of the means."""
-    dataset = args.dataset
-    own = dataset.scoring == "nnunet"
+def validate(model, cases, args, autocast):
+    """Mean Dice over the validation volumes of each foreground class -> a list, one per class; where the plan
+    chooses the post-processing (your own 3D scans), the same with only the largest component of each class
+    kept (else None); and whether the model predicted no foreground at all on every volume whose label has
+    some (a collapse). Each volume segmented as the plan says (inference.segment_and_score): ACDC's slices as
+    one batch; LA's sliding windows and largest component of the evaluation (the authors' in-training LA
+    validation skips the largest component); your own 3D scans' nnU-Net windows (every half window, Gaussian
+    weights). Scored as the plan scores: a class the model does not predict scores 0 (the paper), or a class
+    absent from both prediction and truth is left out of the means (nnU-Net)."""
+    plan, classes = args.dataset.plan, range(1, args.num_classes)
+    chosen = plan.post_processing == "chosen"
+
+    def score(case, prediction):
+        dice = lambda labels: bcp.dice_per_class(labels, case.truth, args.num_classes, plan.scoring)
+        largest_only = dice(bcp.keep_largest_components(prediction[None], classes)[0]) if chosen else None
+        return dice(prediction), largest_only, (not prediction.any()) if case.truth.any() else None
+
     model.eval()
-    as_predicted, largest_only, no_foreground = [], [], []
     with autocast:
-        for image, label in volumes:
-            prediction = data.segment(model, image, args.patch_size, args.stride, args.scale, gaussian=own,
-                                      keep_largest=[] if own else None)
-            as_predicted.append(bcp.dice_per_class(prediction, label, args.num_classes, dataset.scoring))
-            if label.any():
-                no_foreground.append(not prediction.any())
-            if dataset.native_grids:
-                kept = bcp.keep_largest_components(prediction[None], range(1, args.num_classes))[0]
-                largest_only.append(bcp.dice_per_class(kept, label, args.num_classes, dataset.scoring))
+        scores = inference.segment_and_score(model, cases, plan, vars(args), args.stride, plan.classes_kept(args.num_classes), score)
     model.train()
-    mean = lambda scores: torch.stack(scores).nanmean(0).tolist() if scores else None  # NaN: a class left out of every volume
-    return mean(as_predicted), mean(largest_only), bool(no_foreground) and all(no_foreground)
+    as_predicted, largest_only, empty = zip(*scores)
+    mean = lambda per_case: torch.stack(per_case).nanmean(0).tolist()  # NaN: a class left out of every volume
+    no_foreground = [empty_case for empty_case in empty if empty_case is not None]
+    return mean(as_predicted), mean(largest_only) if chosen else None, bool(no_foreground) and all(no_foreground)
 
 
 def float_tensors(state):
@@ -509,19 +419,6 @@ def format_seconds(seconds):
 
 
 # ----------------------------------------------------------------------------- main
-
-def runtime(args):
-    """Device, autocast context, memory format of models, and the forward wrapper (torch.compile or
-    nothing), resolved once from the flags (benchmark.py measures with the same)."""
-    device = torch.device(args.device)
-    if device.type == "cuda":  # fp32 as the authors ran it on an RTX 3090: TF32 matrix and convolution math
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "bf16" else nullcontext()
-    # channels-last weights and activations: faster on CUDA and, measured on a 2-core CPU, 4-27 % there too
-    memory_format = torch.channels_last if len(args.patch_size) == 2 else torch.channels_last_3d
-    compiled = torch.compile if args.compile else (lambda model: model)
-    return device, autocast, memory_format, compiled
-
 
 BF16_INSTRUCTIONS = ("avx512_bf16", "amx_bf16")  # x86 CPU flags of bf16 arithmetic in hardware
 
@@ -554,7 +451,7 @@ def checkpoint_to_resume(args, run_dir):
                             f"or --overwrite to start it again")
     if not (args.resume and last_path.exists()):
         return None
-    checkpoint = data.load_checkpoint(last_path, required=("model", "teacher", "optimizer", "iteration", "best_dice",
+    checkpoint = inference.load_checkpoint(last_path, required=("model", "teacher", "optimizer", "iteration", "best_dice",
                                                           "best_iteration", "elapsed", "flags", "rng"))
     compared = RUN_FLAGS + (("iterations",) if args.lr_decay == "poly" else ())  # poly's lr depends on the steps
     as_tuple = lambda value: tuple(value) if isinstance(value, list) else value  # flags.json-style lists
@@ -614,7 +511,8 @@ class RunFolder:
         if not all_finite(state):
             self.stop(f"the weights became NaN or infinite by iteration {progress['iteration']}")
         cuda = torch.cuda.get_rng_state() if run.device.type == "cuda" else None
-        self.write_checkpoint(path, {**state, **progress, "flags": saved_flags(self.args), "rng": {"torch": torch.get_rng_state(), "cuda": cuda}})
+        self.write_checkpoint(path, {**state, **progress, "flags": saved_flags(self.args), "plan": inference.saved_plan(self.args.dataset.plan),
+                                     "rng": {"torch": torch.get_rng_state(), "cuda": cuda}})
 
     def write_checkpoint(self, path, state):
         data.write_atomic(path, lambda f: torch.save(state, f))
@@ -667,7 +565,7 @@ def build_models(args, device, memory_format, checkpoint, folder):
     starts from the pre-training's best weights (and its SGD momentum with --selftrain-sgd pretrain).
     -> (student, teacher, optimizer, progress: iteration, best_dice, best_iteration, elapsed, and the best
     checkpoint's keep_largest and predicts_no_foreground)."""
-    architecture = args.dataset.network
+    architecture = bcp.NETWORKS[args.dataset.plan.dims]
     # torchrun: each BatchNorm takes its training statistics over the whole batch, not this process's share
     whole_batch = bcp.whole_batch_norms if bcp.process_share()[0] > 1 else (lambda model: model)
     network = lambda: whole_batch(architecture(num_classes=args.num_classes)).to(device, memory_format=memory_format)
@@ -677,9 +575,9 @@ def build_models(args, device, memory_format, checkpoint, folder):
     progress = {"iteration": 0, "best_dice": -1.0, "best_iteration": 0, "elapsed": 0.0, "keep_largest": None,
                 "predicts_no_foreground": False}
     if checkpoint is not None:
-        data.load_weights(student, checkpoint["model"], folder.last_path)
+        inference.load_weights(student, checkpoint["model"], folder.last_path)
         if teacher is not None:
-            data.load_weights(teacher, checkpoint["teacher"], folder.last_path)
+            inference.load_weights(teacher, checkpoint["teacher"], folder.last_path)
         optimizer.load_state_dict(checkpoint["optimizer"])
         progress = {key: checkpoint.get(key, value) for key, value in progress.items()}
         torch.set_rng_state(checkpoint["rng"]["torch"])
@@ -691,9 +589,9 @@ def build_models(args, device, memory_format, checkpoint, folder):
         folder.log(f"--resume: no {folder.last_path} yet, starting from the beginning")
     if teacher is not None and checkpoint is None:
         init_path = Path(args.init or Path(args.out) / "pretrain" / "best.pt")
-        init = data.load_checkpoint(init_path, required=("model",))
-        data.load_weights(student, init["model"], init_path)
-        data.load_weights(teacher, init["model"], init_path)
+        init = inference.load_checkpoint(init_path, required=("model",))
+        inference.load_weights(student, init["model"], init_path)
+        inference.load_weights(teacher, init["model"], init_path)
         if args.selftrain_sgd == "fresh":
             folder.log(f"student and teacher start from {init_path}; SGD starts fresh (--selftrain-sgd fresh)")
         elif init.get("optimizer"):  # the authors' load_net_opt: the SGD momentum buffers come along
@@ -723,17 +621,19 @@ def later_phases_seconds(args, seconds_per_step):
     machine's pace (this phase's seconds per step, times the ratio measured for the two phases)."""
     if args.schedule != "cpu" or args.phase != "pretrain":
         return 0.0
-    measured = CPU_SECONDS_PER_STEP[args.schedule_key]
-    return CPU_SCHEDULE[args.schedule_key]["iterations"]["selftrain"] * seconds_per_step * measured["selftrain"] / measured["pretrain"]
+    plan, key = args.dataset.plan, args.schedule_key
+    measured = plan.cpu_seconds[key]
+    return plan.cpu_settings[key]["iterations"]["selftrain"] * seconds_per_step * measured["selftrain"] / measured["pretrain"]
 
 
 def schedule_minutes(args):
-    """--schedule cpu: the minutes both phases take on the 2-core CPU that measured CPU_SECONDS_PER_STEP."""
-    steps = CPU_SCHEDULE[args.schedule_key]["iterations"] | {args.phase: args.iterations}
-    return sum(steps[phase] * seconds for phase, seconds in CPU_SECONDS_PER_STEP[args.schedule_key].items()) / 60
+    """--schedule cpu: the minutes both phases take on the 2-core CPU that measured the plan's cpu_seconds."""
+    plan, key = args.dataset.plan, args.schedule_key
+    steps = plan.cpu_settings[key]["iterations"] | {args.phase: args.iterations}
+    return sum(steps[phase] * seconds for phase, seconds in plan.cpu_seconds[key].items()) / 60
 
 
-def train(run, volumes, folder, progress):
+def train(run, cases, folder, progress):
     """The loop: a step, a progress line and metrics row every --log-every steps, validation and the
     checkpoints every --val-every steps, a clean stop before --time-limit."""
     args, device = run.args, run.device
@@ -788,7 +688,7 @@ def train(run, volumes, folder, progress):
 
         if validating:
             validation_start = time.time()
-            last_dice = validate_and_save(run, volumes, folder, progress, iteration, views, save)
+            last_dice = validate_and_save(run, cases, folder, progress, iteration, views, save)
             validation_seconds = time.time() - validation_start
             window_start += validation_seconds  # it/s counts training steps only
         if out_of_time:
@@ -799,7 +699,7 @@ def train(run, volumes, folder, progress):
     folder.log(f"done: best val Dice {progress['best_dice']:.4f} at iteration {progress['best_iteration']}; {folder.best_path}")
     if progress["predicts_no_foreground"]:
         folder.log(f"warning: {folder.best_path} predicts no foreground on any validation volume that has some. "
-                   f"{NO_FOREGROUND_ADVICE[args.dataset.dims]}")
+                   f"{NO_FOREGROUND_ADVICE[args.dataset.plan.dims]}")
     return True
 
 
@@ -813,11 +713,11 @@ def start_without_foreground(args):
     foreground on any volume that has some (the teacher's pseudo-labels would be empty: a collapse carried
     on), unless --init names it. -> that start's path when --init names such a model, else None."""
     init_path = Path(args.init or Path(args.out) / "pretrain" / "best.pt")
-    if not (init_path.is_file() and data.load_checkpoint(init_path, required=("model",)).get("predicts_no_foreground")):
+    if not (init_path.is_file() and inference.load_checkpoint(init_path, required=("model",)).get("predicts_no_foreground")):
         return None
     if not args.init:
         raise data.DataError(f"{init_path}: predicts no foreground on any validation volume that has some; self-training "
-                             f"from it would learn empty pseudo-labels. {NO_FOREGROUND_ADVICE[args.dataset.dims]} (--init {init_path} starts "
+                             f"from it would learn empty pseudo-labels. {NO_FOREGROUND_ADVICE[args.dataset.plan.dims]} (--init {init_path} starts "
                              f"from it anyway.)")
     return init_path
 
@@ -827,7 +727,7 @@ def class_list(classes):
     return ", ".join(map(str, classes)) or "none"
 
 
-def validate_and_save(run, volumes, folder, progress, iteration, views, save):
+def validate_and_save(run, cases, folder, progress, iteration, views, save):
     """Every --val-every steps: validate the student (rank 0), keep best.pt when it beats the best so far
     (your own scans: scored with the post-processing this validation chose, as evaluation will score it, and
     kept with that choice), write last.pt, the step's picture and the curves. -> the mean validation Dice
@@ -835,8 +735,8 @@ def validate_and_save(run, volumes, folder, progress, iteration, views, save):
     if isinstance(folder, QuietFolder):
         save(folder.last_path, iteration)  # checks the weights as rank 0 does; QuietFolder writes nothing
         return float("nan")
-    as_predicted, largest_only, no_foreground = validate(run.student, volumes, run.args, run.autocast)
-    keep_largest, per_class = (None, as_predicted) if largest_only is None else data.choose_post_processing(as_predicted, largest_only)
+    as_predicted, largest_only, no_foreground = validate(run.student, cases, run.args, run.autocast)
+    keep_largest, per_class = (None, as_predicted) if largest_only is None else inference.choose_post_processing(as_predicted, largest_only)
     dice = float(np.nan_to_num(np.nanmean(per_class)))  # the mean over classes, as evaluation scores it, picks the best checkpoint
     folder.write_metrics({"iter": iteration, "val_dice": dice, "val_dice_per_class": per_class})
     if dice > progress["best_dice"]:
@@ -859,11 +759,11 @@ def validate_and_save(run, volumes, folder, progress, iteration, views, save):
 def main(argv=None):
     args = parse_args(argv)
     checkpoint = checkpoint_to_resume(args, Path(args.out) / args.phase)
-    device, autocast, memory_format, compiled = runtime(args)
+    device, autocast, memory_format, compiled = inference.runtime(args.device, args.precision, args.dataset.plan.dims, args.compile)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():  # under torchrun
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
     torch.manual_seed(args.seed)
-    labeled, unlabeled, volumes, summary, unlabeled_truth = load_data(args, device)  # bad data stops here, before anything is written
+    labeled, unlabeled, cases, summary, unlabeled_truth = load_data(args, device)  # bad data stops here, before anything is written
     no_foreground = start_without_foreground(args) if args.phase == "selftrain" and checkpoint is None else None
     resume_iteration = checkpoint["iteration"] if checkpoint else 0
     folder = RunFolder(args, resume_iteration) if bcp.process_share()[1] == 0 else QuietFolder(args)
@@ -881,7 +781,7 @@ def main(argv=None):
                           teacher_forward=compiled(teacher) if teacher is not None else None,
                           labeled=labeled, unlabeled=unlabeled, unlabeled_truth=unlabeled_truth,
                           dice_loss=bcp.DICE_LOSSES[args.dice_loss])
-    if train(run, volumes, folder, progress) and progress["keep_largest"] is not None:
+    if train(run, cases, folder, progress) and progress["keep_largest"] is not None:
         folder.log(f"post-processing, chosen on validation with best.pt (nnU-Net's rule): the largest component kept for "
                    f"classes {class_list(progress['keep_largest'])}")
     if torch.distributed.is_initialized():

@@ -8,10 +8,11 @@ import torch
 
 import bcp
 import data
+import inference
 
 root, checkpoint_path = sys.argv[1:3]
-model, checkpoint = data.load_model(checkpoint_path)
-flags = checkpoint["flags"]
+model, checkpoint = inference.load_model(checkpoint_path)
+flags, plan = checkpoint["flags"], checkpoint["plan"]
 dataset = data.Dataset(root)
 volumes = dataset.volumes(dataset.split("val", flags), standardize=flags.get("standardize", False))
 for mode in ("running statistics (eval)", "each batch's statistics"):
@@ -20,7 +21,8 @@ for mode in ("running statistics (eval)", "each batch's statistics"):
         for layer in model.modules():
             if isinstance(layer, torch.nn.modules.batchnorm._BatchNorm):
                 layer.train()
-    scores = [bcp.dice_per_class(data.segment(model, torch.from_numpy(image), flags["patch_size"], flags["stride"],
-                                             flags["scale"]), torch.from_numpy(label), flags["num_classes"])[0].item()
+    scores = [bcp.dice_per_class(inference.segment(model, torch.from_numpy(image), plan, flags["patch_size"], flags["stride"],
+                                                  flags["scale"], plan.classes_kept(flags["num_classes"])),
+                                 torch.from_numpy(label), flags["num_classes"])[0].item()
               for _, image, label in volumes]
     print(f"{mode}: mean Dice {sum(scores) / len(scores):.4f} (" + " ".join(f"{s:.3f}" for s in scores) + ")")

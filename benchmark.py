@@ -77,17 +77,12 @@ def floor_seconds(flags, plan, steps):
 
     for _ in range(3):  # warm-up (and compilation)
         step()
-    synchronize(device)
+    inference.synchronize(device)
     start = time.time()
     for _ in range(steps):
         step()
-    synchronize(device)
+    inference.synchronize(device)
     return (time.time() - start) / steps
-
-
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 TRAIN = str(Path(__file__).with_name("train.py"))
@@ -95,8 +90,10 @@ TRAIN = str(Path(__file__).with_name("train.py"))
 
 def run_train(flags, env=None, launcher=(sys.executable,)):
     """train.py with these flags, in its own process (a script never imports a script); its log goes to its
-    run folder."""
-    subprocess.run([*launcher, TRAIN, *flags], check=True, capture_output=True, env=env)
+    run folder, and what it says when it fails ends the benchmark."""
+    result = subprocess.run([*launcher, TRAIN, *flags], capture_output=True, env=env)
+    if result.returncode:
+        raise SystemExit(f"train.py {' '.join(flags)} failed:\n{result.stderr.decode()[-2000:]}")
 
 
 def logged_seconds(out, phase):
@@ -107,11 +104,19 @@ def logged_seconds(out, phase):
     return (last["time"] - first["time"]) / (last["iter"] - first["iter"])
 
 
+def benchmark_patch(plan, patch_size):
+    """--patch-size as the plan takes it; one line when it cannot."""
+    try:
+        return plan.patch(patch_size)
+    except ValueError as error:
+        raise SystemExit(f"benchmark.py: {error}") from None
+
+
 def cheap_validation(plan, patch_size):
     """3D: one validation case, one window per window-sized block (the strides of the patch); nothing in 2D."""
     if plan.dims == 2:
         return []
-    patch = plan.patch(patch_size)
+    patch = benchmark_patch(plan, patch_size)
     return ["--val-cases", "1", "--stride", str(min(patch[:2])), str(patch[2])]
 
 
@@ -163,27 +168,28 @@ def bench_torchrun(args):
 
 
 def bench_pseudo_labels(args):
-    """Milliseconds per bcp.pseudo_label on a trained teacher's logits for real unlabeled batches, drawn with
-    the authors' augmentation at the checkpoint's patch."""
+    """Milliseconds per bcp.pseudo_label on a trained teacher's logits for real unlabeled batches of
+    --labeled-patients' unlabeled images at --patch-size, drawn with the authors' augmentation."""
     if not args.checkpoint:
         raise SystemExit("benchmark.py pseudo-labels: --checkpoint is required (the teacher)")
     teacher, checkpoint = inference.load_model(args.checkpoint, args.device)  # in train mode, as train.py's teacher
     flags, dataset = checkpoint["flags"], data.Dataset(args.root)
-    device, autocast, memory_format, _ = inference.runtime(args.device, args.precision or flags["precision"], checkpoint["plan"].dims)
+    patch = benchmark_patch(dataset.plan, args.patch_size)
+    device, autocast, memory_format, _ = inference.runtime(args.device, args.precision or "fp32", dataset.plan.dims)
     teacher.to(memory_format=memory_format)
-    bank = dataset.bank(dataset.cases(flags["labeled_patients"], flags.get("val_cases"))[1], device, flags)
+    bank = dataset.bank(dataset.cases(args.labeled_patients, flags.get("val_cases"))[1], device, flags)
     count, generator = args.batch_size - args.labeled_batch_size, torch.Generator().manual_seed(0)
-    draw = lambda: bank.batch(torch.randint(len(bank), (count,), generator=generator), flags["patch_size"],
+    draw = lambda: bank.batch(torch.randint(len(bank), (count,), generator=generator), patch,
                               bank.random_augmentation(count, generator))[0]
     with torch.no_grad(), autocast:
         logits = [teacher(draw()) for _ in range(args.steps)]
     bcp.pseudo_label(logits[0])  # warm-up
-    synchronize(device)
+    inference.synchronize(device)
     start = time.time()
     for batch in logits:
         bcp.pseudo_label(batch)
-    synchronize(device)
-    size = " x ".join(map(str, flags["patch_size"]))
+    inference.synchronize(device)
+    size = " x ".join(map(str, patch))
     print(f"device {device}: {1000 * (time.time() - start) / len(logits):.1f} ms per pseudo-label of {count} images "
           f"at {size} ({args.checkpoint}, {args.steps} batches)")
 
@@ -194,6 +200,8 @@ def bench_sliding_window(args):
     if not args.checkpoint:
         raise SystemExit("benchmark.py sliding-window: --checkpoint is required")
     model, checkpoint = inference.load_model(args.checkpoint, args.device)
+    if checkpoint["plan"].dims == 2:
+        raise SystemExit(f"benchmark.py sliding-window: {args.checkpoint} holds a 2D model, segmented slice by slice")
     model.eval()
     flags, plan = checkpoint["flags"], replace(checkpoint["plan"], windows=args.windows)
     dataset, classes = data.Dataset(args.root), plan.classes_kept(flags["num_classes"], checkpoint.get("keep_largest"))
@@ -203,10 +211,10 @@ def bench_sliding_window(args):
     for case in dataset.scored_cases(names, flags, args.device):
         start = time.perf_counter()
         labels = inference.segment(model, case.image, plan, flags["patch_size"], args.stride, flags.get("scale") or 1.0, classes)
-        synchronize(case.image.device)
+        inference.synchronize(case.image.device)
         middle = time.perf_counter()
         bcp.keep_largest_components(labels[None], classes)
-        synchronize(case.image.device)
+        inference.synchronize(case.image.device)
         segment_seconds, component_seconds = segment_seconds + middle - start, component_seconds + time.perf_counter() - middle
     size = data.scaled_size(case.image.shape, flags.get("scale") or 1.0)
     windows = math.prod(len(inference.window_starts(s, w, t)) for s, w, t in zip(size, flags["patch_size"], strides))
@@ -285,7 +293,7 @@ def main():
     p.add_argument("--num-classes", type=int, default=4)
     p.add_argument("--steps", type=int, default=40, help="steps per phase (at least 16)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--precision", choices=["fp32", "bf16"], help="as train.py (its default)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], help="as train.py (its default; pseudo-labels: fp32)")
     p.add_argument("--compile", action="store_true", help="as train.py")
     p.add_argument("--checkpoint", help="pseudo-labels: the teacher; sliding-window: the model (train.py checkpoints)")
     p.add_argument("--stride", type=int, nargs=2, default=[18, 4], metavar=("XY", "Z"), help="sliding-window strides")

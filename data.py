@@ -143,7 +143,8 @@ class Plan:
       dims             2: slices and a U-Net; 3: volumes, crops and a V-Net (bcp.NETWORKS); a patch's length
       settings         train.py's flags under the paper's schedule, a dict by phase where phases differ: the
                        patch, images a step, each phase's steps and lr policy, the Dice form and pre-training
-                       loss, the intensities (scale, standardize), the validation cases
+                       loss, the intensities (scale, standardize), the validation cases, the share of
+                       self-training steps a --budget plans (step_ratio)
       cpu_settings     what --schedule cpu replaces, by name: in fp32, and in bf16 (its "precision") where the CPU
                        computes bf16; cpu_seconds: their seconds a step, validations included, on a 2-core CPU
       windows          how a whole volume is segmented: "slices" (each slice resized to the patch: the authors'
@@ -154,10 +155,11 @@ class Plan:
       scoring          "paper": a class missing from the prediction scores 0; "nnunet": a class absent from
                        both prediction and reference is left out (bcp.dice_per_class)
       grid             "stored": scored on the h5 arrays; "native": on each scan's own grid, in mm
-      intensities      how --predict brings a NIfTI scan to the network: {"rule": "minmax"} (SSL4MIS's ACDC),
+      preprocessing    how --predict brings a NIfTI scan to the network: {"rule": "minmax"} (SSL4MIS's ACDC),
                        {"rule": "zscore"} (UA-MT's LA), or {"rule": "prepared"} with prepare_acdc.py's preprocessing
                        of your own 3D scans (spacing, modality, normalisation)
-      limits           your own data: the most labeled and validation cases it holds, the largest crop"""
+      limits           your own data: the most labeled and validation cases it holds
+      smallest_volume  your own 3D scans: the smallest resampled training volume, which cuts the crop"""
     name: str
     dims: int
     settings: dict
@@ -167,16 +169,17 @@ class Plan:
     post_processing: str
     scoring: str
     grid: str
-    intensities: dict
+    preprocessing: dict
     limits: dict = field(default_factory=dict)
+    smallest_volume: list = None
 
     def schedule(self, name, bf16):
         """(What --schedule `name` replaces, its key in cpu_settings and flags.json): nothing for "paper"; for
-        "cpu" this plan's CPU schedule, in bf16 where `bf16` asks and the plan has one."""
+        "cpu" this plan's CPU schedule in bf16 where `bf16` asks and the plan has one, else its fp32 one."""
         if name == "paper":
             return {}, None
-        in_bf16 = [key for key, settings in self.cpu_settings.items() if settings.get("precision") == "bf16"]
-        key = in_bf16[0] if bf16 and in_bf16 else next(iter(self.cpu_settings))
+        precisions = {settings.get("precision", "fp32"): key for key, settings in self.cpu_settings.items()}
+        key = precisions["bf16" if bf16 and "bf16" in precisions else "fp32"]
         return self.cpu_settings[key], key
 
     def resolve(self, base, phase, schedule, given):
@@ -188,8 +191,14 @@ class Plan:
         settings = {key: value[phase] if isinstance(value, dict) else value for key, value in defaults.items()}
         settings |= {key: given[key] for key in defaults if given.get(key) is not None}
         settings["patch_size"] = self.patch(settings["patch_size"])
-        set_by_schedule = sorted(key for key, value in schedule.items() if given.get(key) is None and defaults[key] == value)
+        set_by_schedule = sorted(key for key in schedule if given.get(key) is None)
         return settings, set_by_schedule
+
+    def selftrain_cost(self, schedule_key):
+        """A self-training step's seconds over a pre-training step's, as the plan's CPU schedules measured them
+        (a --budget's estimate until self-training measures its own)."""
+        seconds = self.cpu_seconds[schedule_key or next(iter(self.cpu_seconds))]
+        return seconds["selftrain"] / seconds["pretrain"]
 
     def patch(self, sizes):
         """1 or dims sizes -> a tuple of dims sizes (its length is the dimension), each at most your own
@@ -197,8 +206,7 @@ class Plan:
         if len(sizes) not in (1, self.dims):
             raise ValueError(f"--patch-size takes 1 or {self.dims} numbers for {self.dims}D data, got {len(sizes)}")
         patch = tuple(sizes) * (self.dims // len(sizes))
-        largest = self.limits.get("patch_size", patch)
-        fitted = tuple(min(p, most) for p, most in zip(patch, largest))
+        fitted = patch if self.smallest_volume is None else tuple(fitted_patch(patch, self.smallest_volume))
         if fitted != patch:
             print(f"--patch-size {' '.join(map(str, patch))} is larger than the smallest resampled training volume "
                   f"allows: crops of {' x '.join(map(str, fitted))}")
@@ -207,9 +215,9 @@ class Plan:
     def refuse(self, given, root):
         """A line naming the first flag given that asks for more than your own data at `root` holds; None if none."""
         for key, most in self.limits.items():
-            if key in LIMITS and (given.get(key) or 0) > most:
+            if (given.get(key) or 0) > most:
                 return f"--{key.replace('_', '-')} {given[key]}: {root} {LIMITS[key].format(most)}"
-        if given.get("standardize") and self.intensities["rule"] == "prepared":
+        if given.get("standardize") and self.preprocessing["rule"] == "prepared":
             return f"--standardize: prepare_acdc.py already normalised the intensities of {root}"
         return None
 
@@ -223,52 +231,57 @@ class Plan:
 
 # The authors' ACDC script: slices resized whole to 256 x 256, batch 24 = 12 labeled + 12 unlabeled, 10,000 +
 # 30,000 steps at a constant lr, the ACDC Dice, the two region terms in pre-training, SGD's momentum carried.
-# --schedule cpu: both phases within an hour on a 2-core CPU, validations included, chosen on the validation
-# split (docs/results.md, "An hour on a CPU"); in bf16 where the CPU computes bf16 natively (train.cpu_bf16),
-# where a step costs 0.63-0.78 of an fp32 one and the hour holds the paper's share of self-training.
+# --schedule cpu: both phases fill an hour on the machine they run on, validations included (--budget; the steps
+# planned from its speed, the paper's share of 1 : 3, the lr decayed over them), with the patch and batch chosen on
+# the validation split (docs/results.md, "An hour on a CPU"); in bf16 where the CPU computes bf16 natively
+# (train.cpu_bf16), where a step costs 0.63-0.78 of an fp32 one. The iterations are the fixed schedules that
+# --iterations keeps (machine-independent) and the share of steps a budget plans.
 ACDC_CPU = {"patch_size": [160], "batch_size": 12, "labeled_batch_size": 6, "lr_decay": "poly",
-            "iterations": {"pretrain": 6000, "selftrain": 4000}, "val_every": 500}
+            "iterations": {"pretrain": 6000, "selftrain": 4000}, "val_every": 500, "budget": 60}
 ACDC_PLAN = Plan(
     name="acdc", dims=2,
     settings={"labeled_patients": 7, "batch_size": 24, "labeled_batch_size": 12, "patch_size": [256], "num_classes": 4,
               "iterations": {"supervised": 10000, "pretrain": 10000, "selftrain": 30000}, "lr_step": 0,
-              "dice_loss": "acdc", "pretrain_loss": "regions", "selftrain_sgd": "pretrain"},
+              "dice_loss": "acdc", "pretrain_loss": "regions", "selftrain_sgd": "pretrain", "step_ratio": 3},
     cpu_settings={"acdc": ACDC_CPU, "acdc_bf16": ACDC_CPU | {"precision": "bf16", "iterations": {"pretrain": 2500, "selftrain": 7500}}},
     cpu_seconds={"acdc": {"pretrain": 0.18, "selftrain": 0.48}, "acdc_bf16": {"pretrain": 0.14, "selftrain": 0.36}},
-    windows="slices", post_processing="none", scoring="paper", grid="stored", intensities={"rule": "minmax"})
+    windows="slices", post_processing="none", scoring="paper", grid="stored", preprocessing={"rule": "minmax"})
 
 # The authors' LA script: random 112 x 112 x 80 crops, 4 labeled (+ 4 unlabeled in self-training), 2,000 + 15,000
 # steps, the lr divided by 10 every 2,500 self-training steps, the LA Dice over the whole crop in pre-training, SGD
 # fresh in self-training, sliding windows every 18, 18, 4 and the largest component; 8 cases held aside to validate.
-# --schedule cpu: volumes at half scale, 64 x 64 x 32 crops, each volume z-scored as loaded.
+# --schedule cpu: volumes at half scale, 64 x 64 x 32 crops, each volume z-scored as loaded; an hour at the share
+# of steps measured best, try 4's 800 : 3,400 (docs/results.md, "An hour on a CPU").
 LA_CPU = {"patch_size": [64, 64, 32], "scale": 0.5, "batch_size": 8, "labeled_batch_size": 4, "lr_decay": "poly",
-          "lr_step": 0, "iterations": {"pretrain": 800, "selftrain": 2000}, "val_every": 200, "standardize": True}
+          "lr_step": 0, "iterations": {"pretrain": 800, "selftrain": 2000}, "val_every": 200, "standardize": True,
+          "budget": 60, "step_ratio": 4.25}
 LA_PLAN = Plan(
     name="la", dims=3,
     settings={"labeled_patients": 8, "batch_size": {"supervised": 4, "pretrain": 4, "selftrain": 8}, "labeled_batch_size": 4,
               "patch_size": [112, 112, 80], "num_classes": 2,
               "iterations": {"supervised": 6000, "pretrain": 2000, "selftrain": 15000},
               "lr_step": {"supervised": 2500, "pretrain": 0, "selftrain": 2500}, "dice_loss": "la", "pretrain_loss": "whole",
-              "selftrain_sgd": "fresh", "val_cases": 8, "scale": 1.0, "foreground_crops": 0.0, "standardize": False},
+              "selftrain_sgd": "fresh", "val_cases": 8, "scale": 1.0, "foreground_crops": 0.0, "standardize": False,
+              "step_ratio": 7.5},
     cpu_settings={"la": LA_CPU, "la_bf16": LA_CPU | {"precision": "bf16", "iterations": {"pretrain": 800, "selftrain": 3400}}},
     cpu_seconds={"la": {"pretrain": 0.51, "selftrain": 1.28}, "la_bf16": {"pretrain": 0.35, "selftrain": 0.81}},
-    windows="authors", post_processing="largest", scoring="paper", grid="stored", intensities={"rule": "zscore"})
+    windows="authors", post_processing="largest", scoring="paper", grid="stored", preprocessing={"rule": "zscore"})
 
-LIMITS = {"labeled_patients": "has {} labeled training cases",
+LIMITS = {"labeled_patients": "has {} labeled training cases",  # what Plan.refuse says of each limit
           "val_cases": "holds {} labeled validation cases (prepare_acdc.py --val-fraction sets them)"}
 OWN_FOREGROUND_CROPS = 1 / 3  # your own 3D scans: the share of labeled crops centred on the organ (nnU-Net's)
 OWN_3D_CPU = {"lr_decay": "poly", "lr_step": 0, "iterations": {"pretrain": 600, "selftrain": 900}, "val_every": 100}
 
 
-def own_3d_plan(preprocessing, settings=None, limits=None):
+def own_3d_plan(preprocessing, settings=None, limits=None, smallest_volume=None):
     """Your own 3D scans: LA's network and losses on the crop and crops a step prepare_acdc.py planned, a third
     of the labeled crops centred on the organ, scored as nnU-Net scores (its windows, the post-processing
     chosen on validation, each scan's own grid) and --predict normalising and resampling as `preprocessing`
     says. --schedule cpu: at most 25 minutes on a 2-core CPU (docs/own_scans.md)."""
     return replace(LA_PLAN, name="own3d", settings=LA_PLAN.settings | (settings or {}), cpu_settings={"own3d": OWN_3D_CPU},
                    cpu_seconds={"own3d": {"pretrain": 0.48, "selftrain": 1.27}}, windows="gaussian",
-                   post_processing="chosen", scoring="nnunet", grid="native", intensities={"rule": "prepared"} | preprocessing,
-                   limits=limits or {})
+                   post_processing="chosen", scoring="nnunet", grid="native", preprocessing={"rule": "prepared"} | preprocessing,
+                   limits=limits or {}, smallest_volume=smallest_volume)
 
 
 def own_plan(dataset):
@@ -286,9 +299,13 @@ def own_plan(dataset):
         settings["batch_size"] = {"supervised": planned["labeled_batch_size"], "pretrain": planned["labeled_batch_size"],
                                   "selftrain": planned["batch_size"]}
     settings |= {"val_cases": own["val_cases"], "foreground_crops": OWN_FOREGROUND_CROPS}
-    smallest = np.min([own["cases"][name]["resampled_shape"] for name in read_list(dataset.root, "train.list")], axis=0)
-    return own_3d_plan(own["preprocessing"], settings, {"labeled_patients": labeled, "val_cases": own["val_cases"],
-                                                        "patch_size": largest_crop(smallest)})
+    names = read_list(dataset.root, "train.list")
+    missing = next((name for name in names if "resampled_shape" not in own["cases"].get(name, {})), None)
+    if missing:
+        raise DataError(f"{dataset.root / 'dataset.json'}: no resampled shape of {missing} in 'cases' (write it again "
+                        f"with prepare_acdc.py --raw)")
+    smallest = np.min([own["cases"][name]["resampled_shape"] for name in names], axis=0).tolist()
+    return own_3d_plan(own["preprocessing"], settings, {"labeled_patients": labeled, "val_cases": own["val_cases"]}, smallest)
 
 
 def largest_crop(shape):
@@ -303,7 +320,7 @@ def fitted_patch(patch, shape):
 
 
 class Dataset:
-    """What a --root holds, read once where it is opened; train.py, evaluate.py and prepare_acdc.py ask it.
+    """What a --root holds, read once where it is opened; train.py, evaluate.py, prepare_acdc.py and benchmark.py ask it.
       layout       where the files are: "acdc", the SSL4MIS layout (2D slices to train on, volumes to validate
                    and test); "la", UA-MT's (3D volumes in <LA_FOLDER>/<case>/mri_norm2.h5), which your own 3D
                    scans share
@@ -396,7 +413,7 @@ class Dataset:
             truth, spacing, native = label, None, None
             if grid == "native":
                 truth, spacing = torch.from_numpy(self.native_label(name)).to(device), self.own["cases"][name]["spacing"]
-                native = scan_grid(truth.shape, spacing, self.own["preprocessing"])
+                native = scan_grid(truth.shape, spacing, self.plan.preprocessing)
             yield Case(name, torch.from_numpy(image).to(device), label, truth, spacing, native)
 
 
@@ -663,13 +680,14 @@ def scan_input(path, plan):
         return volume, volume, None, header
     shown, spacing, _, header = read_scan_3d(path, "--predict")
     check_finite(shown, path)
-    if plan.intensities["rule"] == "zscore":
+    if plan.preprocessing["rule"] == "zscore":
         return shown, zscore(shown), None, header  # in place
-    return (shown, preprocess_3d(shown, spacing, plan.intensities, path), scan_grid(shown.shape, spacing, plan.intensities),
+    return (shown, preprocess_3d(shown, spacing, plan.preprocessing, path), scan_grid(shown.shape, spacing, plan.preprocessing),
             header)  # `shown` normalised in place
 
 
 def check_finite(image, path):
+    """Refuse an image with NaN or infinite voxels, naming the file and how many."""
     if not np.isfinite(image).all():
         raise DataError(f"{path}: {np.size(image) - np.isfinite(image).sum()} NaN or infinite voxels; "
                         f"fill or mask them before segmenting")
@@ -1053,7 +1071,6 @@ def write_atomic(path, data):
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
-
 
 
 def read_metrics(path):

@@ -98,7 +98,7 @@ def score_split(model, checkpoint, dataset, args, device):
     def score(case, prediction):
         if args.save_png:
             shown = prediction if case.native is None else data.resample_spacing(
-                prediction, case.image.shape, data.spacing_steps(case.spacing, scored.intensities["spacing"]), nearest=True)
+                prediction, case.image.shape, data.spacing_steps(case.spacing, scored.preprocessing["spacing"]), nearest=True)
             pictures.save_montage(Path(args.save_png) / f"{case.name}.png", case.image.cpu().numpy(),
                                   [case.label.cpu().numpy(), shown.cpu().numpy()], slices_last=plan.dims == 3)
         return bcp.score_volume(prediction.cpu().numpy(), case.truth.cpu().numpy(), flags["num_classes"], case.spacing, scored.scoring)
@@ -251,7 +251,7 @@ def main(argv=None):
     if plan.dims == 3:  # the plan's windows, unless --windows or --stride asks for others
         checkpoint["plan"] = plan = replace(plan, windows=args.windows or ("authors" if args.stride else plan.windows))
         try:
-            args.stride = inference.strides(args.stride, flags["patch_size"])
+            args.stride = inference.checked_strides(args.stride, flags["patch_size"])
         except ValueError as error:
             p.error(str(error))
     if plan.post_processing == "chosen":
@@ -259,8 +259,8 @@ def main(argv=None):
         kept = f"classes {', '.join(map(str, kept))}" if kept else "no class"
         print(f"post-processing (chosen on validation): the largest component kept for {kept}")
     if args.predict:
-        if plan.intensities["rule"] == "prepared":
-            data.check_grid(plan.intensities, args.checkpoint, "train it again on scans prepared by this version")
+        if plan.preprocessing["rule"] == "prepared":
+            data.check_grid(plan.preprocessing, args.checkpoint, "train it again on scans prepared by this version")
         return predict_scans(model, checkpoint, args.stride, data.nifti_scans(args.predict), Path(args.out), args.device,
                              Path(args.save_png) if args.save_png else None)
     dataset = data.Dataset(args.root)

@@ -43,7 +43,7 @@ def window_starts(size, window, stride):
 AUTHORS_STRIDE = (18, 4)  # UA-MT's and BCP's LA test strides (XY, Z) for a 112 x 112 x 80 window
 
 
-def strides(given, window):
+def checked_strides(given, window):
     """--stride XY Z, or the authors' strides each at most the window's side where none is given: (XY, Z) for a
     (D1, D2, D3) window. A stride larger than the window would leave voxels between windows out: ValueError."""
     stride = list(given or (min(AUTHORS_STRIDE[0], *window[:2]), min(AUTHORS_STRIDE[1], window[2])))
@@ -111,7 +111,7 @@ def resample_argmax(probabilities, size, steps, slab=8):
 
 def segment(model, image, plan, patch, stride=None, scale=1.0, keep_largest=(), native=None):
     """A whole volume's labels, by the plan's windows: "slices", slice by slice (segment_slices); "authors",
-    sliding windows every `stride` (XY, Z) with the probabilities averaged (the authors' LA test); "gaussian",
+    sliding windows every `stride` (XY, Z; the authors' by default) with the probabilities averaged (their LA test); "gaussian",
     nnU-Net's, every half window weighted by gaussian_importance. A model trained at --scale segments the
     volume resampled alike and its probabilities come back. Then the argmax (two classes: foreground where
     p1 > 0.5), on the volume's grid or on `native`, (size, steps) of your own scan's own grid (resample_argmax;
@@ -119,10 +119,10 @@ def segment(model, image, plan, patch, stride=None, scale=1.0, keep_largest=(), 
     (Plan.classes_kept). The model must be in eval mode."""
     if plan.windows == "slices":
         return segment_slices(model, image, patch)
-    strides, weights = (([w // 2 for w in patch], gaussian_importance(patch, image.device)) if plan.windows == "gaussian"
-                        else (window_strides(stride), None))
+    steps, weights = (([w // 2 for w in patch], gaussian_importance(patch, image.device)) if plan.windows == "gaussian"
+                      else (window_strides(checked_strides(stride, patch)), None))
     resampled = data.resample(image, data.scaled_size(image.shape, scale)) if scale != 1 else image
-    probabilities = sliding_window_probabilities(model, resampled, patch, strides, weights=weights)
+    probabilities = sliding_window_probabilities(model, resampled, patch, steps, weights=weights)
     if scale != 1:
         probabilities = data.resample(probabilities, image.shape)
     labels = probabilities.argmax(0) if native is None else resample_argmax(probabilities, *native)
@@ -177,7 +177,8 @@ def load_weights(model, weights, path):
 def checkpoint_plan(checkpoint, path):
     """The data.Plan a checkpoint keeps. One written before plans were kept (up to commit 1a93707) gets its
     plan here, from its flags: your own 3D scans' where they hold the scans' preprocessing, else LA's for a
-    3D patch and ACDC's for a 2D one."""
+    3D patch and ACDC's for a 2D one (also for your own 2D data's: it segments alike, and evaluate.py scores a
+    split as its data set's plan scores it)."""
     if "plan" in checkpoint:
         try:
             return data.Plan(**checkpoint["plan"])
@@ -196,7 +197,7 @@ def saved_plan(plan):
 
 def load_model(path, device="cpu", weights="model"):
     """(U-Net or V-Net, by the plan's dimension, with the weights of a train.py checkpoint or its fp16 export,
-    on `device`; the checkpoint, its "plan" a data.Plan, checkpoint_plan's). weights "teacher": a self-training
+    on `device`; the checkpoint, its "plan" replaced by checkpoint_plan's data.Plan). weights "teacher": a self-training
     checkpoint's EMA teacher instead of its student ("model")."""
     checkpoint = load_checkpoint(path, required=(weights, "flags"))
     flags = checkpoint["flags"] if isinstance(checkpoint["flags"], dict) else {}
@@ -222,6 +223,12 @@ def checked_device(name):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: CUDA is not available on this machine")
     return device
+
+
+def synchronize(device):
+    """Wait for the device's queued work (CUDA); nothing on the CPU, which computes as it is asked."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def runtime(device, precision, dims, compile=False):

@@ -1130,8 +1130,9 @@ def test_a_checkpoint_weights_only_refuses_is_one_line(tmp_path):
 PLAN_KEYS = ("labeled_patients", "batch_size", "labeled_batch_size", "patch_size", "num_classes", "iterations", "lr_decay",
              "lr_step", "val_every", "precision", "dice_loss", "pretrain_loss", "selftrain_sgd", "val_cases", "scale",
              "foreground_crops", "standardize", "stride", "schedule_key", "set_by_schedule")
-CPU_ACDC = ["batch_size", "iterations", "labeled_batch_size", "lr_decay", "patch_size", "val_every"]
-CPU_LA = ["batch_size", "iterations", "labeled_batch_size", "lr_decay", "lr_step", "patch_size", "scale", "standardize", "val_every"]
+CPU_ACDC = ["batch_size", "budget", "iterations", "labeled_batch_size", "lr_decay", "patch_size", "val_every"]  # + the budget of
+CPU_LA = ["batch_size", "budget", "iterations", "labeled_batch_size", "lr_decay", "lr_step", "patch_size", "scale",  # issue 55
+          "standardize", "step_ratio", "val_every"]
 SETTINGS_AT_1A93707 = {
     ("acdc", "selftrain", (), False): [7, 24, 12, (256, 256), 4, 30000, "step", 0, 200, "fp32", "acdc", "regions", "pretrain",
                                        None, None, None, None, None, None, []],
@@ -1175,7 +1176,8 @@ def own_roots(tmp_path_factory):
 def test_each_kinds_plan_resolves_the_settings_it_replaced(kind, phase, flags, native_bf16, synthetic_root, la_root, own_roots,
                                                            monkeypatch):
     """ACDC's, LA's, your own 2D and 3D data's plans, under the paper's schedule and --schedule cpu, with and
-    without native bf16, with flags given: train.py resolves exactly what it did before the plans."""
+    without native bf16, with flags given: train.py resolves exactly what it did before the plans (and --schedule
+    cpu sets its budget, and on LA its share of steps)."""
     monkeypatch.setattr(train, "cpu_bf16", lambda: ["avx512_bf16"] if native_bf16 else [])
     root = {"acdc": synthetic_root, "la": la_root, **own_roots}[kind]
     args = train.parse_args(["--root", str(root), "--phase", phase, *flags, "--device", "cpu"])
@@ -1187,11 +1189,11 @@ def test_each_kind_of_data_has_its_plan(synthetic_root, la_root, own_roots):
     """What each plan decides beyond the flags: the paper's protocols for ACDC and LA, nnU-Net's scoring for your
     own data, and in 3D its windows, post-processing, grid and preprocessing."""
     plans = {kind: data.Dataset(root).plan for kind, root in (("acdc", synthetic_root), ("la", la_root), *own_roots.items())}
-    assert {kind: (plan.dims, plan.windows, plan.post_processing, plan.scoring, plan.grid, plan.intensities["rule"])
+    assert {kind: (plan.dims, plan.windows, plan.post_processing, plan.scoring, plan.grid, plan.preprocessing["rule"])
             for kind, plan in plans.items()} == {
         "acdc": (2, "slices", "none", "paper", "stored", "minmax"), "la": (3, "authors", "largest", "paper", "stored", "zscore"),
         "own2d": (2, "slices", "none", "nnunet", "stored", "minmax"), "own3d": (3, "gaussian", "chosen", "nnunet", "native", "prepared")}
-    assert plans["own3d"].intensities["spacing"] == data.Dataset(own_roots["own3d"]).own["preprocessing"]["spacing"]
+    assert plans["own3d"].preprocessing["spacing"] == data.Dataset(own_roots["own3d"]).own["preprocessing"]["spacing"]
     assert [plans["la"].classes_kept(3), plans["acdc"].classes_kept(4), plans["own3d"].classes_kept(3, [2]),
             plans["own3d"].classes_kept(3)] == [[1, 2], [], [2], []]
 
@@ -1206,7 +1208,7 @@ def test_a_checkpoint_from_before_the_plans_gets_its_plan_on_reading():
     assert old(patch_size=[64, 64, 32]) == data.LA_PLAN and old(patch_size=[160, 160]) == data.ACDC_PLAN
     preprocessing = {"spacing": [3.0, 3.0, 3.0], "modality": "MRI", "grid": data.EXACT_GRID}
     own = old(patch_size=[48, 32, 16], preprocessing=preprocessing)
-    assert (own.windows, own.post_processing, own.intensities) == ("gaussian", "chosen", {"rule": "prepared"} | preprocessing)
+    assert (own.windows, own.post_processing, own.preprocessing) == ("gaussian", "chosen", {"rule": "prepared"} | preprocessing)
     assert inference.checkpoint_plan({"plan": inference.saved_plan(own), "flags": {}}, "new.pt") == own
 
 
@@ -1910,7 +1912,7 @@ def test_strides_cover_every_voxel_or_are_refused(la_root, tmp_path, capsys):
     with pytest.raises(ValueError, match="stride must lie in 1 .. the window"):
         inference.window_starts(100, 32, 40)
     probabilities = inference.sliding_window_probabilities(WindowModel().eval(), torch.randn(40, 40, 20), (16, 16, 16),
-                                                     inference.window_strides(inference.strides(None, [16, 16, 16])))
+                                                     inference.window_strides(inference.checked_strides(None, [16, 16, 16])))
     assert torch.isfinite(probabilities).all()
 
 
@@ -2234,8 +2236,61 @@ def test_hour_eta_adds_the_self_training_to_come_only_while_pretraining(syntheti
     monkeypatch.setattr(train, "cpu_bf16", lambda: [])
     pretrain = train.parse_args(["--root", str(synthetic_root), "--schedule", "cpu", "--phase", "pretrain"])
     measured, steps = data.ACDC_PLAN.cpu_seconds["acdc"], data.ACDC_PLAN.cpu_settings["acdc"]["iterations"]["selftrain"]
-    assert train.later_phases_seconds(pretrain, 2 * measured["pretrain"]) == pytest.approx(2 * steps * measured["selftrain"])
-    assert train.later_phases_seconds(train.parse_args(["--root", str(synthetic_root), "--schedule", "cpu", "--phase", "selftrain"]), 1.0) == 0
+    fixed = {"budget": None}
+    assert train.later_phases_seconds(pretrain, fixed, 2 * measured["pretrain"]) == pytest.approx(2 * steps * measured["selftrain"])
+    selftrain = train.parse_args(["--root", str(synthetic_root), "--schedule", "cpu", "--phase", "selftrain"])
+    assert train.later_phases_seconds(selftrain, fixed, 1.0) == 0
+    budget = {"steps": {"pretrain": 100, "selftrain": 300}, "seconds": {"pretrain": 0.1, "selftrain": 0.3, "validation": 5.0}}
+    planned = (100 * 0.1 + 5.0) / 100  # a pre-training step with its share of the validations
+    assert train.later_phases_seconds(pretrain, {"budget": budget}, 2 * planned) == pytest.approx(2 * (300 * 0.3 + 5.0))
+
+
+@pytest.mark.parametrize("pretrain,selftrain,validation", [(0.14, 0.36, 4.0), (0.07, 0.18, 2.0), (0.5, 1.3, 12.0)])
+def test_budget_steps_fill_the_budget_on_slow_and_fast_machines(pretrain, selftrain, validation):
+    """Steps at the paper's 1 : 3 share, validations every 500 and at each end: the hour holds both phases and
+    not one unit of steps more; a machine twice as fast plans twice the steps; self-training alone fills what
+    pre-training left."""
+    hour, step_seconds = 3600, {"pretrain": pretrain, "selftrain": selftrain}
+    steps = train.budget_steps(hour, step_seconds, validation, 500, {"pretrain": 1, "selftrain": 3})
+    assert steps["selftrain"] in (3 * steps["pretrain"], 3 * steps["pretrain"] + 1, 3 * steps["pretrain"] + 2)
+    spent = {phase: train.phase_seconds(count, step_seconds[phase], validation, 500) for phase, count in steps.items()}
+    unit = pretrain + 3 * selftrain + 4 * validation / 500
+    assert hour - unit - 2 * validation <= sum(spent.values()) <= hour
+    faster = train.budget_steps(hour, {phase: seconds / 2 for phase, seconds in step_seconds.items()}, validation / 2, 500,
+                                {"pretrain": 1, "selftrain": 3})
+    assert 2 * steps["pretrain"] <= faster["pretrain"] <= 2.01 * steps["pretrain"]
+    left = train.budget_steps(hour - spent["pretrain"], {"selftrain": selftrain}, validation, 500, {"selftrain": 1})
+    assert hour - spent["pretrain"] - selftrain - validation <= train.phase_seconds(left["selftrain"], selftrain, validation, 500) + spent["pretrain"] <= hour
+    assert left["selftrain"] >= steps["selftrain"]
+
+
+@pytest.mark.slow
+def test_a_budget_plans_both_phases_before_their_first_step_and_resume_keeps_the_plan(synthetic_root, tmp_path, monkeypatch,
+                                                                                    capsys):
+    """--budget: pre-training measures a step and a validation (here: given), plans both phases and trains its
+    planned steps with the lr decayed over them; flags.json and the checkpoints keep the plan, and --resume
+    trains on it without measuring again; self-training plans again from what pre-training left."""
+    measured = {"pretrain": (0.1, 0.5), "selftrain": (0.26, 0.5)}  # seconds a step, a validation
+    monkeypatch.setattr(train, "measured_seconds", lambda run, cases, compiled: measured[run.args.phase])
+    common = ["--root", str(synthetic_root), *TINY, "--val-every", "1000", "--out", str(tmp_path), "--schedule", "cpu",
+              "--precision", "fp32", "--budget", "1"]
+    train.main([*common, "--phase", "pretrain"])
+    planned = inference.load_checkpoint(tmp_path / "pretrain" / "last.pt")["budget"]
+    steps = planned["steps"]
+    assert steps["selftrain"] in (3 * steps["pretrain"], 3 * steps["pretrain"] + 1, 3 * steps["pretrain"] + 2)
+    assert 30 < steps["pretrain"] < 60 * 0.97 / (0.1 + 3 * 0.1 * data.ACDC_PLAN.selftrain_cost("acdc"))
+    assert json.loads((tmp_path / "pretrain" / "flags.json").read_text())["iterations"] == steps["pretrain"]
+    rows, _ = data.read_metrics(tmp_path / "pretrain" / "metrics.jsonl")
+    assert rows[-1]["iter"] == steps["pretrain"] and rows[-2]["lr"] < 0.01 * (1 / steps["pretrain"]) ** 0.9 * 1.01
+    assert f"pretrain {steps['pretrain']} steps" in capsys.readouterr().out
+    monkeypatch.setattr(train, "measured_seconds", lambda *_: pytest.fail("a resumed run measured again"))
+    train.main([*common, "--phase", "pretrain", "--resume"])
+    assert inference.load_checkpoint(tmp_path / "pretrain" / "last.pt")["budget"] == planned
+    monkeypatch.setattr(train, "measured_seconds", lambda run, cases, compiled: measured[run.args.phase])
+    train.main([*common, "--phase", "selftrain", "--init", str(tmp_path / "pretrain" / "best.pt")])
+    assert "pre-training took" in capsys.readouterr().out  # a few seconds, faster than planned: more steps are left
+    replanned = inference.load_checkpoint(tmp_path / "selftrain" / "last.pt")["budget"]["steps"]["selftrain"]
+    assert steps["selftrain"] <= replanned <= 60 / train.PACE_LIMITS[0] / 0.26
 
 
 def test_each_phase_draws_its_own_batches_and_masks(synthetic_root):

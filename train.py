@@ -8,6 +8,7 @@ Train BCP, or the labeled-only network it is compared with, on ACDC (2D, U-Net) 
     python train.py --root data/LA --phase pretrain  # LA in UA-MT's layout: the authors' LA settings
     python train.py --phase selftrain --resume       # continue an interrupted phase from <out>/<phase>/last.pt
     python train.py --phase selftrain --time-limit 50    # stop cleanly within 50 minutes; --resume continues
+    python train.py --phase pretrain --schedule cpu      # both phases fill an hour on this CPU (--budget 60)
 
 Defaults are the authors' settings for the data set (ACDC: 7 labeled patients, 10%; LA: 8 labeled
 cases, 10%); every one is a flag (-h).
@@ -15,10 +16,12 @@ Each phase writes <out>/<phase>/: best.pt, last.pt, metrics.jsonl, train.log, fl
 A phase folder that holds a run is never started over unless --overwrite says so.
 """
 import argparse
+import copy
 import json
 import math
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -73,8 +76,8 @@ def parse_args(argv=None):
     p.add_argument("--out", help="run folder; each phase writes <out>/<phase>/ (runs/<data set>_<labeled>)")
     p.add_argument("--phase", choices=PHASES, default="pretrain")
     p.add_argument("--schedule", choices=["paper", "cpu"], default="paper",
-                   help="paper: the authors' settings (for a GPU); cpu: pre-train + self-train within an hour on a "
-                        "2-core CPU (CPU_SCHEDULE; flags given win; flags.json lists what it set)")
+                   help="paper: the authors' settings (for a GPU); cpu: pre-train + self-train filling an hour on this "
+                        "CPU (the plan's cpu_settings in data.py; flags given win; flags.json lists what it set)")
     p.add_argument("--labeled-patients", type=at_least(1),
                    help="ACDC: the first N patients of train.list are labeled, all their slices (7: 10%%; 3: 5%%); LA: "
                         "the first N cases, one volume each (8: 10%%; 4: 5%%); your own data: every labeled one")
@@ -132,6 +135,13 @@ def parse_args(argv=None):
                    f"autocast (faster on a GPU, and on a CPU with bf16 instructions, where --schedule cpu takes it) "
                    f"({METHOD['precision']})")
     p.add_argument("--compile", action="store_true", help="torch.compile the student and teacher forwards")
+    p.add_argument("--budget", type=at_least(1.0, float), metavar="MINUTES",
+                   help="both phases, validations included, within this many minutes on this machine: each phase's steps "
+                        "planned from the seconds a step and a validation measured here, the lr decayed over them "
+                        "(--schedule cpu: 60); --iterations fixes the steps instead")
+    p.add_argument("--step-ratio", type=at_least(0.01, float), metavar="R",
+                   help="--budget: self-training steps per pre-training step (ACDC 3, the paper's 30,000 : 10,000; LA 7.5, "
+                        "under --schedule cpu 4.25)")
     p.add_argument("--time-limit", type=at_least(1.0, float), metavar="MINUTES",
                    help="stop before this much time has passed, with last.pt written; --resume continues")
     p.add_argument("--resume", action="store_true", help="continue from <out>/<phase>/last.pt")
@@ -139,6 +149,7 @@ def parse_args(argv=None):
     p.add_argument("--init", help="selftrain: start student, teacher (and SGD state) from this checkpoint "
                                   "(default <out>/pretrain/best.pt)")
     args = p.parse_args(argv)
+    iterations_given, processes = args.iterations is not None, int(os.environ.get("WORLD_SIZE", "1"))
     dataset = data.Dataset(args.root)  # the one description of --root and its plan, read by everything below
     plan = dataset.plan
     if args.schedule == "cpu" and args.phase == "supervised":
@@ -157,6 +168,11 @@ def parse_args(argv=None):
     except ValueError as error:
         p.error(str(error))
     vars(args).update(settings)
+    if args.budget and (iterations_given or processes > 1 or args.phase == "supervised"):
+        if "budget" not in args.set_by_schedule:
+            p.error("--budget plans pre-training's and self-training's steps in one process: give it without --iterations, "
+                    "--phase supervised or torchrun")
+        args.budget = None  # the schedule's steps, as given or fixed
     args.out = args.out or f"runs/{plan.name}_{args.labeled_patients}"
     if any(size % 16 for size in args.patch_size):
         p.error(f"--patch-size must be a multiple of 16 (the network halves it four times), got {list(args.patch_size)}")
@@ -170,7 +186,7 @@ def parse_args(argv=None):
         if not 0 < args.scale <= 1:
             p.error(f"--scale must lie in (0, 1], got {args.scale}")
         try:
-            args.stride = inference.strides(args.stride, args.patch_size)
+            args.stride = inference.checked_strides(args.stride, args.patch_size)
         except ValueError as error:
             p.error(str(error))
     if args.resume and args.overwrite:
@@ -182,7 +198,7 @@ def parse_args(argv=None):
     half_batches = [args.labeled_batch_size] + ([args.batch_size - args.labeled_batch_size] if args.phase == "selftrain" else [])
     if args.phase != "supervised" and any(n < 2 or n % 2 for n in half_batches):
         p.error(f"--phase {args.phase} splits each half of the batch in two: got {half_batches} images")
-    processes = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun: each process takes a share of every half
+    # torchrun: each process takes a share of every half
     shared = [("--batch-size", args.batch_size)] if args.phase == "supervised" else \
         [("--labeled-batch-size", args.labeled_batch_size // 2)] + \
         ([("--batch-size", (args.batch_size - args.labeled_batch_size) // 2)] if args.phase == "selftrain" else [])
@@ -453,6 +469,8 @@ def checkpoint_to_resume(args, run_dir):
         return None
     checkpoint = inference.load_checkpoint(last_path, required=("model", "teacher", "optimizer", "iteration", "best_dice",
                                                           "best_iteration", "elapsed", "flags", "rng"))
+    if args.budget and checkpoint.get("budget"):
+        args.iterations = checkpoint["budget"]["steps"][args.phase]  # the steps the run planned
     compared = RUN_FLAGS + (("iterations",) if args.lr_decay == "poly" else ())  # poly's lr depends on the steps
     as_tuple = lambda value: tuple(value) if isinstance(value, list) else value  # flags.json-style lists
     as_text = lambda value: " ".join(map(str, value)) if isinstance(value, tuple) else value  # --patch-size 32 32
@@ -485,7 +503,10 @@ class RunFolder:
             self.log(f"{metrics_path}: dropped {torn} unreadable line(s), a write cut short")
         data.write_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in rows if r["iter"] <= resume_iteration).encode())
         self.metrics_file = open(metrics_path, "a")
-        data.write_atomic(self.dir / "flags.json", (json.dumps(saved_flags(args), indent=2) + "\n").encode())
+        self.write_flags()
+
+    def write_flags(self):
+        data.write_atomic(self.dir / "flags.json", (json.dumps(saved_flags(self.args), indent=2) + "\n").encode())
 
     def log(self, message):
         print(message, flush=True)
@@ -553,6 +574,9 @@ class QuietFolder(RunFolder):
     def write_checkpoint(self, path, state):
         pass
 
+    def write_flags(self):
+        pass
+
     def save_curves(self):
         pass
 
@@ -573,7 +597,7 @@ def build_models(args, device, memory_format, checkpoint, folder):
     teacher = network() if args.phase == "selftrain" else None
     optimizer = torch.optim.SGD(student.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     progress = {"iteration": 0, "best_dice": -1.0, "best_iteration": 0, "elapsed": 0.0, "keep_largest": None,
-                "predicts_no_foreground": False}
+                "predicts_no_foreground": False, "budget": None}
     if checkpoint is not None:
         inference.load_weights(student, checkpoint["model"], folder.last_path)
         if teacher is not None:
@@ -616,21 +640,127 @@ def learning_rate(args, iteration):
     return args.lr * 0.1 ** ((iteration - 1) // args.lr_step) if args.lr_step else args.lr
 
 
-def later_phases_seconds(args, seconds_per_step):
-    """--schedule cpu, while pre-training: the self-training still to come, its steps timed at this
-    machine's pace (this phase's seconds per step, times the ratio measured for the two phases)."""
-    if args.schedule != "cpu" or args.phase != "pretrain":
+def later_phases_seconds(args, progress, seconds_per_step):
+    """While pre-training under --budget or --schedule cpu: the self-training still to come, at this machine's
+    pace (this phase's seconds a step, validations included, over what the budget planned for it, or over
+    the ratio the plan's CPU schedules measured for the two phases)."""
+    if args.phase != "pretrain" or not (progress["budget"] or args.schedule == "cpu"):
         return 0.0
+    if progress["budget"]:
+        steps, seconds = progress["budget"]["steps"], progress["budget"]["seconds"]
+        planned = phase_seconds(steps["pretrain"], seconds["pretrain"], seconds["validation"], args.val_every) / steps["pretrain"]
+        return phase_seconds(steps["selftrain"], seconds["selftrain"], seconds["validation"], args.val_every) * seconds_per_step / planned
     plan, key = args.dataset.plan, args.schedule_key
-    measured = plan.cpu_seconds[key]
-    return plan.cpu_settings[key]["iterations"]["selftrain"] * seconds_per_step * measured["selftrain"] / measured["pretrain"]
+    return plan.cpu_settings[key]["iterations"]["selftrain"] * seconds_per_step * plan.selftrain_cost(key)
 
 
 def schedule_minutes(args):
-    """--schedule cpu: the minutes both phases take on the 2-core CPU that measured the plan's cpu_seconds."""
+    """--schedule cpu with fixed steps: the minutes both phases take on the 2-core CPU that measured the plan's
+    cpu_seconds."""
     plan, key = args.dataset.plan, args.schedule_key
     steps = plan.cpu_settings[key]["iterations"] | {args.phase: args.iterations}
     return sum(steps[phase] * seconds for phase, seconds in plan.cpu_seconds[key].items()) / 60
+
+
+# ----------------------------------------------------------------------------- --budget: the steps that fill it here
+# Under a time budget, train for the steps that fit it with the lr decayed over exactly those steps (Li, Yumer and
+# Ramanan, "Budgeted training", ICLR 2020): a machine twice as fast trains twice the steps in the same hour.
+
+CALIBRATION_STEPS = (3, 12)  # a budgeted phase first takes this many warm-up, then timed steps on copies of its models
+BUDGET_MARGIN = 0.03  # of the budget left free: the speed of a step wanders by a few percent over an hour
+
+
+def budget_steps(seconds, step_seconds, validation_seconds, val_every, shares):
+    """The steps of each phase in `shares` (its steps per unit: {"pretrain": 1, "selftrain": 3}) that fill
+    `seconds` where a step of a phase takes step_seconds[phase] and a validation, every val_every steps and at
+    each phase's end, validation_seconds. -> {phase: steps}, at least 1 each."""
+    per_unit = sum(share * (step_seconds[phase] + validation_seconds / val_every) for phase, share in shares.items())
+    units = (seconds - len(shares) * validation_seconds) / per_unit
+    return {phase: max(1, int(share * units)) for phase, share in shares.items()}
+
+
+def phase_seconds(steps, step_seconds, validation_seconds, val_every):
+    """The seconds a phase of `steps` steps takes, with a validation every val_every steps and at its end."""
+    return steps * step_seconds + math.ceil(steps / val_every) * validation_seconds
+
+
+def measured_seconds(run, cases, compiled):
+    """(Seconds a step of this phase, seconds a validation) on this machine: CALIBRATION_STEPS of the phase's
+    own step on copies of the student, teacher and SGD, then a validation of the copy with what follows it
+    (best.pt, last.pt and the step's picture, written to a scratch folder). The run's models, its draws
+    (keyed by step) and its dropout (torch's generator, forked) stay as they were."""
+    args, device = run.args, run.device
+    trial = SimpleNamespace(**vars(run))
+    trial.student, trial.teacher = copy.deepcopy(run.student), copy.deepcopy(run.teacher)
+    trial.student_forward = compiled(trial.student)
+    trial.teacher_forward = compiled(trial.teacher) if trial.teacher is not None else None
+    trial.optimizer = torch.optim.SGD(trial.student.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    trial.optimizer.load_state_dict(run.optimizer.state_dict())
+    warm_up, timed = CALIBRATION_STEPS
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        for iteration in range(1, warm_up + timed + 1):
+            if iteration == warm_up + 1:
+                inference.synchronize(device)
+                start = time.time()
+            _, views, _ = STEPS[args.phase](trial, iteration)
+        inference.synchronize(device)
+        step = (time.time() - start) / timed
+        start = time.time()
+        validate(trial.student, cases, args, run.autocast)
+        state = {"model": trial.student.state_dict(), "teacher": trial.teacher and trial.teacher.state_dict(),
+                 "optimizer": trial.optimizer.state_dict()}
+        with tempfile.TemporaryDirectory() as scratch:
+            for name in ("best.pt", "last.pt"):
+                data.write_atomic(Path(scratch) / name, lambda f: torch.save(state, f))
+            pictures.save_step_picture(Path(scratch) / "step.png", views)
+    return step, time.time() - start
+
+
+PACE_LIMITS = (0.8, 1.5)  # how far self-training trusts pre-training's pace against its plan
+
+
+def pretraining_spent(args):
+    """What the budgeted pre-training that self-training starts from spent (its last.pt beside the --init
+    checkpoint): (its seconds, its start included; its pace, the seconds its steps and validations took over
+    the seconds its plan expected, which the checkpoints and pictures at each validation add to), or None
+    when it kept no budget."""
+    path = Path(args.init or Path(args.out) / "pretrain" / "best.pt").with_name("last.pt")
+    pretraining = inference.load_checkpoint(path, required=("model",)) if path.is_file() else {}
+    budget = pretraining.get("budget")
+    if not budget:
+        return None
+    seconds = budget["seconds"]
+    expected = phase_seconds(budget["steps"]["pretrain"], seconds["pretrain"], seconds["validation"], pretraining["flags"]["val_every"])
+    return pretraining["elapsed"] + budget["setup"], min(max(pretraining["elapsed"] / expected, PACE_LIMITS[0]), PACE_LIMITS[1])
+
+
+def plan_budget(run, cases, compiled, folder, started):
+    """--budget: this phase's steps from the seconds a step and a validation take on this machine
+    (measured_seconds), so that both phases, validations included, end within the budget. Pre-training plans
+    both, --step-ratio self-training steps to one of its own, a self-training step about plan.selftrain_cost
+    times its own, and leaves self-training a start as long as its own; self-training plans again from what
+    pre-training left, at its own measured speed and pre-training's pace against its plan. -> the plan, which the
+    checkpoints keep (--resume continues it)."""
+    args = run.args
+    step, validation = measured_seconds(run, cases, compiled)
+    setup = time.time() - started
+    left = 60 * args.budget * (1 - BUDGET_MARGIN) - setup
+    if args.phase == "pretrain":
+        seconds = {"pretrain": step, "selftrain": step * args.dataset.plan.selftrain_cost(args.schedule_key)}
+        steps = budget_steps(left - setup, seconds, validation, args.val_every, {"pretrain": 1, "selftrain": args.step_ratio})
+        said = (f"a pre-training step {step:.3f} s, a validation {validation:.1f} s, a self-training step about "
+                f"{seconds['selftrain']:.3f} s (measured again when it starts)")
+    else:
+        spent, pace = pretraining_spent(args) or (0.0, 1.0)
+        seconds = {"selftrain": step}
+        steps = budget_steps((left - spent) / pace, seconds, validation, args.val_every, {"selftrain": 1})
+        said = (f"pre-training took {spent / 60:.1f} minutes, {pace:.2f} times its plan" if spent else
+                "no budgeted pre-training to count, self-training plans the whole budget") + \
+               f"; a self-training step {step:.3f} s, a validation {validation:.1f} s"
+    minutes = " + ".join(f"{phase} {count} steps ({phase_seconds(count, seconds[phase], validation, args.val_every) / 60:.1f} min)"
+                         for phase, count in steps.items())
+    folder.log(f"--budget {args.budget:g} minutes on this machine: {said}, measured here: {minutes}, the lr decayed over them")
+    return {"minutes": args.budget, "steps": steps, "seconds": seconds | {"validation": validation}, "setup": setup}
 
 
 def train(run, cases, folder, progress):
@@ -680,8 +810,8 @@ def train(run, cases, folder, progress):
             validation = f"val Dice {last_text} (best {progress['best_dice']:.4f} @ {best})" if best else "val Dice -"
             pseudo_text = f" | pseudo-label Dice {row['pseudo_dice']:.4f}" if "pseudo_dice" in row else ""
             seconds_left = (args.iterations - iteration) * seconds_per_step
-            schedule_left = seconds_left + later_phases_seconds(args, seconds_per_step)
-            schedule_eta = f" (schedule {format_seconds(schedule_left)})" if args.schedule == "cpu" else ""
+            schedule_left = seconds_left + later_phases_seconds(args, progress, seconds_per_step)
+            schedule_eta = f" (schedule {format_seconds(schedule_left)})" if args.schedule == "cpu" or args.budget else ""
             folder.log(f"iter {iteration}/{args.iterations} | loss {mean_loss:.4f}{pseudo_text} | {speed:.2f} it/s | "
                        f"ETA {format_seconds(seconds_left)}{schedule_eta} | {validation}")
             loss_sum, pseudo_sum, window_steps, window_start = torch.zeros((), device=device), torch.zeros((), device=device), 0, now
@@ -757,6 +887,7 @@ def validate_and_save(run, cases, folder, progress, iteration, views, save):
 
 
 def main(argv=None):
+    started = time.time()
     args = parse_args(argv)
     checkpoint = checkpoint_to_resume(args, Path(args.out) / args.phase)
     device, autocast, memory_format, compiled = inference.runtime(args.device, args.precision, args.dataset.plan.dims, args.compile)
@@ -768,7 +899,7 @@ def main(argv=None):
     resume_iteration = checkpoint["iteration"] if checkpoint else 0
     folder = RunFolder(args, resume_iteration) if bcp.process_share()[1] == 0 else QuietFolder(args)
     folder.log(f"{summary}; {precision_line(args, device)}")
-    if args.schedule == "cpu":
+    if args.schedule == "cpu" and not args.budget:
         folder.log(f"--schedule cpu: both phases about {schedule_minutes(args):.0f} minutes on the 2-core CPU that "
                    f"measured it (validations included)")
     if no_foreground:
@@ -781,6 +912,10 @@ def main(argv=None):
                           teacher_forward=compiled(teacher) if teacher is not None else None,
                           labeled=labeled, unlabeled=unlabeled, unlabeled_truth=unlabeled_truth,
                           dice_loss=bcp.DICE_LOSSES[args.dice_loss])
+    if args.budget:
+        progress["budget"] = progress["budget"] or plan_budget(run, cases, compiled, folder, started)
+        args.iterations = progress["budget"]["steps"][args.phase]
+        folder.write_flags()
     if train(run, cases, folder, progress) and progress["keep_largest"] is not None:
         folder.log(f"post-processing, chosen on validation with best.pt (nnU-Net's rule): the largest component kept for "
                    f"classes {class_list(progress['keep_largest'])}")

@@ -2290,7 +2290,36 @@ def test_a_budget_plans_both_phases_before_their_first_step_and_resume_keeps_the
     train.main([*common, "--phase", "selftrain", "--init", str(tmp_path / "pretrain" / "best.pt")])
     assert "pre-training took" in capsys.readouterr().out  # a few seconds, faster than planned: more steps are left
     replanned = inference.load_checkpoint(tmp_path / "selftrain" / "last.pt")["budget"]["steps"]["selftrain"]
-    assert steps["selftrain"] <= replanned <= 60 / train.PACE_LIMITS[0] / 0.26
+    assert steps["selftrain"] <= replanned <= 60 / 0.26
+
+
+def test_each_validation_of_a_budgeted_phase_plans_the_steps_that_still_fit():
+    """100 s allotted, a validation 1 s every 10 steps: after 50 steps in 44 s (4 validations before this one: 0.8 s
+    a step) the 56 s left hold this validation and 55 s, 60 more steps with their 6 validations (54 s); after 50 in
+    84 s (1.6 s a step) 15 s hold 8 more (13.8 s); after 50 in 100 s none. The plan and flags.json follow."""
+    for elapsed, steps in ((44.0, 110), (84.0, 58), (100.0, 50)):
+        budget = {"steps": {"pretrain": 100}, "seconds": {"validation": 1.0}, "allotted": 100.0}
+        args, said = SimpleNamespace(iterations=100, phase="pretrain", val_every=10), []
+        folder = SimpleNamespace(log=said.append, write_flags=lambda: said.append("flags"))
+        train.replan_budget(args, {"budget": budget}, 50, elapsed, folder)
+        assert args.iterations == budget["steps"]["pretrain"] == steps and said[-1] == "flags"
+        assert f"{steps} steps fit this phase" in said[0]
+
+
+@pytest.mark.slow
+def test_a_budgeted_phase_ends_where_its_validations_plan_it(synthetic_root, tmp_path, monkeypatch):
+    """The loop follows the plan a validation makes: a phase planned for many steps that its first
+    validation (step 10) cuts to 15 ends at step 15, validated there, its lr decayed to the new end."""
+    monkeypatch.setattr(train, "measured_seconds", lambda run, cases, compiled: (0.1, 0.5))
+    def cut(args, progress, iteration, elapsed, folder):
+        args.iterations = progress["budget"]["steps"][args.phase] = iteration + 5
+    monkeypatch.setattr(train, "replan_budget", cut)
+    train.main(["--root", str(synthetic_root), *TINY, "--val-every", "10", "--out", str(tmp_path), "--schedule", "cpu",
+                "--precision", "fp32", "--budget", "1", "--phase", "pretrain"])
+    rows, _ = data.read_metrics(tmp_path / "pretrain" / "metrics.jsonl")
+    assert [row["iter"] for row in rows if "val_dice" in row] == [10, 15]
+    assert rows[-2]["lr"] == pytest.approx(0.01 * (1 / 15) ** 0.9)
+    assert inference.load_checkpoint(tmp_path / "pretrain" / "last.pt")["budget"]["steps"]["pretrain"] == 15
 
 
 def test_each_phase_draws_its_own_batches_and_masks(synthetic_root):

@@ -716,22 +716,12 @@ def measured_seconds(run, cases, compiled):
     return step, time.time() - start
 
 
-PACE_LIMITS = (0.8, 1.5)  # how far self-training trusts pre-training's pace against its plan
-
-
-def pretraining_spent(args):
-    """What the budgeted pre-training that self-training starts from spent (its last.pt beside the --init
-    checkpoint): (its seconds, its start included; its pace, the seconds its steps and validations took over
-    the seconds its plan expected, which the checkpoints and pictures at each validation add to), or None
-    when it kept no budget."""
+def pretraining_seconds(args):
+    """The seconds the budgeted pre-training that self-training starts from took, its start included (its
+    last.pt beside the --init checkpoint), or None when it kept no budget."""
     path = Path(args.init or Path(args.out) / "pretrain" / "best.pt").with_name("last.pt")
     pretraining = inference.load_checkpoint(path, required=("model",)) if path.is_file() else {}
-    budget = pretraining.get("budget")
-    if not budget:
-        return None
-    seconds = budget["seconds"]
-    expected = phase_seconds(budget["steps"]["pretrain"], seconds["pretrain"], seconds["validation"], pretraining["flags"]["val_every"])
-    return pretraining["elapsed"] + budget["setup"], min(max(pretraining["elapsed"] / expected, PACE_LIMITS[0]), PACE_LIMITS[1])
+    return pretraining["elapsed"] + pretraining["budget"]["setup"] if pretraining.get("budget") else None
 
 
 def plan_budget(run, cases, compiled, folder, started):
@@ -739,8 +729,9 @@ def plan_budget(run, cases, compiled, folder, started):
     (measured_seconds), so that both phases, validations included, end within the budget. Pre-training plans
     both, --step-ratio self-training steps to one of its own, a self-training step about plan.selftrain_cost
     times its own, and leaves self-training a start as long as its own; self-training plans again from what
-    pre-training left, at its own measured speed and pre-training's pace against its plan. -> the plan, which the
-    checkpoints keep (--resume continues it)."""
+    pre-training left, at its own measured speed. Each validation plans the phase's steps again at the pace
+    it has kept (replan_budget). -> the plan, with the seconds the phase is allotted, which the checkpoints keep
+    (--resume continues it)."""
     args = run.args
     step, validation = measured_seconds(run, cases, compiled)
     setup = time.time() - started
@@ -748,19 +739,41 @@ def plan_budget(run, cases, compiled, folder, started):
     if args.phase == "pretrain":
         seconds = {"pretrain": step, "selftrain": step * args.dataset.plan.selftrain_cost(args.schedule_key)}
         steps = budget_steps(left - setup, seconds, validation, args.val_every, {"pretrain": 1, "selftrain": args.step_ratio})
+        allotted = phase_seconds(steps["pretrain"], step, validation, args.val_every)
         said = (f"a pre-training step {step:.3f} s, a validation {validation:.1f} s, a self-training step about "
                 f"{seconds['selftrain']:.3f} s (measured again when it starts)")
     else:
-        spent, pace = pretraining_spent(args) or (0.0, 1.0)
-        seconds = {"selftrain": step}
-        steps = budget_steps((left - spent) / pace, seconds, validation, args.val_every, {"selftrain": 1})
-        said = (f"pre-training took {spent / 60:.1f} minutes, {pace:.2f} times its plan" if spent else
+        spent = pretraining_seconds(args)
+        seconds, allotted = {"selftrain": step}, left - (spent or 0)
+        steps = budget_steps(allotted, seconds, validation, args.val_every, {"selftrain": 1})
+        said = (f"pre-training took {spent / 60:.1f} minutes" if spent is not None else
                 "no budgeted pre-training to count, self-training plans the whole budget") + \
                f"; a self-training step {step:.3f} s, a validation {validation:.1f} s"
     minutes = " + ".join(f"{phase} {count} steps ({phase_seconds(count, seconds[phase], validation, args.val_every) / 60:.1f} min)"
                          for phase, count in steps.items())
     folder.log(f"--budget {args.budget:g} minutes on this machine: {said}, measured here: {minutes}, the lr decayed over them")
-    return {"minutes": args.budget, "steps": steps, "seconds": seconds | {"validation": validation}, "setup": setup}
+    return {"minutes": args.budget, "steps": steps, "seconds": seconds | {"validation": validation}, "setup": setup,
+            "allotted": allotted}
+
+
+REPLAN_LOGGED = 0.01  # a new plan that moves the phase's end by more than this share is said in the log
+
+
+def replan_budget(args, progress, iteration, elapsed, folder):
+    """At a validation of a budgeted phase, before it and its checkpoints: the steps that still fit the seconds
+    the phase is allotted at the pace of its steps so far (`elapsed` seconds for `iteration` steps, less the
+    validations before this one at their measured seconds), this validation and the rest included, the lr
+    decayed over them from here on. A machine's speed wanders over an hour (by a third, seen on a shared 2-core
+    CPU), more than a measurement of a few steps can foresee."""
+    budget, validation = progress["budget"], progress["budget"]["seconds"]["validation"]
+    pace = (elapsed - (iteration - 1) // args.val_every * validation) / iteration
+    left = budget["allotted"] - elapsed - validation
+    steps = iteration + (budget_steps(left, {args.phase: pace}, validation, args.val_every, {args.phase: 1})[args.phase]
+                         if left > pace + validation else 0)
+    if abs(steps - args.iterations) > REPLAN_LOGGED * args.iterations:
+        folder.log(f"--budget: {steps} steps fit this phase at its pace so far ({pace:.3f} s a step; planned {args.iterations})")
+    args.iterations = budget["steps"][args.phase] = steps
+    folder.write_flags()
 
 
 def train(run, cases, folder, progress):
@@ -780,7 +793,9 @@ def train(run, cases, folder, progress):
     def save(path, iteration):
         folder.save_checkpoint(path, run, {**progress, "iteration": iteration, "elapsed": time.time() - phase_start})
 
-    for iteration in range(start + 1, args.iterations + 1):
+    iteration = start
+    while iteration < args.iterations:  # a budget's validations may move the end (replan_budget)
+        iteration += 1
         lr = learning_rate(args, iteration)
         for group in run.optimizer.param_groups:
             group["lr"] = lr
@@ -791,6 +806,8 @@ def train(run, cases, folder, progress):
         window_steps += 1
 
         validating = iteration % args.val_every == 0 or iteration == args.iterations
+        if validating and progress["budget"] and iteration < args.iterations:
+            replan_budget(args, progress, iteration, time.time() - phase_start, folder)
         now = time.time()
         seconds_per_step = (now - invocation_start) / (iteration - start)  # validations included
         out_of_time = iteration < args.iterations and now + validating * validation_seconds + seconds_per_step > deadline

@@ -206,7 +206,11 @@ def bench_sliding_window(args):
     flags, plan = checkpoint["flags"], replace(checkpoint["plan"], windows=args.windows)
     dataset, classes = data.Dataset(args.root), plan.classes_kept(flags["num_classes"], checkpoint.get("keep_largest"))
     names = dataset.split("val", flags)[:args.volumes]
-    strides = [w // 2 for w in flags["patch_size"]] if args.windows == "gaussian" else inference.window_strides(args.stride)
+    try:
+        strides = ([w // 2 for w in flags["patch_size"]] if args.windows == "gaussian"
+                   else inference.window_strides(inference.checked_strides(args.stride, flags["patch_size"])))
+    except ValueError as error:
+        raise SystemExit(f"benchmark.py sliding-window: {error}") from None
     segment_seconds, component_seconds = 0.0, 0.0
     for case in dataset.scored_cases(names, flags, args.device):
         start = time.perf_counter()

@@ -234,8 +234,8 @@ class Plan:
 # --schedule cpu: both phases fill an hour on the machine they run on, validations included (--budget; the steps
 # planned from its speed, the paper's share of 1 : 3, the lr decayed over them), with the patch and batch chosen on
 # the validation split (docs/results.md, "An hour on a CPU"); in bf16 where the CPU computes bf16 natively
-# (train.cpu_bf16), where a step costs 0.63-0.78 of an fp32 one. The iterations are the fixed schedules that
-# --iterations keeps (machine-independent) and the share of steps a budget plans.
+# (train.cpu_bf16), where a step costs 0.63-0.78 of an fp32 one. The iterations are the steps measured to fit an
+# hour on a 2-core AMD EPYC, trained where the budget is off (torchrun; --iterations gives its own).
 ACDC_CPU = {"patch_size": [160], "batch_size": 12, "labeled_batch_size": 6, "lr_decay": "poly",
             "iterations": {"pretrain": 6000, "selftrain": 4000}, "val_every": 500, "budget": 60}
 ACDC_PLAN = Plan(

@@ -6,7 +6,7 @@ Score a checkpoint on a split of ACDC or LA with the paper's protocol, beside th
     python evaluate.py --root data/LA --checkpoint runs/la_8/selftrain/best.pt     # LA's test.list
     python evaluate.py --checkpoint P --predict scans/ --out labels/   # segment NIfTI scans (your own)
 
-A model segments as the plan its checkpoint keeps says (data.Plan: windows, post-processing, intensities;
+A model segments as the plan its checkpoint keeps says (data.Plan: windows, post-processing, preprocessing;
 --windows and --stride choose other windows); a split is scored as its data set's plan scores it.
 
 Protocol (as the authors compute the tables). ACDC: every slice resized to the training patch size

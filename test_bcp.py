@@ -2293,6 +2293,41 @@ def test_a_budget_plans_both_phases_before_their_first_step_and_resume_keeps_the
     assert steps["selftrain"] <= replanned <= 60 / 0.26
 
 
+def test_a_budget_goes_with_planned_steps_in_one_process_and_a_decaying_lr(synthetic_root, monkeypatch, capsys):
+    """--budget plans the steps: given with --iterations, or under torchrun, it is refused in one line, and with a
+    constant lr; under --schedule cpu those turn the schedule's budget off (fixed steps) instead."""
+    def parse(*flags):
+        return train.parse_args(["--root", str(synthetic_root), "--phase", "pretrain", *flags])
+    for flags, message in ((("--budget", "30", "--iterations", "100"), "--budget plans"),
+                           (("--budget", "30"), "--budget decays the lr over the steps it plans: add --lr-decay poly")):
+        with pytest.raises(SystemExit):
+            parse(*flags)
+        assert message in capsys.readouterr().err
+    assert parse("--budget", "30", "--lr-decay", "poly").budget == 30
+    fixed = parse("--schedule", "cpu", "--iterations", "100")
+    assert (fixed.budget, fixed.iterations, "budget" in fixed.set_by_schedule) == (None, 100, False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert parse("--schedule", "cpu", "--labeled-batch-size", "8").budget is None
+
+
+@pytest.mark.slow
+def test_timing_a_budgeted_phase_leaves_the_run_as_it_was(synthetic_root, tmp_path):
+    """measured_seconds steps copies of the models and SGD: the student, the teacher, SGD's momentum (carried
+    from a step already taken) and torch's generator are bitwise what they were, and the times are positive."""
+    run = step_setup(synthetic_root, TINY, "selftrain", tmp_path)
+    train.selftrain_step(run, 1)  # momentum buffers to carry
+    _, _, cases, _, _ = train.load_data(run.args, run.device)
+    before = copy.deepcopy((run.student.state_dict(), run.teacher.state_dict(), run.optimizer.state_dict()))
+    rng = torch.get_rng_state()
+    step, validation = train.measured_seconds(run, cases, lambda model: model)
+    assert step > 0 and validation > 0 and torch.equal(torch.get_rng_state(), rng)
+    after = (run.student.state_dict(), run.teacher.state_dict(), run.optimizer.state_dict())
+    for old, new in zip(before[:2], after[:2]):
+        assert all(torch.equal(old[key], new[key]) for key in old)
+    momentum = [(before[2]["state"][k]["momentum_buffer"], after[2]["state"][k]["momentum_buffer"]) for k in before[2]["state"]]
+    assert momentum and all(torch.equal(old, new) for old, new in momentum)
+
+
 def test_each_validation_of_a_budgeted_phase_plans_the_steps_that_still_fit():
     """100 s allotted, a validation 1 s every 10 steps: after 50 steps in 44 s (4 validations before this one: 0.8 s
     a step) the 56 s left hold this validation and 55 s, 60 more steps with their 6 validations (54 s); after 50 in

@@ -56,7 +56,7 @@ PHASES = ("supervised", "pretrain", "selftrain")
 # Flags that define what a run trains: --resume refuses a value other than the checkpoint's.
 RUN_FLAGS = ("phase", "labeled_patients", "batch_size", "labeled_batch_size", "patch_size", "num_classes",
              "beta", "mask", "u_weight", "ema_decay", "seed", "mix", "dice_loss", "pretrain_loss", "lr_step", "val_cases",
-             "scale", "foreground_crops", "lr_decay", "standardize")
+             "scale", "foreground_crops", "lr_decay", "standardize", "budget", "step_ratio")
 
 
 def at_least(minimum, kind=int):
@@ -137,8 +137,9 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile the student and teacher forwards")
     p.add_argument("--budget", type=at_least(1.0, float), metavar="MINUTES",
                    help="both phases, validations included, within this many minutes on this machine: each phase's steps "
-                        "planned from the seconds a step and a validation measured here, the lr decayed over them "
-                        "(--schedule cpu: 60); --iterations fixes the steps instead")
+                        "planned from the seconds a step and a validation measured here, planned again at each validation, "
+                        "the poly lr decayed over them (--schedule cpu: 60, but for your own 3D scans); --iterations fixes "
+                        "the steps instead; one process, pretrain and selftrain only")
     p.add_argument("--step-ratio", type=at_least(0.01, float), metavar="R",
                    help="--budget: self-training steps per pre-training step (ACDC 3, the paper's 30,000 : 10,000; LA 7.5, "
                         "under --schedule cpu 4.25)")
@@ -173,6 +174,9 @@ def parse_args(argv=None):
             p.error("--budget plans pre-training's and self-training's steps in one process: give it without --iterations, "
                     "--phase supervised or torchrun")
         args.budget = None  # the schedule's steps, as given or fixed
+        args.set_by_schedule.remove("budget")
+    if args.budget and args.lr_decay != "poly":
+        p.error("--budget decays the lr over the steps it plans: add --lr-decay poly (--schedule cpu sets it)")
     args.out = args.out or f"runs/{plan.name}_{args.labeled_patients}"
     if any(size % 16 for size in args.patch_size):
         p.error(f"--patch-size must be a multiple of 16 (the network halves it four times), got {list(args.patch_size)}")
@@ -471,6 +475,8 @@ def checkpoint_to_resume(args, run_dir):
                                                           "best_iteration", "elapsed", "flags", "rng"))
     if args.budget and checkpoint.get("budget"):
         args.iterations = checkpoint["budget"]["steps"][args.phase]  # the steps the run planned
+    elif args.budget:
+        args.budget = None  # a run of fixed steps keeps them
     compared = RUN_FLAGS + (("iterations",) if args.lr_decay == "poly" else ())  # poly's lr depends on the steps
     as_tuple = lambda value: tuple(value) if isinstance(value, list) else value  # flags.json-style lists
     as_text = lambda value: " ".join(map(str, value)) if isinstance(value, tuple) else value  # --patch-size 32 32
@@ -584,6 +590,15 @@ class QuietFolder(RunFolder):
         pass
 
 
+def init_path(args):
+    """Where self-training starts from: --init, or the pre-training's best.pt."""
+    return Path(args.init or Path(args.out) / "pretrain" / "best.pt")
+
+
+def new_sgd(args, model):
+    return torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+
+
 def build_models(args, device, memory_format, checkpoint, folder):
     """Student, teacher (selftrain only) and SGD: from last.pt on --resume; self-training otherwise
     starts from the pre-training's best weights (and its SGD momentum with --selftrain-sgd pretrain).
@@ -595,7 +610,7 @@ def build_models(args, device, memory_format, checkpoint, folder):
     network = lambda: whole_batch(architecture(num_classes=args.num_classes)).to(device, memory_format=memory_format)
     student = network()
     teacher = network() if args.phase == "selftrain" else None
-    optimizer = torch.optim.SGD(student.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    optimizer = new_sgd(args, student)
     progress = {"iteration": 0, "best_dice": -1.0, "best_iteration": 0, "elapsed": 0.0, "keep_largest": None,
                 "predicts_no_foreground": False, "budget": None}
     if checkpoint is not None:
@@ -612,10 +627,10 @@ def build_models(args, device, memory_format, checkpoint, folder):
     elif args.resume:
         folder.log(f"--resume: no {folder.last_path} yet, starting from the beginning")
     if teacher is not None and checkpoint is None:
-        init_path = Path(args.init or Path(args.out) / "pretrain" / "best.pt")
-        init = inference.load_checkpoint(init_path, required=("model",))
-        inference.load_weights(student, init["model"], init_path)
-        inference.load_weights(teacher, init["model"], init_path)
+        start = init_path(args)
+        init = inference.load_checkpoint(start, required=("model",))
+        inference.load_weights(student, init["model"], start)
+        inference.load_weights(teacher, init["model"], start)
         if args.selftrain_sgd == "fresh":
             folder.log(f"student and teacher start from {init_path}; SGD starts fresh (--selftrain-sgd fresh)")
         elif init.get("optimizer"):  # the authors' load_net_opt: the SGD momentum buffers come along
@@ -667,7 +682,7 @@ def schedule_minutes(args):
 # Ramanan, "Budgeted training", ICLR 2020): a machine twice as fast trains twice the steps in the same hour.
 
 CALIBRATION_STEPS = (3, 12)  # a budgeted phase first takes this many warm-up, then timed steps on copies of its models
-BUDGET_MARGIN = 0.03  # of the budget left free: the speed of a step wanders by a few percent over an hour
+BUDGET_MARGIN = 0.03  # of the budget left free: the processes' start and end, what a last replan cannot foresee
 
 
 def budget_steps(seconds, step_seconds, validation_seconds, val_every, shares):
@@ -694,8 +709,9 @@ def measured_seconds(run, cases, compiled):
     trial.student, trial.teacher = copy.deepcopy(run.student), copy.deepcopy(run.teacher)
     trial.student_forward = compiled(trial.student)
     trial.teacher_forward = compiled(trial.teacher) if trial.teacher is not None else None
-    trial.optimizer = torch.optim.SGD(trial.student.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    trial.optimizer.load_state_dict(run.optimizer.state_dict())
+    trial.optimizer = new_sgd(args, trial.student)
+    trial.optimizer.load_state_dict(copy.deepcopy(run.optimizer.state_dict()))  # load_state_dict alone would share the
+    # momentum buffers, which the trial's steps would then advance
     warm_up, timed = CALIBRATION_STEPS
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         for iteration in range(1, warm_up + timed + 1):
@@ -717,11 +733,13 @@ def measured_seconds(run, cases, compiled):
 
 
 def pretraining_seconds(args):
-    """The seconds the budgeted pre-training that self-training starts from took, its start included (its
-    last.pt beside the --init checkpoint), or None when it kept no budget."""
-    path = Path(args.init or Path(args.out) / "pretrain" / "best.pt").with_name("last.pt")
-    pretraining = inference.load_checkpoint(path, required=("model",)) if path.is_file() else {}
-    return pretraining["elapsed"] + pretraining["budget"]["setup"] if pretraining.get("budget") else None
+    """The seconds the budgeted pre-training that self-training starts from took, its start included (the
+    pre-training's last.pt beside the --init checkpoint), or None when there is none that kept a budget."""
+    path = init_path(args).with_name("last.pt")
+    pretraining = inference.load_checkpoint(path, required=("model", "flags")) if path.is_file() else {}
+    if not pretraining.get("budget") or pretraining["flags"].get("phase") != "pretrain":
+        return None
+    return pretraining["elapsed"] + pretraining["budget"]["setup"]
 
 
 def plan_budget(run, cases, compiled, folder, started):
@@ -752,6 +770,8 @@ def plan_budget(run, cases, compiled, folder, started):
     minutes = " + ".join(f"{phase} {count} steps ({phase_seconds(count, seconds[phase], validation, args.val_every) / 60:.1f} min)"
                          for phase, count in steps.items())
     folder.log(f"--budget {args.budget:g} minutes on this machine: {said}, measured here: {minutes}, the lr decayed over them")
+    if allotted < phase_seconds(args.val_every, step, validation, args.val_every):
+        folder.log(f"warning: the budget leaves this phase less than {args.val_every} steps (--val-every); give a larger --budget")
     return {"minutes": args.budget, "steps": steps, "seconds": seconds | {"validation": validation}, "setup": setup,
             "allotted": allotted}
 
@@ -786,7 +806,7 @@ def train(run, cases, folder, progress):
     run.student.train()
     invocation_start = time.time()
     phase_start, window_start = invocation_start - progress["elapsed"], invocation_start
-    deadline = invocation_start + 60 * args.time_limit if args.time_limit else math.inf
+    deadline = run.started + 60 * args.time_limit if args.time_limit else math.inf  # from the process's start
     loss_sum, pseudo_sum, window_steps = torch.zeros((), device=device), torch.zeros((), device=device), 0
     last_dice, validation_seconds = float("nan"), 0.0
 
@@ -859,14 +879,14 @@ def start_without_foreground(args):
     """Self-training starts from a pre-training's best weights: refuse one whose validation predicted no
     foreground on any volume that has some (the teacher's pseudo-labels would be empty: a collapse carried
     on), unless --init names it. -> that start's path when --init names such a model, else None."""
-    init_path = Path(args.init or Path(args.out) / "pretrain" / "best.pt")
-    if not (init_path.is_file() and inference.load_checkpoint(init_path, required=("model",)).get("predicts_no_foreground")):
+    start = init_path(args)
+    if not (start.is_file() and inference.load_checkpoint(start, required=("model",)).get("predicts_no_foreground")):
         return None
     if not args.init:
-        raise data.DataError(f"{init_path}: predicts no foreground on any validation volume that has some; self-training "
-                             f"from it would learn empty pseudo-labels. {NO_FOREGROUND_ADVICE[args.dataset.plan.dims]} (--init {init_path} starts "
+        raise data.DataError(f"{start}: predicts no foreground on any validation volume that has some; self-training "
+                             f"from it would learn empty pseudo-labels. {NO_FOREGROUND_ADVICE[args.dataset.plan.dims]} (--init {start} starts "
                              f"from it anyway.)")
-    return init_path
+    return start
 
 
 def class_list(classes):
@@ -928,11 +948,13 @@ def main(argv=None):
                           teacher=teacher, student_forward=compiled(student),
                           teacher_forward=compiled(teacher) if teacher is not None else None,
                           labeled=labeled, unlabeled=unlabeled, unlabeled_truth=unlabeled_truth,
-                          dice_loss=bcp.DICE_LOSSES[args.dice_loss])
+                          dice_loss=bcp.DICE_LOSSES[args.dice_loss], started=started)
     if args.budget:
         progress["budget"] = progress["budget"] or plan_budget(run, cases, compiled, folder, started)
         args.iterations = progress["budget"]["steps"][args.phase]
         folder.write_flags()
+    else:
+        progress["budget"] = None  # --iterations fixes the steps of a run that had a budget
     if train(run, cases, folder, progress) and progress["keep_largest"] is not None:
         folder.log(f"post-processing, chosen on validation with best.pt (nnU-Net's rule): the largest component kept for "
                    f"classes {class_list(progress['keep_largest'])}")

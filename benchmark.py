@@ -113,11 +113,12 @@ def benchmark_patch(plan, patch_size):
 
 
 def cheap_validation(plan, patch_size):
-    """3D: one validation case, one window per window-sized block (the strides of the patch); nothing in 2D."""
-    if plan.dims == 2:
+    """One validation case where the plan holds cases aside (ACDC validates on val.list); in 3D one window per
+    window-sized block (the strides of the patch)."""
+    if "val_cases" in plan.unused_flags:
         return []
     patch = benchmark_patch(plan, patch_size)
-    return ["--val-cases", "1", "--stride", str(min(patch[:2])), str(patch[2])]
+    return ["--val-cases", "1", *(["--stride", str(min(patch[:2])), str(patch[2])] if plan.dims == 3 else [])]
 
 
 def phase_flags(args, plan, phase, out):

@@ -103,21 +103,23 @@ def read_json(path):
 
 
 def read_dataset_json(root, layout):
-    """ROOT/dataset.json, which prepare_acdc.py --raw writes for your own data: 'num_classes', 'class_names',
-    'unlabeled' (the training volumes that have no labels) and, in 3D (the "la" layout), 'val_cases', 'plan'
-    (prepare_acdc.plan_3d: spacing, crop, crops a step), 'preprocessing' (the spacing and intensities every scan
-    was given) and 'cases' (each scan's own grid). {} for ACDC and LA."""
+    """ROOT/dataset.json, which prepare_acdc.py --raw writes for your own data (in UA-MT's layout, 2D or 3D):
+    'num_classes', 'class_names', 'unlabeled' (the training volumes that have no labels), 'val_cases', 'plan'
+    (prepare_acdc.plan_grid: 2D or 3D, spacing, crop, crops a step), 'preprocessing' (the spacing and intensities
+    every scan was given) and 'cases' (each scan's own grid). {} for ACDC and LA."""
     path = Path(root) / "dataset.json"
     if not path.exists():
         return {}
     own = read_json(path)
     if not isinstance(own, dict) or not isinstance(own.get("num_classes"), int):
         raise DataError(f"{path}: needs an integer 'num_classes'")
-    missing = [key for key in ("unlabeled", *(("val_cases", "preprocessing", "cases") if layout == "la" else ())) if key not in own]
+    if layout != "la":
+        raise DataError(f"{path}: your own scans as stretched 2D slices, as versions before the 2D plan wrote them; "
+                        f"write them again with prepare_acdc.py --raw")
+    missing = [key for key in ("unlabeled", "val_cases", "preprocessing", "cases") if key not in own]
     if missing:
         raise DataError(f"{path}: no {', '.join(repr(key) for key in missing)} (write it again with prepare_acdc.py --raw)")
-    if layout == "la":
-        check_grid(own["preprocessing"], path, "prepare it again with prepare_acdc.py --raw")
+    check_grid(own["preprocessing"], path, "prepare it again with prepare_acdc.py --raw")
     return own
 
 
@@ -159,7 +161,10 @@ class Plan:
                        {"rule": "zscore"} (UA-MT's LA), or {"rule": "prepared"} with prepare_acdc.py's preprocessing
                        of your own 3D scans (spacing, modality, normalisation)
       limits           your own data: the most labeled and validation cases it holds
-      smallest_volume  your own 3D scans: the smallest resampled training volume, which cuts the crop"""
+      smallest_volume  your own 3D scans: the smallest resampled training volume, which cuts the crop
+      slices_last      whether volumes are arrays in NIfTI index order (i, j, k), 2D slices along k (LA's, your
+                       own scans'), not (S, H, W) (SSL4MIS's ACDC)
+      unused_flags     flags that change nothing on this data, refused (ACDC's slices have no crops to centre)"""
     name: str
     dims: int
     settings: dict
@@ -172,6 +177,8 @@ class Plan:
     preprocessing: dict
     limits: dict = field(default_factory=dict)
     smallest_volume: list = None
+    slices_last: bool = True
+    unused_flags: tuple = ()
 
     def schedule(self, name, bf16):
         """(What --schedule `name` replaces, its key in cpu_settings and flags.json): nothing for "paper"; for
@@ -214,6 +221,9 @@ class Plan:
 
     def refuse(self, given, root):
         """A line naming the first flag given that asks for more than your own data at `root` holds; None if none."""
+        for key in self.unused_flags:
+            if given.get(key) is not None:
+                return f"--{key.replace('_', '-')} {UNUSED[key]}; {root} holds 2D slices ({self.name})"
         for key, most in self.limits.items():
             if (given.get(key) or 0) > most:
                 return f"--{key.replace('_', '-')} {given[key]}: {root} {LIMITS[key].format(most)}"
@@ -245,7 +255,8 @@ ACDC_PLAN = Plan(
               "dice_loss": "acdc", "pretrain_loss": "regions", "selftrain_sgd": "pretrain", "step_ratio": 3},
     cpu_settings={"acdc": ACDC_CPU, "acdc_bf16": ACDC_CPU | {"precision": "bf16", "iterations": {"pretrain": 2500, "selftrain": 7500}}},
     cpu_seconds={"acdc": {"pretrain": 0.18, "selftrain": 0.48}, "acdc_bf16": {"pretrain": 0.14, "selftrain": 0.36}},
-    windows="slices", post_processing="none", scoring="paper", grid="stored", preprocessing={"rule": "minmax"})
+    windows="slices", post_processing="none", scoring="paper", grid="stored", preprocessing={"rule": "minmax"},
+    slices_last=False, unused_flags=("val_cases", "stride", "scale", "foreground_crops", "standardize"))
 
 # The authors' LA script: random 112 x 112 x 80 crops, 4 labeled (+ 4 unlabeled in self-training), 2,000 + 15,000
 # steps, the lr divided by 10 every 2,500 self-training steps, the LA Dice over the whole crop in pre-training, SGD
@@ -269,43 +280,62 @@ LA_PLAN = Plan(
 
 LIMITS = {"labeled_patients": "has {} labeled training cases",  # what Plan.refuse says of each limit
           "val_cases": "holds {} labeled validation cases (prepare_acdc.py --val-fraction sets them)"}
-OWN_FOREGROUND_CROPS = 1 / 3  # your own 3D scans: the share of labeled crops centred on the organ (nnU-Net's)
+UNUSED = {"stride": "applies to 3D volumes only", "scale": "applies to 3D volumes only",  # what it says of a flag unused
+          "standardize": "applies to 3D volumes only", "val_cases": "applies to cases held aside from train.list only",
+          "foreground_crops": "applies to crops of whole volumes only"}
+OWN_FOREGROUND_CROPS = 1 / 3  # your own scans: the share of labeled crops centred on a class (nnU-Net's)
 OWN_3D_CPU = {"lr_decay": "poly", "lr_step": 0, "iterations": {"pretrain": 600, "selftrain": 900}, "val_every": 100}
+OWN_SCORING = {"windows": "gaussian", "post_processing": "chosen", "scoring": "nnunet", "grid": "native"}  # nnU-Net's
+
+
+def own_2d_plan(preprocessing, settings=None, limits=None):
+    """Your own 2D scans (thick slices): ACDC's network, losses and share of steps on the crop and slices a step
+    prepare_acdc.py planned at its in-plane spacing (no slice stretched), a third of the labeled crops centred on
+    a class, scored as nnU-Net scores (every half window, the post-processing chosen on validation, each scan's
+    own grid). --schedule cpu: ACDC's hour (--budget 60, its lr and validations)."""
+    planned = ("patch_size", "batch_size", "labeled_batch_size")  # the plan's, not ACDC's
+    cpu = {key.replace("acdc", "own2d"): {k: v for k, v in schedule.items() if k not in planned}
+           for key, schedule in ACDC_PLAN.cpu_settings.items()}
+    seconds = {key.replace("acdc", "own2d"): value for key, value in ACDC_PLAN.cpu_seconds.items()}
+    return replace(ACDC_PLAN, name="own2d", settings=ACDC_PLAN.settings | (settings or {}), cpu_settings=cpu,
+                   cpu_seconds=seconds, **OWN_SCORING,
+                   preprocessing={"rule": "prepared"} | preprocessing, limits=limits or {}, slices_last=True,
+                   unused_flags=("stride", "scale", "standardize"))
 
 
 def own_3d_plan(preprocessing, settings=None, limits=None, smallest_volume=None):
     """Your own 3D scans: LA's network and losses on the crop and crops a step prepare_acdc.py planned, a third
-    of the labeled crops centred on the organ, scored as nnU-Net scores (its windows, the post-processing
+    of the labeled crops centred on a class, scored as nnU-Net scores (its windows, the post-processing
     chosen on validation, each scan's own grid) and --predict normalising and resampling as `preprocessing`
     says. --schedule cpu: at most 25 minutes on a 2-core CPU (docs/own_scans.md)."""
     return replace(LA_PLAN, name="own3d", settings=LA_PLAN.settings | (settings or {}), cpu_settings={"own3d": OWN_3D_CPU},
-                   cpu_seconds={"own3d": {"pretrain": 0.48, "selftrain": 1.27}}, windows="gaussian",
-                   post_processing="chosen", scoring="nnunet", grid="native", preprocessing={"rule": "prepared"} | preprocessing,
-                   limits=limits or {}, smallest_volume=smallest_volume)
+                   cpu_seconds={"own3d": {"pretrain": 0.48, "selftrain": 1.27}}, **OWN_SCORING,
+                   preprocessing={"rule": "prepared"} | preprocessing, limits=limits or {}, smallest_volume=smallest_volume)
 
 
 def own_plan(dataset):
     """Your own data's plan from its dataset.json (prepare_acdc.py --raw): its classes, every labeled case
-    labeled; in 2D ACDC's settings scored as nnU-Net scores, in 3D own_3d_plan with the crop and crops a step
-    prepare_acdc.py planned, cut to the smallest resampled training volume."""
+    labeled, the cases held aside for validation, the crop and crops a step prepare_acdc.py planned (cut to the
+    smallest resampled training volume), in 2D (own_2d_plan) or 3D (own_3d_plan) as it chose."""
     own, labeled = dataset.own, dataset.labeled_count()
-    settings = {"num_classes": own["num_classes"], "labeled_patients": labeled}
-    if dataset.layout == "acdc":
-        return replace(ACDC_PLAN, name="own2d", settings=ACDC_PLAN.settings | settings, scoring="nnunet",
-                       limits={"labeled_patients": labeled})
-    planned = own.get("plan", {})  # the crop and crops a step prepare_acdc.py planned (older sets: LA's)
+    planned = own.get("plan", {})  # older 3D sets have none: LA's crop and crops a step
+    settings = {"num_classes": own["num_classes"], "labeled_patients": labeled, "val_cases": own["val_cases"],
+                "foreground_crops": OWN_FOREGROUND_CROPS}
     settings |= {key: planned[key] for key in ("patch_size", "labeled_batch_size") if key in planned}
-    if "batch_size" in planned:
-        settings["batch_size"] = {"supervised": planned["labeled_batch_size"], "pretrain": planned["labeled_batch_size"],
-                                  "selftrain": planned["batch_size"]}
-    settings |= {"val_cases": own["val_cases"], "foreground_crops": OWN_FOREGROUND_CROPS}
+    limits = {"labeled_patients": labeled, "val_cases": own["val_cases"]}
     names = read_list(dataset.root, "train.list")
     missing = next((name for name in names if "resampled_shape" not in own["cases"].get(name, {})), None)
     if missing:
         raise DataError(f"{dataset.root / 'dataset.json'}: no resampled shape of {missing} in 'cases' (write it again "
                         f"with prepare_acdc.py --raw)")
     smallest = np.min([own["cases"][name]["resampled_shape"] for name in names], axis=0).tolist()
-    return own_3d_plan(own["preprocessing"], settings, {"labeled_patients": labeled, "val_cases": own["val_cases"]}, smallest)
+    if planned.get("dims", 3) == 2:
+        settings["patch_size"] = fitted_patch(planned["patch_size"], smallest[:2])
+        return own_2d_plan(own["preprocessing"], settings | {"batch_size": planned["batch_size"]}, limits)
+    if "batch_size" in planned:
+        settings["batch_size"] = {"supervised": planned["labeled_batch_size"], "pretrain": planned["labeled_batch_size"],
+                                  "selftrain": planned["batch_size"]}
+    return own_3d_plan(own["preprocessing"], settings, limits, smallest)
 
 
 def largest_crop(shape):
@@ -322,8 +352,8 @@ def fitted_patch(patch, shape):
 class Dataset:
     """What a --root holds, read once where it is opened; train.py, evaluate.py, prepare_acdc.py and benchmark.py ask it.
       layout       where the files are: "acdc", the SSL4MIS layout (2D slices to train on, volumes to validate
-                   and test); "la", UA-MT's (3D volumes in <LA_FOLDER>/<case>/mri_norm2.h5), which your own 3D
-                   scans share
+                   and test); "la", UA-MT's (3D volumes in <LA_FOLDER>/<case>/mri_norm2.h5), which your own
+                   scans share, 2D or 3D
       own          your own data's dataset.json (read_dataset_json), {} for ACDC and LA
       plan         how it is trained, segmented and scored (Plan): ACDC_PLAN, LA_PLAN or own_plan's
       num_classes  background included; class_names the others'
@@ -353,15 +383,13 @@ class Dataset:
 
     def labeled_count(self):
         """Your own data: how many labeled training cases there are."""
-        if self.layout == "acdc":
-            return len(labeled_patients(self.root, self.own))
         return len(read_list(self.root, "train.list")) - len(self.own["unlabeled"]) - self.own["val_cases"]
 
     def cases(self, labeled_count, val_count=None):
-        """(labeled, unlabeled, validation) names. ACDC: training slices and the val.list volumes; 3D: volumes
-        of train.list, the last val_count held aside for validation (la_cases)."""
+        """(labeled, unlabeled, validation) names. ACDC: training slices and the val.list volumes; volumes of
+        train.list (LA, your own scans), the last val_count held aside for validation (la_cases)."""
         if self.layout == "acdc":
-            return (*training_slices(self.root, labeled_count, self.own), read_list(self.root, "val.list"))
+            return (*training_slices(self.root, labeled_count), read_list(self.root, "val.list"))
         return la_cases(self.root, labeled_count, val_count)
 
     def split(self, split, flags):
@@ -430,18 +458,16 @@ class Case(NamedTuple):
     native: tuple = None
 
 
-def labeled_patients(root, own):
-    """The patients of train.list that have labels, in train.list order (the labeling order); own: your own
-    data's dataset.json, which lists the unlabeled ones."""
-    unlabeled = set(own.get("unlabeled", []))
-    return list(dict.fromkeys(patient_of(v) for v in read_list(root, "train.list") if v not in unlabeled))
+def labeled_patients(root):
+    """The patients of train.list, in train.list order (the labeling order)."""
+    return list(dict.fromkeys(patient_of(v) for v in read_list(root, "train.list")))
 
 
-def training_slices(root, labeled_patients_count, own):
+def training_slices(root, labeled_patients_count):
     """Slice names of train_slices.list split into (labeled, unlabeled): the labeled set is every
-    slice of the first `labeled_patients_count` labeled patients in train.list order (3 -> 68, 7 -> 136
-    on ACDC); every other slice, those of volumes without labels included, is unlabeled."""
-    patients = labeled_patients(root, own)
+    slice of the first `labeled_patients_count` patients in train.list order (3 -> 68, 7 -> 136 on ACDC);
+    every other slice is unlabeled."""
+    patients = labeled_patients(root)
     if not 1 <= labeled_patients_count <= len(patients):
         raise DataError(f"{Path(root) / 'train.list'}: asked for {labeled_patients_count} labeled patients, "
                         f"it holds {len(patients)}")
@@ -656,22 +682,24 @@ def nifti_scans(path):
     return [path]
 
 
-def read_scan_3d(path, use="--3d"):
+def read_scan_3d(path, use="prepare_acdc.py --raw"):
     """(array (i, j, k) float32 in NIfTI index order, as UA-MT's LA arrays, spacing in mm, affine, header) of a
-    3D scan; `use` names what refuses another dimension."""
+    scan, a 2D one as one slice (k = 1); `use` names what refuses another dimension."""
     array, header = read_nifti(path, with_header=True)
+    if array.ndim == 2:
+        array = array[None]
     if array.ndim != 3:
-        raise DataError(f"{path}: a {array.ndim}D image of shape {array.shape}; {use} takes one 3D scan per file")
+        raise DataError(f"{path}: a {array.ndim}D image of shape {array.shape}; {use} takes one 2D or 3D scan per file")
     return (array.transpose(2, 1, 0).astype(np.float32), *nifti_geometry(header, path), header)
 
 
 def scan_input(path, plan):
     """A NIfTI scan as a model of `plan` takes it -> (shown: the array its pictures draw, volume: the network's
     input, float32; native: the scan's own grid the probabilities go back to, None for the input's; the header).
-    2D plans: (S, H, W) slices min-max normalised over the volume (SSL4MIS's ACDC). 3D plans, in NIfTI index
-    order (i, j, k): your own scans' preprocessing (normalised, resampled to the planned spacing), or z-scored
-    as a whole (UA-MT's LA, which also cropped around the atrium). One scan in memory at a time, as float32."""
-    if plan.dims == 2:
+    ACDC: (S, H, W) slices min-max normalised over the volume (SSL4MIS's). The others in NIfTI index order
+    (i, j, k): your own scans' preprocessing (normalised, resampled to the planned spacing), or z-scored as a
+    whole (UA-MT's LA, which also cropped around the atrium). One scan in memory at a time, as float32."""
+    if plan.preprocessing["rule"] == "minmax":
         image, header = read_nifti(path, with_header=True)
         if image.ndim not in (2, 3):
             raise DataError(f"{path}: a {image.ndim}D image of shape {image.shape}; --predict takes one 2D or 3D scan per file")
@@ -831,15 +859,21 @@ def spacing_steps(from_spacing, to_spacing):
     return [to / start for start, to in zip(from_spacing, to_spacing)]
 
 
+def target_spacing(spacing, planned):
+    """The spacing a scan of `spacing` is resampled to: the planned one, but its own along an axis the plan
+    leaves None (a 2D plan's slices: each scan keeps its own)."""
+    return [float(own) if target is None else target for own, target in zip(spacing, planned)]
+
+
 def scan_grid(shape, spacing, preprocessing):
     """A scan's own grid as segment and resample_argmax take it, from the planned one: (its shape, the steps)."""
-    return tuple(shape), spacing_steps(preprocessing["spacing"], spacing)
+    return tuple(shape), spacing_steps(target_spacing(spacing, preprocessing["spacing"]), spacing)
 
 
 def preprocess_3d(image, spacing, preprocessing, path):
     """A scan (i, j, k) float32 normalised (in place), then resampled to exactly the target spacing
     (trilinear, resample_spacing) -> float32 array."""
-    target = preprocessing["spacing"]
+    target = target_spacing(spacing, preprocessing["spacing"])
     check_spacing(spacing, target, path)
     size = resampled_size(image.shape, spacing, target)
     return resample_spacing(torch.from_numpy(normalize_3d(image, preprocessing)), size, spacing_steps(spacing, target)).numpy()
@@ -1032,14 +1066,16 @@ class VolumeBank:
         return voxels[int(pick[1] * len(voxels))].tolist()
 
     def batch(self, index, patch, augmentation):
-        """-> images (B, 1, *patch) float, labels (B, *patch) long on the device, for volume indices (B,)."""
-        images, labels = [], []
+        """-> images (B, 1, *patch) float, labels (B, *patch) long on the device, for volume indices (B,). A 2D
+        patch (your own 2D scans) crops one slice along the last axis: a crop one voxel deep."""
+        flat = len(patch) == 2
+        patch, images, labels = (*patch, 1) if flat else patch, [], []
         centred = augmentation.get("centred", torch.zeros(len(index), dtype=torch.bool)).tolist()
         picks = augmentation.get("location", torch.zeros(len(index), 2)).tolist()
         for i, k, axis, corner, centre, pick in zip(index.tolist(), *(augmentation[key].tolist() for key in ("k", "flip_axis", "corner")),
                                                      centred, picks):
             turned = turned_shape(self.images[i].shape, k)
-            shortfall = [(p - s) // 2 + 3 if s <= p else 0 for s, p in zip(turned, patch)]
+            shortfall = [(p - s) // 2 + 3 if s <= p and p > 1 else 0 for s, p in zip(turned, patch)]  # a slice: none
             padded = [s + 2 * short for s, short in zip(turned, shortfall)]
             voxel = self.centre(i, pick) if centre else None
             if voxel is None:
@@ -1050,7 +1086,10 @@ class VolumeBank:
             corner_in_turned = [b - short for b, short in zip(start, shortfall)]
             images.append(turned_crop(self.images[i], k, axis, corner_in_turned, patch))
             labels.append(turned_crop(self.labels[i], k, axis, corner_in_turned, patch))
-        return torch.stack(images).unsqueeze(1).to(self.device), torch.stack(labels).long().to(self.device)
+        images, labels = torch.stack(images).unsqueeze(1), torch.stack(labels).long()
+        if flat:
+            images, labels = images[..., 0], labels[..., 0]
+        return images.to(self.device), labels.to(self.device)
 
 
 # -----------------------------------------------------------------------------

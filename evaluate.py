@@ -69,7 +69,7 @@ def predict_scans(model, checkpoint, stride, scans, out_dir, device, png_dir=Non
     the probabilities resampled back to the scan's grid where it was resampled. One scan is in memory at a
     time, as float32. png_dir: a montage of each scan with the outlines read back from the written file."""
     flags, plan = checkpoint["flags"], checkpoint["plan"]
-    volumetric = plan.dims == 3  # 3D arrays are in NIfTI index order (i, j, k); 2D volumes (slice, row, col)
+    volumetric = plan.slices_last  # arrays in NIfTI index order (i, j, k), not ACDC's (slice, row, col)
     targets = {scan: out_dir / data.label_name(scan) for scan in scans}
     inputs = {scan.resolve() for scan in scans}
     for target in targets.values():
@@ -91,16 +91,16 @@ def predict_scans(model, checkpoint, stride, scans, out_dir, device, png_dir=Non
 
 def score_split(model, checkpoint, dataset, args, device):
     """Each volume of the split segmented as the checkpoint's plan says and scored (bcp.score_volume) as the
-    data set's plan scores, on its grid (your own 3D scans: each scan's own, in mm) -> [per class scores] per
+    data set's plan scores, on its grid (your own scans: each scan's own, in mm) -> [per class scores] per
     volume. --save-png draws each volume on the grid the model saw."""
     flags, plan, scored = checkpoint["flags"], checkpoint["plan"], dataset.plan
 
     def score(case, prediction):
         if args.save_png:
             shown = prediction if case.native is None else data.resample_spacing(
-                prediction, case.image.shape, data.spacing_steps(case.spacing, scored.preprocessing["spacing"]), nearest=True)
+                prediction, case.image.shape, data.spacing_steps(case.spacing, data.target_spacing(case.spacing, scored.preprocessing["spacing"])), nearest=True)
             pictures.save_montage(Path(args.save_png) / f"{case.name}.png", case.image.cpu().numpy(),
-                                  [case.label.cpu().numpy(), shown.cpu().numpy()], slices_last=plan.dims == 3)
+                                  [case.label.cpu().numpy(), shown.cpu().numpy()], slices_last=plan.slices_last)
         return bcp.score_volume(prediction.cpu().numpy(), case.truth.cpu().numpy(), flags["num_classes"], case.spacing, scored.scoring)
 
     cases = dataset.scored_cases(dataset.split(args.split, flags), flags, device, scored.grid)
@@ -267,8 +267,8 @@ def main(argv=None):
     data.check_splits(dataset.root)
     if plan.dims != dataset.plan.dims:
         raise data.DataError(f"{args.checkpoint}: a {plan.dims}D model cannot segment the {dataset.plan.dims}D volumes of {args.root}")
-    if args.kde and plan.dims == 3:
-        raise data.DataError("--kde embeds 2D slices; it does not apply to 3D volumes")
+    if args.kde and plan.slices_last:
+        raise data.DataError("--kde embeds ACDC's 2D slices; it does not apply to these volumes")
     per_volume = score_split(model, checkpoint, dataset, args, args.device)
     per_class, mean, counts = print_table(per_volume, checkpoint, dataset, args)
     if args.kde:

@@ -109,20 +109,31 @@ def resample_argmax(probabilities, size, steps, slab=8):
 # -----------------------------------------------------------------------------
 # 2. A whole volume as its plan says, its scores, the post-processing chosen on validation
 
+WINDOWS_A_BATCH = {2: 16, 3: 4}  # windows through the network at once
+
+
+def slice_by_slice(model):
+    """A 2D network as sliding_window_probabilities calls a 3D one: (B, 1, H, W, 1) -> (B, C, H, W, 1)."""
+    return lambda windows: model(windows[..., 0])[..., None]
+
+
 def segment(model, image, plan, patch, stride=None, scale=1.0, keep_largest=(), native=None):
-    """A whole volume's labels, by the plan's windows: "slices", slice by slice (segment_slices); "authors",
+    """A whole volume's labels, by the plan's windows: "slices", ACDC's slice by slice (segment_slices); "authors",
     sliding windows every `stride` (XY, Z; the authors' by default) with the probabilities averaged (their LA test); "gaussian",
-    nnU-Net's, every half window weighted by gaussian_importance. A model trained at --scale segments the
+    nnU-Net's, every half window weighted by gaussian_importance (a 2D model: 2D windows on each slice along the
+    last axis, your own 2D scans'). A model trained at --scale segments the
     volume resampled alike and its probabilities come back. Then the argmax (two classes: foreground where
     p1 > 0.5), on the volume's grid or on `native`, (size, steps) of your own scan's own grid (resample_argmax;
     data.scan_grid gives them), and only the largest connected component of each class in keep_largest
     (Plan.classes_kept). The model must be in eval mode."""
     if plan.windows == "slices":
         return segment_slices(model, image, patch)
-    steps, weights = (([w // 2 for w in patch], gaussian_importance(patch, image.device)) if plan.windows == "gaussian"
+    if plan.dims == 2:  # your own 2D scans: (i, j, k) volumes, each slice along k a window one voxel deep
+        model, patch = slice_by_slice(model), (*patch, 1)
+    steps, weights = (([max(1, w // 2) for w in patch], gaussian_importance(patch, image.device)) if plan.windows == "gaussian"
                       else (window_strides(checked_strides(stride, patch)), None))
     resampled = data.resample(image, data.scaled_size(image.shape, scale)) if scale != 1 else image
-    probabilities = sliding_window_probabilities(model, resampled, patch, steps, weights=weights)
+    probabilities = sliding_window_probabilities(model, resampled, patch, steps, WINDOWS_A_BATCH[plan.dims], weights)
     if scale != 1:
         probabilities = data.resample(probabilities, image.shape)
     labels = probabilities.argmax(0) if native is None else resample_argmax(probabilities, *native)

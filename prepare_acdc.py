@@ -8,22 +8,23 @@ left-atrium set in UA-MT's layout, for the 3D quick start).
     python prepare_acdc.py --check data/ACDC                 # verify a folder, e.g. the SSL4MIS h5 download
     python prepare_acdc.py --raw ~/Task02_Heart --out data/mine   # your own scans, Decathlon or nnU-Net v2 layout:
         imagesTr/<case>.nii.gz (Decathlon) or <case>_0000.nii.gz (nnU-Net) + labelsTr/<case>.nii.gz
-                                            labeled, split into train and val (--val-fraction)
+                                            labeled, split into train and val (--val-fraction; by patient
+                                            when names say so, as patient001_frame01)
         imagesTr/ without a label, imagesUnlabeled/, imagesTs/ without labelsTs/   unlabeled (self-training only)
         imagesTs/ + labelsTs/               test; dataset.json 'labels' names the classes
-    python prepare_acdc.py --raw ~/Task02_Heart --3d --out data/mine3d   # the same, whole 3D volumes for the V-Net
+      The plan chooses 2D (slices over 3 times thicker than the pixels: a U-Net on each slice) or 3D (a V-Net
+      on crops), says why, and resamples to its spacing (2D: in plane only); --2d or --3d overrides it.
 
 Layout written (and checked):
     ROOT/train.list, val.list, test.list   volume names, one a line (train.list order = labeling order)
     ROOT/train_slices.list                 slice names of the training volumes
     ROOT/data/<volume>.h5                  'image' float32 (S, H, W) in [0, 1], 'label' uint8 (S, H, W)
     ROOT/data/slices/<volume>_slice_<i>.h5 'image' float32 (H, W), 'label' uint8 (H, W), i from 1
-    ROOT/dataset.json                      your own data only: num_classes, class_names, unlabeled volumes
---3d and --la write UA-MT's LA layout instead, which the V-Net path reads (so LA and your 3D scans share
+--la and your own scans take UA-MT's LA layout instead, which the V-Net path reads (so LA and your scans share
 one reader): ROOT/2018LA_Seg_Training Set/<case>/mri_norm2.h5 ('image' float32 (i, j, k), 'label' uint8),
-train.list (--3d: labeled, then unlabeled, then the validation cases) and test.list; --3d also writes
-dataset.json with the plan (spacing, crop, crops a step), the intensity scheme, the validation count and
-each case's native shape, spacing and affine.
+train.list (your own: labeled, then unlabeled, then the validation cases) and test.list; your own scans also
+get dataset.json with the classes, the plan (2D or 3D and why, spacing, crop, crops a step), the intensity
+scheme, the validation count and each case's native shape, spacing and affine.
 Everything is written into a temporary folder beside --out that is renamed to --out only when
 complete. --force replaces only a folder this script wrote (its lists and data/), never one that
 holds the current directory; the old folder is renamed aside first and deleted last, so a kill at any
@@ -229,15 +230,6 @@ def channel_suffix(raw, images):
     return data.NNUNET_CHANNEL if nnunet else ""
 
 
-def read_scan(path):
-    image = data.read_nifti(path)
-    if image.ndim == 2:
-        image = image[None]
-    if image.ndim != 3:
-        raise data.DataError(f"{path}: a {image.ndim}D image of shape {image.shape}; one 2D or 3D channel per file")
-    return image
-
-
 def class_names_of(raw):
     """Foreground class names from DIR/dataset.json (nnU-Net v2 {"name": value} or Decathlon
     {"value": "name"}), or None without one."""
@@ -256,11 +248,22 @@ def class_names_of(raw):
     return [str(by_value[c]) for c in range(1, len(by_value))]
 
 
+SUBJECT = re.compile(r"^(.+?)-(?:frame|time|timepoint|tp|phase|visit|ses|session|ed|es)-?\d*$", re.IGNORECASE)
+
+
+def subject_of(name):
+    """The patient or subject a case belongs to, when its name says so: 'patient001-frame01' (nnU-Net's ACDC)
+    -> 'patient001', also -tp2, -visit3, -ses-1, -ED; otherwise the case itself."""
+    match = SUBJECT.match(name)
+    return match.group(1) if match else name
+
+
 def own_cases(raw, val_fraction, seed):
     """Your own scans as the Medical Segmentation Decathlon (imagesTr/<case>.nii.gz) or nnU-Net v2
     (imagesTr/<case>_0000.nii.gz) lays them out -> (info for dataset.json, {case: image path}, {case:
     label path}, {case: split}). Labeled cases of imagesTr are split into train and val (val_fraction of
-    them, shuffled by seed); every scan without a label (imagesTr, imagesUnlabeled, and imagesTs, where
+    their patients when names say so (subject_of: both frames of a patient on one side), else of the cases,
+    shuffled by seed); every scan without a label (imagesTr, imagesUnlabeled, and imagesTs, where
     the Decathlon withholds the labels) is 'unlabeled' (training, self-training only); imagesTs with
     labelsTs is the test split."""
     raw = Path(raw)
@@ -299,35 +302,27 @@ def own_cases(raw, val_fraction, seed):
                                 + (f"dataset.json does not list (classes 0..{num_classes - 1})" if class_names else
                                    "no other label has; list the classes in dataset.json 'labels' if that is right"))
     labeled = [name for name, (split, _) in images.items() if split == "train" and name in labels]
-    labeled = [labeled[i] for i in np.random.default_rng(seed).permutation(len(labeled))]
-    n_val = min(len(labeled) - 1, round(len(labeled) * val_fraction)) if len(labeled) > 1 else 0
-    splits = {name: "val" for name in labeled[:n_val]} | {name: "train" for name in labeled[n_val:]}
+    subjects = list(dict.fromkeys(subject_of(name) for name in labeled))
+    subjects = [subjects[i] for i in np.random.default_rng(seed).permutation(len(subjects))]
+    n_val = min(len(subjects) - 1, round(len(subjects) * val_fraction)) if len(subjects) > 1 else 0
+    held_aside = set(subjects[:n_val])
+    labeled = [name for subject in subjects for name in labeled if subject_of(name) == subject]  # a subject's cases together
+    splits = {name: "val" if subject_of(name) in held_aside else "train" for name in labeled}
     unlabeled = [name for name in images if name not in labels]
     splits |= {name: "unlabeled" for name in unlabeled}
     splits |= {name: "test" for name, (split, _) in images.items() if split == "test" and name in labels}
     unlabeled_tests = sum(images[name][0] == "test" for name in unlabeled)
     if unlabeled_tests:
         print(f"{unlabeled_tests} imagesTs scans have no labelsTs: they join the unlabeled scans (self-training only)")
+    by_subject = len(subjects) < len(labeled)
     info = {"num_classes": num_classes, "class_names": class_names or [f"class {c}" for c in range(1, num_classes)],
-            "unlabeled": unlabeled, "source": str(raw)}
+            "unlabeled": unlabeled, "source": str(raw),
+            "validation": f"{sum(split == 'val' for split in splits.values())} cases held aside "
+                          + (f"by patient ({n_val} of {len(subjects)}: each patient's cases on one side)" if by_subject
+                             else f"by case ({n_val} of {len(labeled)})")}
     order = ["train", "unlabeled", "val", "test"]  # train.list: labeled first (the labeling order), then unlabeled
     splits = dict(sorted(splits.items(), key=lambda item: order.index(item[1])))
     return info, {name: path for name, (_, path) in images.items()}, labels, splits
-
-
-def own_volumes(raw, val_fraction, seed):
-    """Your own scans as 2D slices (the ACDC layout): (info, a generator of (split, name, image (S, H, W)
-    min-max normalised, label)); unlabeled volumes join train with an all-0 label map that is never read."""
-    info, images, labels, splits = own_cases(raw, val_fraction, seed)
-
-    def volumes():
-        for name, split in splits.items():
-            image = read_scan(images[name])
-            label = read_scan(labels[name]) if name in labels else np.zeros(image.shape, np.uint8)
-            if label.shape != image.shape:
-                raise data.DataError(f"{labels[name]}: shape {label.shape} does not match the image's {image.shape}")
-            yield ("train" if split == "unlabeled" else split), name, data.normalize(image.astype(np.float64), images[name]), label.astype(np.uint8)
-    return info, volumes()
 
 
 FOREGROUND_SAMPLES = 100_000  # CT statistics: at most this many foreground voxels of each labeled scan
@@ -343,7 +338,7 @@ def modality_of(raw):
 def read_labels_3d(path, shape, affine):
     """A label map (i, j, k) uint8 of any stored type (own_cases checked its values), on its scan's grid."""
     labels, header = data.read_nifti(path, with_header=True)
-    labels = labels.transpose(2, 1, 0)
+    labels = (labels[None] if labels.ndim == 2 else labels).transpose(2, 1, 0)
     label_affine = data.nifti_geometry(header, path)[1]
     if labels.shape != shape or not np.allclose(label_affine, affine, atol=1e-3):
         raise data.DataError(f"{path}: shape {labels.shape} and affine {np.round(label_affine, 3).tolist()} "
@@ -351,37 +346,55 @@ def read_labels_3d(path, shape, affine):
     return labels.astype(np.uint8)
 
 
-# The plan of your own 3D scans: nnU-Net's planning step, budgeted for a 2-core CPU's time instead of a GPU's memory
+# The plan of your own scans: nnU-Net's planning step, budgeted for a 2-core CPU's time instead of a GPU's memory
 ANISOTROPY = 3  # an axis whose median spacing is over 3 times the finest axis's holds thick slices (nnU-Net's rule)
-SCAN_VOXELS = 200_000  # the median scan resampled holds at most this many voxels: 2.9 mm on the whole-field LA task,
-                       # where 3 mm learned the atrium and finer voxels did not (docs/own_scans.md)
-CPU_PATCH = (64, 64, 32)  # the plan's largest crop, cut to the median resampled scan
-LABELED_CROPS = 8  # labeled crops a step (self-training adds as many unlabeled): 2 learned nothing in 300 steps
+PLANNED_VOXELS = {2: 160 * 160,  # the median slice (2D) or scan (3D) resampled holds at most this many voxels: ACDC's
+                  3: 200_000}    # CPU patch in 2D; 2.9 mm on the whole-field LA task in 3D, where 3 mm learned the
+                                 # atrium and finer voxels did not (docs/own_scans.md)
+CPU_PATCH = {2: (160, 160), 3: (64, 64, 32)}  # the plan's largest crop, cut to the median resampled slice or scan
+LABELED_CROPS = {2: 6, 3: 8}  # labeled crops a step (self-training adds as many unlabeled): ACDC's CPU batch in 2D;
+                              # in 3D, 2 learned nothing in 300 steps
 NONZERO_SHARE = 3 / 4  # MRI is z-scored inside its nonzero region when that region's box is less than this share
                        # of the scan (nnU-Net's rule for scans with a large empty margin)
 
 
-def plan_3d(spacings, shapes, spacing=None):
-    """nnU-Net's planning step, for a 2-core CPU, from the labeled training scans' spacings and shapes
-    (along i, j, k): the target spacing, their median (the 10th percentile on a thick-slice axis), coarsened
-    alike on every finer axis until the median scan holds at most SCAN_VOXELS voxels (nnU-Net's low-resolution
-    stage, for a CPU's time); the crop, CPU_PATCH cut to the median resampled scan (multiples of 16); the
-    crops a step. --spacing replaces the spacing. -> the plan's dict."""
-    spacings, shapes = np.asarray(spacings, float), np.asarray(shapes, float)
+def choose_dims(spacings):
+    """2D or 3D from the labeled training scans' spacings (along i, j, k), as nnU-Net chooses for thick slices:
+    2D where the slices (k) lie more than ANISOTROPY times the in-plane spacing apart, each slice then segmented
+    at the in-plane spacing; else 3D. -> (2 or 3, the reason in one line)."""
+    median = np.median(np.asarray(spacings, float), axis=0)
+    ratio = median[2] / median[:2].min()
+    voxels = " x ".join(f"{s:.3g}" for s in median)
+    if ratio > ANISOTROPY:
+        return 2, (f"2D: slices {median[2]:.3g} mm apart are {ratio:.1f} times the {median[:2].min():.3g} mm pixels (thick "
+                   f"slices: over {ANISOTROPY} times, nnU-Net's rule), so each slice is segmented at its in-plane spacing")
+    thick = median.argmax() if median.max() > ANISOTROPY * median.min() else None
+    return 3, (f"3D: median voxels {voxels} mm" + (f", thick along axis {'ijk'[thick]} (a 2D plan takes slices along k)"
+                                                   if thick is not None else f", no axis over {ANISOTROPY} times another"))
+
+
+def plan_grid(spacings, shapes, dims, spacing=None):
+    """nnU-Net's planning step, for a 2-core CPU, from the labeled training scans' spacings and shapes (along
+    i, j, k). 3D: the target spacing is their median (the 10th percentile on a thick-slice axis), coarsened alike
+    on every finer axis until the median scan holds at most PLANNED_VOXELS voxels (nnU-Net's low-resolution
+    stage, for a CPU's time). 2D: the same over the in-plane axes i, j (the median slice), each scan keeping its
+    own slices (None along k). The crop: CPU_PATCH cut to the median resampled scan or slice (multiples of 16);
+    the crops a step. --spacing replaces the spacing (its first two in 2D). -> the plan's dict."""
+    spacings, shapes = np.asarray(spacings, float)[:, :dims], np.asarray(shapes, float)[:, :dims]
     if spacing is None:
         target = np.median(spacings, axis=0)
         thick = target > ANISOTROPY * target.min()
         target[thick] = np.percentile(spacings[:, thick], 10, axis=0)
         extent, finest = np.median(shapes * spacings, axis=0), target.min()  # mm
-        while np.prod(np.maximum(1, np.round(extent / np.maximum(target, finest)))) > SCAN_VOXELS:
+        while np.prod(np.maximum(1, np.round(extent / np.maximum(target, finest)))) > PLANNED_VOXELS[dims]:
             finest *= 1.05
         target = np.maximum(target, finest).round(2)
     else:
-        target = np.asarray(spacing, float)
+        target = np.asarray(spacing, float)[:dims]
     median_shape = np.median(shapes * spacings / target, axis=0).round().astype(int)
-    patch = data.fitted_patch(CPU_PATCH, median_shape)
-    return {"spacing": target.tolist(), "median_shape": median_shape.tolist(), "patch_size": patch,
-            "labeled_batch_size": LABELED_CROPS, "batch_size": 2 * LABELED_CROPS}
+    return {"dims": dims, "spacing": target.tolist() + [None] * (3 - dims), "median_shape": median_shape.tolist(),
+            "patch_size": data.fitted_patch(CPU_PATCH[dims], median_shape), "labeled_batch_size": LABELED_CROPS[dims],
+            "batch_size": 2 * LABELED_CROPS[dims]}
 
 
 def intensity_rule(raw, images, training, seed, ct_window=None):
@@ -411,21 +424,29 @@ def intensity_rule(raw, images, training, seed, ct_window=None):
                    "normalization": "z-score inside each scan's nonzero region" if inside else "z-score over each scan"}
 
 
-def own_volumes_3d(raw, val_fraction, seed, spacing=None, ct_window=None):
-    """Your own scans as whole 3D volumes in UA-MT's layout, so that the LA path (V-Net, crops, sliding
-    window) reads them: arrays in NIfTI index order (i, j, k), resampled to the plan's spacing (plan_3d),
-    intensities by modality (intensity_rule). train.list holds the labeled training cases, then the
-    unlabeled, then the validation cases (the LA path holds the last --val-cases aside); the plan and each
-    case's native shape, spacing and affine go to dataset.json, and a test or validation case's native label
-    map to its h5 ('label_native') for scoring on the scan's own grid. One scan is in memory at a time, as
-    float32 (its labels as uint8). -> (info, a generator of (split, name, image, label[, more label maps]))."""
+def own_volumes(raw, val_fraction, seed, dims=None, spacing=None, ct_window=None):
+    """Your own scans as volumes in UA-MT's layout, which the LA path reads (crops, sliding windows): arrays in
+    NIfTI index order (i, j, k), resampled to the plan's spacing (plan_grid: 2D or 3D as choose_dims finds, or
+    `dims`; in 2D only in plane), intensities by modality (intensity_rule). train.list holds the labeled
+    training cases, then the unlabeled, then the validation cases (train.py holds the last --val-cases aside);
+    the plan and each case's native shape, spacing and affine go to dataset.json, and a test or validation
+    case's native label map to its h5 ('label_native') for scoring on the scan's own grid. One scan is in
+    memory at a time, as float32 (its labels as uint8). -> (info, a generator of (split, name, image, label[,
+    more label maps]))."""
     info, images, labels, splits = own_cases(raw, val_fraction, seed)
     training = {name: labels[name] for name, split in splits.items() if split == "train"}
     headers = {name: data.read_nifti_header(path) for name, path in images.items()}  # headers only
     spacings = {name: data.nifti_geometry(header, images[name])[0] for name, header in headers.items()}
-    plan = plan_3d([spacings[n] for n in training], [data.nifti_shape(headers[n]) for n in training], spacing)
+    chosen, reason = choose_dims([spacings[n] for n in training])
+    if dims and dims != chosen:
+        reason = f"{dims}D as --{dims}d asks; the scans alone would have chosen {reason}"
+    dims = dims or chosen
+    if spacing and len(spacing) != dims:
+        raise data.DataError(f"--spacing takes {dims} numbers for the {dims}D plan ({reason}), got {len(spacing)}")
+    plan = plan_grid([spacings[n] for n in training], [data.nifti_shape(headers[n]) for n in training], dims, spacing)
+    plan["reason"] = reason
     for name, case_spacing in spacings.items():
-        data.check_spacing(case_spacing, plan["spacing"], images[name])
+        data.check_spacing(case_spacing, data.target_spacing(case_spacing, plan["spacing"]), images[name])
     preprocessing = {"spacing": plan["spacing"], "grid": data.EXACT_GRID} | intensity_rule(raw, images, training, seed, ct_window)
     info |= {"plan": plan, "preprocessing": preprocessing, "val_cases": sum(split == "val" for split in splits.values()),
              "cases": {}}
@@ -440,7 +461,7 @@ def own_volumes_3d(raw, val_fraction, seed, spacing=None, ct_window=None):
             info["cases"][name] = {"shape": native_shape, "spacing": case_spacing.tolist(), "affine": affine.tolist(),
                                    "resampled_shape": list(resampled.shape)}
             more = {"label_native": label} if split in ("val", "test") else {}
-            steps = data.spacing_steps(case_spacing, preprocessing["spacing"])
+            steps = data.spacing_steps(case_spacing, data.target_spacing(case_spacing, preprocessing["spacing"]))
             yield ("test" if split == "test" else "train"), name, resampled, \
                 data.resample_spacing(torch.from_numpy(label), resampled.shape, steps, nearest=True).numpy(), more
     return info, volumes()
@@ -666,13 +687,18 @@ def main(argv=None):
     p.add_argument("--raw", help="the official ACDC download (folders patientXXX with Info.cfg and NIfTI files), "
                                  "or your own scans in the nnU-Net layout (imagesTr/, labelsTr/, ...)")
     p.add_argument("--val-fraction", type=float, default=0.2, help="your own scans: labeled cases kept for validation")
-    p.add_argument("--3d", dest="volumetric", action="store_true",
-                   help="your own scans as whole 3D volumes for the V-Net (UA-MT's layout), not 2D slices")
-    p.add_argument("--spacing", type=float, nargs=3, metavar=("X", "Y", "Z"),
-                   help="--3d: resample every scan to this spacing in mm (the plan's: the labeled scans' median, "
-                        "coarser for large scans)")
+    kind = p.add_mutually_exclusive_group()
+    kind.add_argument("--3d", dest="dims", action="store_const", const=3,
+                      help="your own scans as whole 3D volumes for the V-Net, whatever their spacing says")
+    kind.add_argument("--2d", dest="dims", action="store_const", const=2,
+                      help="your own scans as 2D slices (along k) for the U-Net, whatever their spacing says "
+                           "(by default the plan chooses: 2D for slices over 3 times thicker than the pixels)")
+    p.add_argument("--spacing", type=float, nargs="+", metavar="MM",
+                   help="your own scans: resample every scan to this spacing in mm, X Y Z in 3D, X Y in 2D (the "
+                        "plan's: the labeled scans' median, coarser for large scans)")
     p.add_argument("--ct-window", type=float, nargs=2, metavar=("LO", "HI"),
-                   help="--3d, CT: clip to this window (the 0.5 and 99.5 percentiles of the labeled training foreground)")
+                   help="your own CT scans: clip to this window (the 0.5 and 99.5 percentiles of the labeled training "
+                        "foreground)")
     p.add_argument("--out", default="data/ACDC", help="where to write the layout")
     p.add_argument("--check", metavar="ROOT", help="verify an existing folder instead of writing one")
     p.add_argument("--patients", type=int, help="synthetic set: number of patients (ACDC 100, split 70/10/20; "
@@ -685,8 +711,10 @@ def main(argv=None):
         p.error(f"--ct-window LO HI needs LO < HI, got {args.ct_window[0]:g} {args.ct_window[1]:g}")
     if args.spacing and min(args.spacing) <= 0:
         p.error(f"--spacing must be positive, got {args.spacing}")
-    if (args.volumetric or args.spacing or args.ct_window) and not (args.raw and (Path(args.raw) / "imagesTr").is_dir()):
-        p.error("--3d, --spacing and --ct-window take your own scans: --raw DIR with DIR/imagesTr")
+    if (args.dims or args.spacing or args.ct_window) and not (args.raw and (Path(args.raw) / "imagesTr").is_dir()):
+        p.error("--2d, --3d, --spacing and --ct-window take your own scans: --raw DIR with DIR/imagesTr")
+    if args.spacing and len(args.spacing) not in (2, 3):
+        p.error(f"--spacing takes X Y (2D) or X Y Z (3D) in mm, got {len(args.spacing)} numbers")
     try:
         if args.check:
             problems = check(args.check)
@@ -695,23 +723,22 @@ def main(argv=None):
             print(f"{len(problems)} problem(s) in {args.check}" if problems else f"{args.check}: OK")
             return 1 if problems else 0
         start = time.time()
-        if args.raw and args.volumetric:
-            info, volumes = own_volumes_3d(args.raw, args.val_fraction, args.seed, args.spacing, args.ct_window)
+        if args.raw and (Path(args.raw) / "imagesTr").is_dir():
+            info, volumes = own_volumes(args.raw, args.val_fraction, args.seed, args.dims, args.spacing, args.ct_window)
             lists = write_layout(args.out, volumes, args.force, info=info, la=True)
             done, plan = info["preprocessing"], info["plan"]
+            spacing = " x ".join(f"{s:g}" for s in plan["spacing"] if s is not None) + (" mm in plane, each scan's own "
+                                                                                          "slices" if plan["dims"] == 2 else " mm")
             print(f"wrote {args.out}: {len(lists['train'])} train.list cases ({len(info['unlabeled'])} unlabeled, the last "
                   f"{info['val_cases']} for validation), {len(lists['test'])} test.list cases, {info['num_classes']} classes "
                   f"({', '.join(info['class_names'])}) in {time.time() - start:.0f} s")
-            print(f"plan (dataset.json; flags override it): spacing {' x '.join(map(str, plan['spacing']))} mm (median scan "
+            print(f"validation: {info['validation']}")
+            print(f"plan (dataset.json; flags override it): {plan['reason']}")
+            print(f"  spacing {spacing} (median {'slice' if plan['dims'] == 2 else 'scan'} "
                   f"{' x '.join(map(str, plan['median_shape']))} voxels), crops {' x '.join(map(str, plan['patch_size']))}, "
                   f"{plan['labeled_batch_size']} labeled crops a step (+ as many unlabeled in self-training); "
                   f"{done['modality']}: {done['normalization']}")
             return 0
-        if args.raw and (Path(args.raw) / "imagesTr").is_dir():
-            info, volumes = own_volumes(args.raw, args.val_fraction, args.seed)
-            lists = write_layout(args.out, volumes, args.force, info=info)
-            print(f"{info['num_classes']} classes ({', '.join(info['class_names'])}), "
-                  f"{len(info['unlabeled'])} unlabeled training volumes")
         elif args.raw:
             lists = write_layout(args.out, official_volumes(args.raw), args.force)
         elif args.la:

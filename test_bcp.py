@@ -1148,8 +1148,13 @@ SETTINGS_AT_1A93707 = {
                                                       8, 0.5, 0.0, True, [18, 4], "la_bf16", sorted(CPU_LA + ["precision"])],
     ("la", "selftrain", ("--schedule", "cpu"), False): [8, 8, 4, (64, 64, 32), 2, 2000, "poly", 0, 200, "fp32", "la", "whole",
                                                         "fresh", 8, 0.5, 0.0, True, [18, 4], "la", CPU_LA],
-    ("own2d", "pretrain", ("--schedule", "cpu"), True): [4, 12, 6, (160, 160), 4, 2500, "poly", 0, 500, "bf16", "acdc", "regions",
-                                                         "pretrain", None, None, None, None, None, "acdc_bf16", sorted(CPU_ACDC + ["precision"])],
+    # your own 2D scans since issue 54: the slices a step and crop the plan made (no ACDC-sized stretch), a third of them
+    # centred on a class, a validation case held aside
+    ("own2d", "pretrain", ("--schedule", "cpu"), True): [4, 12, 6, (48, 48), 4, 2500, "poly", 0, 500, "bf16", "acdc", "regions",
+                                                         "pretrain", 1, None, 1 / 3, None, None, "own2d_bf16",
+                                                         ["budget", "iterations", "lr_decay", "precision", "val_every"]],
+    ("own2d", "selftrain", ("--val-cases", "1"), False): [4, 12, 6, (48, 48), 4, 30000, "step", 0, 200, "fp32", "acdc",
+                                                          "regions", "pretrain", 1, None, 1 / 3, None, None, None, []],
     ("own3d", "selftrain", (), False): [3, 16, 8, (48, 32, 16), 3, 15000, "step", 2500, 200, "fp32", "la", "whole", "fresh", 1,
                                         1.0, 1 / 3, False, [18, 4], None, []],
     ("own3d", "pretrain", ("--schedule", "cpu"), True): [3, 8, 8, (48, 32, 16), 3, 600, "poly", 0, 100, "fp32", "la", "whole",
@@ -1192,7 +1197,8 @@ def test_each_kind_of_data_has_its_plan(synthetic_root, la_root, own_roots):
     assert {kind: (plan.dims, plan.windows, plan.post_processing, plan.scoring, plan.grid, plan.preprocessing["rule"])
             for kind, plan in plans.items()} == {
         "acdc": (2, "slices", "none", "paper", "stored", "minmax"), "la": (3, "authors", "largest", "paper", "stored", "zscore"),
-        "own2d": (2, "slices", "none", "nnunet", "stored", "minmax"), "own3d": (3, "gaussian", "chosen", "nnunet", "native", "prepared")}
+        "own2d": (2, "gaussian", "chosen", "nnunet", "native", "prepared"), "own3d": (3, "gaussian", "chosen", "nnunet", "native", "prepared")}
+    assert plans["own2d"].preprocessing["spacing"] == [1.5, 1.5, None]  # in plane; each scan keeps its slices
     assert plans["own3d"].preprocessing["spacing"] == data.Dataset(own_roots["own3d"]).own["preprocessing"]["spacing"]
     assert [plans["la"].classes_kept(3), plans["acdc"].classes_kept(4), plans["own3d"].classes_kept(3, [2]),
             plans["own3d"].classes_kept(3)] == [[1, 2], [], [2], []]
@@ -1421,9 +1427,10 @@ def test_check_verifies_an_la_root(la_root, tmp_path, capsys):
                                           f"{path}: label values must lie in 0..1 (--num-classes 2), got 0..2"]
 
 
-def own_data_folder(root, labeled=5, unlabeled=2, extra_unlabeled=1, test=2, dataset_json=True):
-    """A tiny nnU-Net-layout folder of phantom scans: imagesTr with and without labelsTr,
-    imagesUnlabeled, imagesTs with labelsTs, and dataset.json (nnU-Net v2 labels)."""
+def own_data_folder(root, labeled=5, unlabeled=2, extra_unlabeled=1, test=2, dataset_json=True, spacing=(1.5, 1.5, 8.0)):
+    """A tiny nnU-Net-layout folder of thick-slice phantom scans (56 x 48 pixels of 1.5 mm, 4 slices 8 mm apart,
+    three classes): imagesTr with and without labelsTr, imagesUnlabeled, imagesTs with labelsTs, and
+    dataset.json (nnU-Net v2 labels)."""
     rng = np.random.default_rng(0)
     for folder in ("imagesTr", "labelsTr", "imagesUnlabeled", "imagesTs", "labelsTs"):
         (root / folder).mkdir(parents=True)
@@ -1431,53 +1438,76 @@ def own_data_folder(root, labeled=5, unlabeled=2, extra_unlabeled=1, test=2, dat
              + [("imagesTr", None, f"heart_{i:03d}") for i in range(labeled, labeled + unlabeled)]
              + [("imagesUnlabeled", None, f"extra_{i:03d}") for i in range(extra_unlabeled)]
              + [("imagesTs", "labelsTs", f"test_{i:03d}") for i in range(test)])
+    affine = np.diag([*spacing, 1.0])
     for images, labels, case in cases:
         anatomy = prepare_acdc.random_anatomy(rng, (56, 48))
         image, label = prepare_acdc.phantom_frame(rng, (56, 48), 4, anatomy, systole=False)  # (k, j, i)
-        write_nifti(root / images / f"{case}_0000.nii.gz", (image * 1000).astype(np.int16).transpose(2, 1, 0))
+        save_scan(root / images / f"{case}_0000.nii.gz", (image * 1000).astype(np.int16).transpose(2, 1, 0), affine)
         if labels:
-            write_nifti(root / labels / f"{case}.nii.gz", label.transpose(2, 1, 0))
+            save_scan(root / labels / f"{case}.nii.gz", label.astype(np.uint8).transpose(2, 1, 0), affine)
     if dataset_json:
         (root / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "RV": 1, "Myo": 2, "LV": 3},
                                                        "channel_names": {"0": "MRI"}}))
 
 
 @pytest.mark.slow
-def test_own_scans_end_to_end(tmp_path):
-    """prepare (nnU-Net layout) -> pretrain -> selftrain -> evaluate -> predict on the CPU. The labeled
-    set defaults to every labeled case, the unlabeled ones only feed self-training, and --predict on a
-    test scan gives exactly what evaluate.py predicts on its h5 copy (same model, same preprocessing)."""
+def test_own_scans_end_to_end(tmp_path, capsys, monkeypatch):
+    """Thick-slice scans: prepare (nnU-Net layout; the plan chooses 2D) -> pretrain -> selftrain -> evaluate ->
+    predict on the CPU. The labeled set defaults to every labeled case, the unlabeled ones only feed
+    self-training, the crops are 2D slices at the planned spacing, and --predict on a test scan gives exactly
+    what evaluate.py predicts on its h5 copy, back on the scan's grid (same model, same preprocessing). A model
+    that never predicts a class is named by that class's name."""
     own_data_folder(tmp_path / "raw")
     root, run = tmp_path / "mine", tmp_path / "run"
     assert prepare_acdc.main(["--raw", str(tmp_path / "raw"), "--out", str(root)]) == 0
-    info = data.read_dataset_json(root, "acdc")
-    assert info["num_classes"] == 4 and info["class_names"] == ["RV", "Myo", "LV"]
-    assert sorted(info["unlabeled"]) == ["extra-000", "heart-005", "heart-006"]
-    assert len((root / "val.list").read_text().split()) == 1 and len((root / "test.list").read_text().split()) == 2
+    assert "plan (dataset.json; flags override it): 2D: slices 8 mm apart are 5.3 times the 1.5 mm pixels" in capsys.readouterr().out
+    dataset = data.Dataset(root)
+    assert dataset.num_classes == 4 and dataset.class_names == ("RV", "Myo", "LV") and dataset.plan.name == "own2d"
+    assert sorted(dataset.own["unlabeled"]) == ["extra-000", "heart-005", "heart-006"]
+    assert dataset.own["val_cases"] == 1 and len(data.read_list(root, "test.list")) == 2
     assert prepare_acdc.check(root) == []
-    labeled, unlabeled, _ = data.Dataset(root).cases(data.Dataset(root).labeled_count())
-    assert len(labeled) == 4 * 4 and len(unlabeled) == 3 * 4  # 4 labeled training cases, 3 unlabeled, 4 slices each
+    labeled, unlabeled, val = dataset.cases(dataset.labeled_count(), dataset.own["val_cases"])
+    assert (len(labeled), len(unlabeled), len(val)) == (4, 3, 1)
+    images, labels = dataset.bank(labeled, "cpu", foreground=1 / 3).batch(torch.arange(4), (32, 32), data.VolumeBank(
+        [], [], "cpu").random_augmentation(4, torch.Generator().manual_seed(0)))
+    assert images.shape == (4, 1, 32, 32) and labels.shape == (4, 32, 32)
     at = TINY.index("--labeled-patients")
     tiny = TINY[:at] + TINY[at + 2:]  # the default: every labeled case
+    monkeypatch.setattr(inference, "segment", lambda *a, **k: never_lv(*a, **k))
     for phase in ("pretrain", "selftrain"):
         train.main(["--root", str(root), *tiny, "--out", str(run), "--phase", phase, "--iterations", "4"])
+    assert re.search(r"warning: .*best\.pt never predicts LV on the validation volumes that hold it", capsys.readouterr().out)
+    monkeypatch.undo()
     flags = inference.load_checkpoint(run / "selftrain" / "best.pt")["flags"]
     assert flags["labeled_patients"] == 4 and flags["num_classes"] == 4
-    evaluate.main(["--root", str(root), "--checkpoint", str(run / "selftrain" / "best.pt"), "--json", str(tmp_path / "s.json")])
+    evaluate.main(["--root", str(root), "--checkpoint", str(run / "selftrain" / "best.pt"), "--json", str(tmp_path / "s.json"),
+                   "--split", "test"])
     assert set(json.loads((tmp_path / "s.json").read_text())["per_class"]) == {"RV", "Myo", "LV"}
     evaluate.main(["--checkpoint", str(run / "selftrain" / "best.pt"), "--predict", str(tmp_path / "raw" / "imagesTs"),
                    "--out", str(tmp_path / "labels"), "--save-png", str(tmp_path / "pictures")])
-    model, _ = inference.load_model(run / "selftrain" / "best.pt")
-    for name, image, _ in data.Dataset(root).volumes(data.read_list(root, "test.list")):
-        expected = inference.segment_slices(model.eval(), torch.from_numpy(image), (32, 32)).numpy()
-        written = data.read_nifti(tmp_path / "labels" / f"{name.replace('-', '_')}.nii.gz")  # labelsTr's names: no channel suffix
-        np.testing.assert_array_equal(written, expected)
+    model, checkpoint = inference.load_model(run / "selftrain" / "best.pt")
+    for case in dataset.scored_cases(data.read_list(root, "test.list"), flags, "cpu", "native"):
+        expected = inference.segment(model.eval(), case.image, checkpoint["plan"], flags["patch_size"],
+                                     keep_largest=checkpoint["plan"].classes_kept(4, checkpoint["keep_largest"]), native=case.native)
+        written = data.read_nifti(tmp_path / "labels" / f"{case.name.replace('-', '_')}.nii.gz")  # labelsTr's names
+        np.testing.assert_array_equal(written, expected.numpy().transpose(2, 1, 0))
+        assert written.shape == (4, 56, 48)  # the scan's own grid (k, j, i)
     assert len(list((tmp_path / "pictures").glob("*.png"))) == 2
+
+
+REAL_SEGMENT = inference.segment
+
+
+def never_lv(model, image, *args, **kwargs):
+    """inference.segment's labels replaced by RV and Myo in turn: class 3 (LV) never predicted."""
+    labels = REAL_SEGMENT(model, image, *args, **kwargs)
+    return torch.arange(labels.numel()).view(labels.shape) % 2 + 1
 
 
 @pytest.mark.parametrize("damage,message", [
     (lambda raw: (raw / "imagesTr" / "heart_001_0000.nii.gz").unlink(), "heart_001.nii.gz: a label without an image"),
-    (lambda raw: write_nifti(raw / "labelsTr" / "heart_002.nii.gz", np.zeros((56, 48, 3), np.uint8)), r"heart_002.nii.gz: shape \(3, 48, 56\) does not match"),
+    (lambda raw: write_nifti(raw / "labelsTr" / "heart_002.nii.gz", np.zeros((56, 48, 3), np.uint8)),
+     r"heart_002.nii.gz: shape \(56, 48, 3\) and affine .* differ from the scan's \(48, 56, 4\)"),
     (lambda raw: write_nifti(raw / "labelsTr" / "heart_003.nii.gz", np.full((48, 56, 4), 5, np.uint8)), "heart_003.nii.gz: holds class 5, which no other label has"),
 ])
 def test_own_layout_problems_name_the_file(tmp_path, capsys, damage, message):
@@ -1579,7 +1609,7 @@ def test_own_3d_scans_end_to_end(tmp_path, capsys, monkeypatch):
     save_scan(no_roof, np.minimum(np.asarray(reference.dataobj), 1).astype(np.uint8), reference.affine)
     root, run = tmp_path / "mine", tmp_path / "run"
     assert prepare_acdc.main(["--raw", str(tmp_path / "raw"), "--3d", "--spacing", "1.25", "1.25", "1.25", "--out", str(root)]) == 0
-    assert "plan (dataset.json; flags override it): spacing 1.25 x 1.25 x 1.25 mm" in capsys.readouterr().out
+    assert "  spacing 1.25 x 1.25 x 1.25 mm (median scan" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         train.parse_args(["--root", str(root), "--standardize"])
     assert "prepare_acdc.py already normalised the intensities" in capsys.readouterr().err
@@ -1629,9 +1659,9 @@ def test_own_3d_scans_end_to_end(tmp_path, capsys, monkeypatch):
 
 @pytest.mark.parametrize("damage,message", [
     (lambda raw: save_scan(raw / "imagesTr" / "atrium_000_0000.nii.gz", np.zeros((8, 8, 4, 2), np.float32), np.eye(4)),
-     r"atrium_000_0000.nii.gz: a 4D image of shape \(2, 4, 8, 8\); --3d takes one 3D scan per file"),
+     r"atrium_000_0000.nii.gz: a 4D image of shape \(2, 4, 8, 8\); prepare_acdc.py --raw takes one 2D or 3D scan per file"),
     (lambda raw: save_scan(raw / "imagesTr" / "atrium_000_0000.nii.gz", np.zeros((8, 8), np.float32), np.eye(4)),
-     r"atrium_000_0000.nii.gz: a 2D image"),
+     r"atrium_000.nii.gz: shape \(48, 44, 32\) and affine .* differ from the scan's \(8, 8, 1\)"),  # a 2D scan: one slice
     (lambda raw: save_scan(raw / "imagesTr" / "atrium_002_0000.nii.gz", np.zeros((48, 44, 3), np.float32),
                            rotated_affine((1.0, 1.0, 20.0), 0.4)), r"atrium_002_0000.nii.gz: spacing \[1.0, 1.0, 20.0\] mm is more than 16 times"),
     (lambda raw: save_scan(raw / "labelsTr" / "atrium_001.nii.gz", np.zeros((48, 44, 16), np.uint8), np.eye(4)),
@@ -1706,16 +1736,19 @@ def decathlon_folder(root, count=6, unlabeled=3):
         "numTraining": count, "numTest": unlabeled, "training": training, "test": tests}))
 
 
-@pytest.mark.parametrize("volumetric", [False, True])
-def test_a_decathlon_task_prepares_as_downloaded(tmp_path, capsys, volumetric):
+@pytest.mark.parametrize("kind", [[], ["--2d"]])
+def test_a_decathlon_task_prepares_as_downloaded(tmp_path, capsys, kind):
     """Names without _0000, labels as uint8, int64 and float32, dotfiles, 'modality' and 'labels' by
     number: all read; the imagesTs scans (the Decathlon withholds their labels) join the unlabeled
-    training scans, in 2D and in 3D; each label map arrives whole."""
+    training scans, in 3D (the plan's choice for 1.5 x 1.5 x 2 mm voxels) and in 2D; each label map arrives
+    whole."""
     decathlon_folder(tmp_path / "Task02_Heart")
     out = tmp_path / "heart"
-    assert prepare_acdc.main(["--raw", str(tmp_path / "Task02_Heart"), "--out", str(out), "--val-fraction", "0.34",
-                              *(["--3d"] if volumetric else [])]) == 0
-    assert "3 imagesTs scans have no labelsTs: they join the unlabeled scans" in capsys.readouterr().out
+    assert prepare_acdc.main(["--raw", str(tmp_path / "Task02_Heart"), "--out", str(out), "--val-fraction", "0.34", *kind]) == 0
+    said = capsys.readouterr().out
+    assert "3 imagesTs scans have no labelsTs: they join the unlabeled scans" in said
+    assert ("plan (dataset.json; flags override it): 2D as --2d asks; the scans alone would have chosen 3D: median voxels "
+            "1.5 x 1.5 x 2 mm, no axis over 3 times another" if kind else "it): 3D: median voxels 1.5 x 1.5 x 2 mm") in said
     info = data.Dataset(out).own
     assert sorted(info["unlabeled"]) == ["la-006", "la-007", "la-008"] and info["class_names"] == ["left atrium"]
     train_list = data.read_list(out, "train.list")
@@ -1723,14 +1756,12 @@ def test_a_decathlon_task_prepares_as_downloaded(tmp_path, capsys, volumetric):
     for index in range(6):
         name = f"la-{index:03d}"
         truth = np.asarray(nibabel.load(tmp_path / "Task02_Heart" / "labelsTr" / f"la_{index:03d}.nii.gz").dataobj)
-        if volumetric:
-            assert name in train_list
-            _, label = data.read_h5(out / data.LA_FOLDER / name / "mri_norm2.h5", 3, 2)
-            assert label.sum() == pytest.approx(truth.sum(), rel=0.15)  # resampled from 1.5 x 1.5 x 2 mm
+        assert name in train_list
+        _, label = data.read_h5(out / data.LA_FOLDER / name / "mri_norm2.h5", 3, 2)
+        if kind:  # 2D at the scans' own 1.5 mm pixels: nothing resampled
+            np.testing.assert_array_equal(label, truth)
         else:
-            assert name in train_list + data.read_list(out, "val.list")
-            _, label = data.read_h5(out / "data" / f"{name}.h5", 3, 2)
-            np.testing.assert_array_equal(label, truth.transpose(2, 1, 0))
+            assert label.sum() == pytest.approx(truth.sum(), rel=0.15)  # resampled from 1.5 x 1.5 x 2 mm
 
 
 def test_scans_of_a_folder_skip_dotfiles_and_labels_take_labelsTr_names(tmp_path):
@@ -1742,19 +1773,112 @@ def test_scans_of_a_folder_skip_dotfiles_and_labels_take_labelsTr_names(tmp_path
     assert [data.label_name(p) for p in data.nifti_scans(tmp_path)] == ["heart_002.nii.gz", "la_001.nii.gz"]
 
 
-def test_the_plan_of_3d_scans_by_hand():
-    """nnU-Net's planning, for a CPU. 100^3 voxels of 1 mm: 10^6 voxels, over SCAN_VOXELS (200,000), so the
-    spacing grows by 5 % steps to 1.05^11 = 1.71 mm, the first where round(100 / s)^3 = 58^3 = 195,112 fits;
+def test_the_plan_of_own_scans_by_hand():
+    """nnU-Net's planning, for a CPU. 3D: 100^3 voxels of 1 mm: 10^6 voxels, over PLANNED_VOXELS (200,000), so
+    the spacing grows by 5 % steps to 1.05^11 = 1.71 mm, the first where round(100 / s)^3 = 58^3 = 195,112 fits;
     the crop is CPU_PATCH cut to 58 in multiples of 16: 48 x 48 x 32. Thick slices (0.8 x 0.8 x 4-6 mm): the
     third axis takes the 10th percentile of its spacings, 4.4 mm, and only the fine axes are coarsened, to
-    0.88 mm (91 x 91 x 23 voxels = 190,463). --spacing is taken as given."""
-    cube = prepare_acdc.plan_3d([(1.0, 1.0, 1.0)] * 3, [(100, 100, 100)] * 3)
+    0.88 mm (91 x 91 x 23 voxels = 190,463). --spacing is taken as given. 2D: 300 x 300 pixels of 1.5 mm, over
+    160 x 160, coarsened to 1.5 * 1.05^13 = 2.83 mm (159 x 159 = 25,281 pixels), cropped 144 x 144; the slices
+    keep each scan's own spacing (None)."""
+    cube = prepare_acdc.plan_grid([(1.0, 1.0, 1.0)] * 3, [(100, 100, 100)] * 3, 3)
     assert (cube["spacing"], cube["median_shape"], cube["patch_size"]) == ([1.71] * 3, [58] * 3, [48, 48, 32])
-    thick = prepare_acdc.plan_3d([(0.8, 0.8, z) for z in (4, 5, 6, 5, 5)], [(100, 100, 20)] * 5)
+    thick = prepare_acdc.plan_grid([(0.8, 0.8, z) for z in (4, 5, 6, 5, 5)], [(100, 100, 20)] * 5, 3)
     assert (thick["spacing"], thick["median_shape"], thick["patch_size"]) == ([0.88, 0.88, 4.4], [91, 91, 23], [64, 64, 16])
-    given = prepare_acdc.plan_3d([(1.0, 1.0, 1.0)] * 3, [(100, 100, 100)] * 3, spacing=(2.0, 2.0, 2.0))
+    given = prepare_acdc.plan_grid([(1.0, 1.0, 1.0)] * 3, [(100, 100, 100)] * 3, 3, spacing=(2.0, 2.0, 2.0))
     assert given["spacing"] == [2.0, 2.0, 2.0] and given["patch_size"] == [48, 48, 32]
     assert (cube["labeled_batch_size"], cube["batch_size"]) == (8, 16)
+    slices = prepare_acdc.plan_grid([(1.5, 1.5, z) for z in (5, 10, 8)], [(300, 300, 10)] * 3, 2)
+    assert (slices["spacing"], slices["median_shape"], slices["patch_size"]) == ([2.83, 2.83, None], [159, 159], [144, 144])
+    assert (slices["dims"], slices["labeled_batch_size"], slices["batch_size"]) == (2, 6, 12)
+
+
+@pytest.mark.parametrize("spacings,dims,reason", [
+    ([(1.5, 1.5, 8.0), (1.4, 1.4, 10.0), (1.7, 1.7, 5.0)], 2, "2D: slices 8 mm apart are 5.3 times the 1.5 mm pixels"),
+    ([(1.25, 1.25, 1.37)] * 3, 3, "3D: median voxels 1.25 x 1.25 x 1.37 mm, no axis over 3 times another"),
+    ([(0.8, 0.8, 2.4)] * 3, 3, "3D: median voxels 0.8 x 0.8 x 2.4 mm, no axis over 3 times another"),  # 3 times: not over
+    ([(0.8, 0.8, 2.5)] * 3, 2, "2D: slices 2.5 mm apart are 3.1 times the 0.8 mm pixels"),
+    ([(4.0, 1.0, 1.0)] * 3, 3, "thick along axis i (a 2D plan takes slices along k)"),
+])
+def test_the_plan_chooses_2d_for_thick_slices_and_says_why(spacings, dims, reason):
+    assert prepare_acdc.choose_dims(spacings)[0] == dims and reason in prepare_acdc.choose_dims(spacings)[1]
+
+
+def disc_scan(pixels, radius=15.0, field=60.0):
+    """A disc of `radius` mm at the centre of a `field` mm square slice of (x, y) mm pixels, 3 slices 8 mm apart:
+    (image (i, j, k) float32, label uint8, affine)."""
+    shape = [round(field / p) for p in pixels]
+    i, j = np.meshgrid(*[(np.arange(n) + 0.5) * p - field / 2 for n, p in zip(shape, pixels)], indexing="ij")
+    label = np.repeat(((i ** 2 + j ** 2) <= radius ** 2)[..., None], 3, axis=2).astype(np.uint8)
+    return (100 + 400.0 * label).astype(np.float32), label, np.diag([*pixels, 8.0, 1.0])
+
+
+def test_2d_slices_are_resampled_to_the_planned_pixels_not_stretched(tmp_path):
+    """Thick-slice scans of 1, 1.5 and 2 mm pixels (labeled) and 1 x 2 mm pixels (a test scan), a 30 mm disc in
+    each: the plan takes their median, 1.5 mm, in plane, and every stored slice shows the disc 20 pixels wide along
+    both axes, give or take the nearest neighbour's pixel at each edge (a circle stays a circle; stretched to one
+    slice size, the 1 x 2 mm scan's would be 30 x 15), the three slices kept."""
+    raw = tmp_path / "raw"
+    for folder in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
+        (raw / folder).mkdir(parents=True)
+    scans = {"imagesTr": [(1.0, 1.0), (1.5, 1.5), (2.0, 2.0)], "imagesTs": [(1.0, 2.0)]}
+    for images, pixel_list in scans.items():
+        for index, pixels in enumerate(pixel_list):
+            image, label, affine = disc_scan(pixels)
+            save_scan(raw / images / f"disc_{images[-2:]}{index}_0000.nii.gz", image, affine)
+            save_scan(raw / images.replace("images", "labels") / f"disc_{images[-2:]}{index}.nii.gz", label, affine)
+    assert prepare_acdc.main(["--raw", str(raw), "--out", str(tmp_path / "out"), "--val-fraction", "0"]) == 0
+    dataset = data.Dataset(tmp_path / "out")
+    assert dataset.own["plan"]["spacing"] == [1.5, 1.5, None] and dataset.plan.dims == 2
+    for name in data.read_list(dataset.root, "train.list") + data.read_list(dataset.root, "test.list"):
+        _, label = data.read_h5(dataset.path(name), 3, 2)
+        widths = [np.flatnonzero(label.any(axis=(1 - axis, 2))).size for axis in (0, 1)]
+        assert label.shape == (40, 40, 3) and 18 <= min(widths) <= max(widths) <= 21, (name, widths)
+        assert label[..., 0].sum() == pytest.approx(np.pi * 10 ** 2, rel=0.1)  # the disc's area, in 1.5 mm pixels
+
+
+def test_validation_is_held_aside_by_patient_when_names_say_so(tmp_path, capsys):
+    """Cases named patientNNN_frameMM (nnU-Net's ACDC): both frames of a patient fall on one side of the split,
+    said in prepare's summary; other names are split by case."""
+    assert [prepare_acdc.subject_of(name) for name in ("patient001-frame01", "patient001-frame12", "sub-01-ses-2",
+                                                       "case12-ED", "heart-007", "la-003")] == \
+        ["patient001", "patient001", "sub-01", "case12", "heart-007", "la-003"]
+    own_data_folder(tmp_path / "raw", labeled=10, unlabeled=0, extra_unlabeled=1, test=0)
+    for folder in ("imagesTr", "labelsTr"):  # heart_00N -> patient00{N // 2}_frame0{N % 2 + 1}
+        for path in (tmp_path / "raw" / folder).iterdir():
+            number = int(path.name[6:9])
+            path.rename(path.with_name(f"patient{number // 2:03d}_frame{number % 2 + 1:02d}" + path.name[9:]))
+    assert prepare_acdc.main(["--raw", str(tmp_path / "raw"), "--out", str(tmp_path / "out"), "--val-fraction", "0.4"]) == 0
+    assert "validation: 4 cases held aside by patient (2 of 5: each patient's cases on one side)" in capsys.readouterr().out
+    dataset = data.Dataset(tmp_path / "out")
+    _, _, val = dataset.cases(dataset.labeled_count(), dataset.own["val_cases"])
+    labeled = dataset.cases(dataset.labeled_count(), dataset.own["val_cases"])[0]
+    val_patients = {prepare_acdc.subject_of(name) for name in val}
+    assert len(val) == 4 and len(val_patients) == 2 and not val_patients & {prepare_acdc.subject_of(n) for n in labeled}
+    own_data_folder(tmp_path / "raw2", labeled=10, unlabeled=0, test=0)
+    assert prepare_acdc.main(["--raw", str(tmp_path / "raw2"), "--out", str(tmp_path / "out2"), "--val-fraction", "0.4"]) == 0
+    assert "validation: 4 cases held aside by case (4 of 10)" in capsys.readouterr().out
+
+
+def test_a_2d_crop_is_centred_on_a_class_only_where_the_volume_holds_it():
+    """Centred 2D crops (every crop, foreground 1) of a volume whose slice 0 holds class 1 and slice 2 class 2
+    (slice 1 neither): each crop is a slice holding the class it was centred on, the two classes drawn about
+    equally often; a volume with class 2 alone gets only class 2 crops, and a volume with no foreground
+    uniform ones."""
+    label = np.zeros((24, 20, 3), np.uint8)
+    label[4:10, 4:10, 0], label[12:20, 10:16, 2] = 1, 2
+    only_two = np.where(label == 2, 2, 0).astype(np.uint8)
+    volumes = [label, only_two, np.zeros_like(label)]
+    bank = data.VolumeBank([v.astype(np.float32) for v in volumes], volumes, "cpu", foreground=1.0, num_classes=3)
+    augmentation = bank.random_augmentation(300, torch.Generator().manual_seed(0))
+    index = torch.arange(300) % 3
+    images, labels = bank.batch(index, (16, 16), augmentation)
+    assert images.shape == (300, 1, 16, 16) and augmentation["centred"].all()
+    classes = [set(crop.unique().tolist()) - {0} for crop in labels]
+    both = [found for found, i in zip(classes, index) if i == 0]
+    assert all(len(found) == 1 for found in both) and 0.4 < sum(found == {1} for found in both) / len(both) < 0.6
+    assert all(found == {2} for found, i in zip(classes, index) if i == 1)
+    assert all(not found for found, i in zip(classes, index) if i == 2)
 
 
 def test_mri_with_a_large_empty_margin_is_z_scored_inside_its_nonzero_region():
@@ -2069,18 +2193,19 @@ def test_the_best_checkpoint_is_the_best_after_its_post_processing(monkeypatch):
     """Your own scans: each validation is scored as evaluation will score it, with the post-processing it
     chose. A later step whose largest-component Dice (0.8) beats the earlier step's as-predicted Dice (0.6)
     is kept as best.pt, with class 1 kept to its largest component, though as predicted it scores less."""
-    validations = iter([([0.6], [0.55], False), ([0.5], [0.8], False), ([0.7], [0.4], False)])
+    validations = iter([([0.6], [0.55], False, []), ([0.5], [0.8], False, []), ([0.7], [0.4], False, [])])
     monkeypatch.setattr(train, "validate", lambda *_: next(validations))
     saved, logged = [], []
     folder = SimpleNamespace(best_path="best", last_path="last", log=logged.append, write_metrics=lambda row: None,
                              save_picture=lambda *_: None, save_curves=lambda: None)
     progress = {"best_dice": -1.0, "best_iteration": 0}
-    run = SimpleNamespace(student=None, args=None, autocast=None)
+    run = SimpleNamespace(student=None, args=SimpleNamespace(dataset=SimpleNamespace(names_of_classes=lambda _: ("LA",)), num_classes=2),
+                          autocast=None)
     for iteration in (100, 200, 300):
         train.validate_and_save(run, [], folder, progress, iteration, None, lambda path, step: saved.append((path, step)))
     assert [step for path, step in saved if path == "best"] == [100, 200]
     assert (progress["best_dice"], progress["best_iteration"], progress["keep_largest"]) == (0.8, 200, [1])
-    assert "iter 200 | val Dice 0.8000 with the largest component kept for classes 1 (as predicted 0.5000" in logged[1]
+    assert "iter 200 | val Dice 0.8000 with the largest component kept for classes 1 (as predicted LA 0.5000" in logged[1]
 
 
 def test_png_writer_round_trip(tmp_path):
@@ -2111,7 +2236,8 @@ def test_png_writer_round_trip(tmp_path):
     (["--resume", "--overwrite"], "give one"),
     (["--scale", "0.5"], "--scale applies to 3D volumes only"),
     (["--stride", "16", "8"], "--stride applies to 3D volumes only"),
-    (["--val-cases", "3"], "--val-cases applies to 3D volumes only"),
+    (["--val-cases", "3"], "--val-cases applies to cases held aside from train.list only"),
+    (["--foreground-crops", "0.5"], "--foreground-crops applies to crops of whole volumes only"),
     (["--standardize"], "--standardize applies to 3D volumes only"),
     (["--schedule", "cpu", "--phase", "supervised"], "--schedule cpu times pre-training and self-training"),
 ])

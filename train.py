@@ -50,8 +50,6 @@ METHOD = {
     "precision": "fp32",   # TF32 convolutions on CUDA, as on the authors' RTX 3090
 }
 
-THREE_D_ONLY = ("val_cases", "stride", "scale", "foreground_crops", "standardize")  # refused on 2D data, where they change nothing
-
 PHASES = ("supervised", "pretrain", "selftrain")
 # Flags that define what a run trains: --resume refuses a value other than the checkpoint's.
 RUN_FLAGS = ("phase", "labeled_patients", "batch_size", "labeled_batch_size", "patch_size", "num_classes",
@@ -155,9 +153,6 @@ def parse_args(argv=None):
     plan = dataset.plan
     if args.schedule == "cpu" and args.phase == "supervised":
         p.error("--schedule cpu times pre-training and self-training; --phase supervised takes the paper's settings")
-    for key in THREE_D_ONLY:
-        if plan.dims == 2 and getattr(args, key) is not None:
-            p.error(f"--{key.replace('_', '-')} applies to 3D volumes only; {args.root} holds 2D slices (the ACDC layout)")
     refused = plan.refuse(vars(args), args.root)
     if refused:
         p.error(refused)
@@ -184,11 +179,11 @@ def parse_args(argv=None):
         p.error(f"--beta must lie between 0 and 1, got {args.beta}")
     if not 0 <= args.ema_decay <= 1:
         p.error(f"--ema-decay must lie in [0, 1], got {args.ema_decay}")
+    if args.foreground_crops is not None and not 0 <= args.foreground_crops <= 1:
+        p.error(f"--foreground-crops must lie in [0, 1], got {args.foreground_crops}")
+    if args.scale is not None and not 0 < args.scale <= 1:
+        p.error(f"--scale must lie in (0, 1], got {args.scale}")
     if plan.dims == 3:
-        if not 0 <= args.foreground_crops <= 1:
-            p.error(f"--foreground-crops must lie in [0, 1], got {args.foreground_crops}")
-        if not 0 < args.scale <= 1:
-            p.error(f"--scale must lie in (0, 1], got {args.scale}")
         try:
             args.stride = inference.checked_strides(args.stride, args.patch_size)
         except ValueError as error:
@@ -385,7 +380,7 @@ def load_data(args, device):
             raise data.DataError(f"{dataset.root / 'train.list'}: every training case is labeled; selftrain needs unlabeled ones")
         unlabeled = dataset.bank(unlabeled_names, device, flags)
     cases = list(dataset.scored_cases(val_names, flags, device))
-    held_aside = (f"{len(val_names)} validation cases held aside from train.list ({val_names[0]} ...)" if dataset.plan.dims == 3
+    held_aside = (f"{len(val_names)} validation cases held aside from train.list ({val_names[0]} ...)" if args.val_cases
                   else f"{len(val_names)} validation volumes")
     summary = (f"{args.phase}: {len(labeled_names)} labeled images ({args.labeled_patients} patients), "
                f"{len(unlabeled) if unlabeled else 0} unlabeled, {held_aside}, device {device}")
@@ -395,11 +390,11 @@ def load_data(args, device):
 @torch.no_grad()
 def validate(model, cases, args, autocast):
     """Mean Dice over the validation volumes of each foreground class -> a list, one per class; where the plan
-    chooses the post-processing (your own 3D scans), the same with only the largest component of each class
-    kept (else None); and whether the model predicted no foreground at all on every volume whose label has
-    some (a collapse). Each volume segmented as the plan says (inference.segment_and_score): ACDC's slices as
+    chooses the post-processing (your own scans), the same with only the largest component of each class
+    kept (else None); whether the model predicted no foreground at all on every volume whose label has
+    some (a collapse); and the classes it never predicted on the volumes whose labels hold them. Each volume segmented as the plan says (inference.segment_and_score): ACDC's slices as
     one batch; LA's sliding windows and largest component of the evaluation (the authors' in-training LA
-    validation skips the largest component); your own 3D scans' nnU-Net windows (every half window, Gaussian
+    validation skips the largest component); your own scans' nnU-Net windows (every half window, Gaussian
     weights). Scored as the plan scores: a class the model does not predict scores 0 (the paper), or a class
     absent from both prediction and truth is left out of the means (nnU-Net)."""
     plan, classes = args.dataset.plan, range(1, args.num_classes)
@@ -408,16 +403,19 @@ def validate(model, cases, args, autocast):
     def score(case, prediction):
         dice = lambda labels: bcp.dice_per_class(labels, case.truth, args.num_classes, plan.scoring)
         largest_only = dice(bcp.keep_largest_components(prediction[None], classes)[0]) if chosen else None
-        return dice(prediction), largest_only, (not prediction.any()) if case.truth.any() else None
+        found = [(bool((case.truth == c).any()), bool((prediction == c).any())) for c in classes]
+        return dice(prediction), largest_only, (not prediction.any()) if case.truth.any() else None, found
 
     model.eval()
     with autocast:
         scores = inference.segment_and_score(model, cases, plan, vars(args), args.stride, plan.classes_kept(args.num_classes), score)
     model.train()
-    as_predicted, largest_only, empty = zip(*scores)
+    as_predicted, largest_only, empty, found = zip(*scores)
     mean = lambda per_case: torch.stack(per_case).nanmean(0).tolist()  # NaN: a class left out of every volume
     no_foreground = [empty_case for empty_case in empty if empty_case is not None]
-    return mean(as_predicted), mean(largest_only) if chosen else None, bool(no_foreground) and all(no_foreground)
+    never_predicted = [c for c, in_class in zip(classes, zip(*found)) if not any(predicted for present, predicted in in_class if present)
+                       and any(present for present, _ in in_class)]
+    return mean(as_predicted), mean(largest_only) if chosen else None, bool(no_foreground) and all(no_foreground), never_predicted
 
 
 def float_tensors(state):
@@ -866,13 +864,20 @@ def train(run, cases, folder, progress):
     folder.log(f"done: best val Dice {progress['best_dice']:.4f} at iteration {progress['best_iteration']}; {folder.best_path}")
     if progress["predicts_no_foreground"]:
         folder.log(f"warning: {folder.best_path} predicts no foreground on any validation volume that has some. "
-                   f"{NO_FOREGROUND_ADVICE[args.dataset.plan.dims]}")
+                   f"{no_foreground_advice(args.dataset.plan)}")
+    elif progress.get("never_predicted"):
+        names = args.dataset.names_of_classes(args.num_classes)
+        folder.log(f"warning: {folder.best_path} never predicts {', '.join(names[c - 1] for c in progress['never_predicted'])} "
+                   f"on the validation volumes that hold it. {no_foreground_advice(args.dataset.plan)}")
     return True
 
 
-NO_FOREGROUND_ADVICE = {2: "Try more steps (--iterations) or more labeled images a step (--labeled-batch-size).",
-                        3: "Try more steps (--iterations), more labeled crops a step (--labeled-batch-size), more of them "
-                           "centred on the organ (--foreground-crops 0.67), or coarser voxels (prepare_acdc.py --spacing)."}
+def no_foreground_advice(plan):
+    """What to try when a model predicts no foreground, or never a class."""
+    centred = "foreground_crops" not in plan.unused_flags
+    return ("Try more steps (--iterations), more labeled images a step (--labeled-batch-size)"
+            + (", more of them centred on a class (--foreground-crops 0.67)" if centred else "")
+            + (", or coarser voxels (prepare_acdc.py --spacing)." if plan.preprocessing["rule"] == "prepared" else "."))
 
 
 def start_without_foreground(args):
@@ -884,7 +889,7 @@ def start_without_foreground(args):
         return None
     if not args.init:
         raise data.DataError(f"{start}: predicts no foreground on any validation volume that has some; self-training "
-                             f"from it would learn empty pseudo-labels. {NO_FOREGROUND_ADVICE[args.dataset.plan.dims]} (--init {start} starts "
+                             f"from it would learn empty pseudo-labels. {no_foreground_advice(args.dataset.plan)} (--init {start} starts "
                              f"from it anyway.)")
     return start
 
@@ -902,20 +907,23 @@ def validate_and_save(run, cases, folder, progress, iteration, views, save):
     if isinstance(folder, QuietFolder):
         save(folder.last_path, iteration)  # checks the weights as rank 0 does; QuietFolder writes nothing
         return float("nan")
-    as_predicted, largest_only, no_foreground = validate(run.student, cases, run.args, run.autocast)
+    as_predicted, largest_only, no_foreground, never_predicted = validate(run.student, cases, run.args, run.autocast)
     keep_largest, per_class = (None, as_predicted) if largest_only is None else inference.choose_post_processing(as_predicted, largest_only)
     dice = float(np.nan_to_num(np.nanmean(per_class)))  # the mean over classes, as evaluation scores it, picks the best checkpoint
     folder.write_metrics({"iter": iteration, "val_dice": dice, "val_dice_per_class": per_class})
     if dice > progress["best_dice"]:
-        progress.update(best_dice=dice, best_iteration=iteration, keep_largest=keep_largest, predicts_no_foreground=no_foreground)
+        progress.update(best_dice=dice, best_iteration=iteration, keep_largest=keep_largest, predicts_no_foreground=no_foreground,
+                        never_predicted=never_predicted)
         save(folder.best_path, iteration)
     save(folder.last_path, iteration)
     folder.save_picture(iteration, views)
     folder.save_curves()
-    def per_class_line(scores):
-        return ", ".join(f"{d:.4f}" for d in scores)
+    names = run.args.dataset.names_of_classes(run.args.num_classes)
 
-    classes = f" ({per_class_line(per_class)} per class)" if len(per_class) > 1 else ""
+    def per_class_line(scores):
+        return ", ".join(f"{name} {d:.4f}" for name, d in zip(names, scores))
+
+    classes = f" ({per_class_line(per_class)})" if len(per_class) > 1 else ""
     kept = "" if largest_only is None else (f" with the largest component kept for classes {class_list(keep_largest)} (as "
                                             f"predicted {per_class_line(as_predicted)}; only each class's largest "
                                             f"{per_class_line(largest_only)})")

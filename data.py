@@ -159,9 +159,9 @@ class Plan:
       grid             "stored": scored on the h5 arrays; "native": on each scan's own grid, in mm
       preprocessing    how --predict brings a NIfTI scan to the network: {"rule": "minmax"} (SSL4MIS's ACDC),
                        {"rule": "zscore"} (UA-MT's LA), or {"rule": "prepared"} with prepare_acdc.py's preprocessing
-                       of your own 3D scans (spacing, modality, normalisation)
+                       of your own scans (spacing, modality, normalisation)
       limits           your own data: the most labeled and validation cases it holds
-      smallest_volume  your own 3D scans: the smallest resampled training volume, which cuts the crop
+      smallest_volume  your own scans: the smallest resampled training volume, which cuts the crop
       slices_last      whether volumes are arrays in NIfTI index order (i, j, k), 2D slices along k (LA's, your
                        own scans'), not (S, H, W) (SSL4MIS's ACDC)
       unused_flags     flags that change nothing on this data, refused (ACDC's slices have no crops to centre)"""
@@ -288,7 +288,7 @@ OWN_3D_CPU = {"lr_decay": "poly", "lr_step": 0, "iterations": {"pretrain": 600, 
 OWN_SCORING = {"windows": "gaussian", "post_processing": "chosen", "scoring": "nnunet", "grid": "native"}  # nnU-Net's
 
 
-def own_2d_plan(preprocessing, settings=None, limits=None):
+def own_2d_plan(preprocessing, settings=None, limits=None, smallest_slice=None):
     """Your own 2D scans (thick slices): ACDC's network, losses and share of steps on the crop and slices a step
     prepare_acdc.py planned at its in-plane spacing (no slice stretched), a third of the labeled crops centred on
     a class, scored as nnU-Net scores (every half window, the post-processing chosen on validation, each scan's
@@ -299,8 +299,8 @@ def own_2d_plan(preprocessing, settings=None, limits=None):
     seconds = {key.replace("acdc", "own2d"): value for key, value in ACDC_PLAN.cpu_seconds.items()}
     return replace(ACDC_PLAN, name="own2d", settings=ACDC_PLAN.settings | (settings or {}), cpu_settings=cpu,
                    cpu_seconds=seconds, **OWN_SCORING,
-                   preprocessing={"rule": "prepared"} | preprocessing, limits=limits or {}, slices_last=True,
-                   unused_flags=("stride", "scale", "standardize"))
+                   preprocessing={"rule": "prepared"} | preprocessing, limits=limits or {}, smallest_volume=smallest_slice,
+                   slices_last=True, unused_flags=("stride", "scale", "standardize"))
 
 
 def own_3d_plan(preprocessing, settings=None, limits=None, smallest_volume=None):
@@ -330,8 +330,7 @@ def own_plan(dataset):
                         f"with prepare_acdc.py --raw)")
     smallest = np.min([own["cases"][name]["resampled_shape"] for name in names], axis=0).tolist()
     if planned.get("dims", 3) == 2:
-        settings["patch_size"] = fitted_patch(planned["patch_size"], smallest[:2])
-        return own_2d_plan(own["preprocessing"], settings | {"batch_size": planned["batch_size"]}, limits)
+        return own_2d_plan(own["preprocessing"], settings | {"batch_size": planned["batch_size"]}, limits, smallest[:2])
     if "batch_size" in planned:
         settings["batch_size"] = {"supervised": planned["labeled_batch_size"], "pretrain": planned["labeled_batch_size"],
                                   "selftrain": planned["batch_size"]}
@@ -421,20 +420,20 @@ class Dataset:
                           foreground or 0.0, flags["num_classes"])
 
     def native_label(self, name):
-        """Your own 3D scans: the label map of a scan on its own grid, which prepare_acdc.py --3d keeps
+        """Your own scans: the label map of a scan on its own grid, which prepare_acdc.py --raw keeps
         beside the resampled one."""
         path = self.path(name)
         try:
             with h5py.File(path, "r") as f:
                 return f["label_native"][()]
         except (OSError, KeyError) as error:
-            raise DataError(f"{path}: no readable 'label_native' (written by prepare_acdc.py --3d; {error})") from None
+            raise DataError(f"{path}: no readable 'label_native' (written by prepare_acdc.py --raw; {error})") from None
 
 
     def scored_cases(self, names, flags, device, grid="stored"):
         """The volumes of `names` as Cases on `device`, as a run with `flags` saw them (its z-scoring and
         classes; segment applies its scale), each with its reference on the grid named: "stored" (the h5
-        arrays, in voxels) or "native" (your own 3D scans: each scan's own grid, in mm)."""
+        arrays, in voxels) or "native" (your own scans: each scan's own grid, in mm)."""
         for name, image, label in self.volumes(names, standardize=flags.get("standardize") or False,
                                                num_classes=flags["num_classes"]):
             label = torch.from_numpy(label).to(device)
@@ -1078,8 +1077,8 @@ class VolumeBank:
             shortfall = [(p - s) // 2 + 3 if s <= p and p > 1 else 0 for s, p in zip(turned, patch)]  # a slice: none
             padded = [s + 2 * short for s, short in zip(turned, shortfall)]
             voxel = self.centre(i, pick) if centre else None
-            if voxel is None:
-                start = [int(f * (s - p)) for f, s, p in zip(corner, padded, patch)]
+            if voxel is None:  # the authors' randint(0, s - p); a slice (p = 1) may be any of the s
+                start = [int(f * (s - p + (p == 1))) for f, s, p in zip(corner, padded, patch)]
             else:  # the voxel moved with the rotation, flip and padding; the crop around it stays inside
                 voxel, _ = rot90_flip_point(voxel, self.images[i].shape, k, axis)
                 start = [min(max(v + short - p // 2, 0), s - p) for v, short, p, s in zip(voxel, shortfall, patch, padded)]

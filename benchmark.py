@@ -117,8 +117,10 @@ def cheap_validation(plan, patch_size):
     window-sized block (the strides of the patch)."""
     if "val_cases" in plan.unused_flags:
         return []
+    if plan.dims == 2:
+        return ["--val-cases", "1"]
     patch = benchmark_patch(plan, patch_size)
-    return ["--val-cases", "1", *(["--stride", str(min(patch[:2])), str(patch[2])] if plan.dims == 3 else [])]
+    return ["--val-cases", "1", "--stride", str(min(patch[:2])), str(patch[2])]
 
 
 def phase_flags(args, plan, phase, out):
@@ -202,7 +204,7 @@ def bench_sliding_window(args):
         raise SystemExit("benchmark.py sliding-window: --checkpoint is required")
     model, checkpoint = inference.load_model(args.checkpoint, args.device)
     if checkpoint["plan"].dims == 2:
-        raise SystemExit(f"benchmark.py sliding-window: {args.checkpoint} holds a 2D model, segmented slice by slice")
+        raise SystemExit(f"benchmark.py sliding-window: {args.checkpoint} holds a 2D model; this benchmark times 3D windows")
     model.eval()
     flags, plan = checkpoint["flags"], replace(checkpoint["plan"], windows=args.windows)
     dataset, classes = data.Dataset(args.root), plan.classes_kept(flags["num_classes"], checkpoint.get("keep_largest"))

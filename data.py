@@ -7,7 +7,8 @@ evaluate.py, prepare_acdc.py and benchmark.py share it.
   1. errors, lists, the plans (Plan: ACDC's, LA's, your own data's) and the one description of a data set
   2. reading and writing arrays: SSL4MIS / UA-MT h5 files, NIfTI scans, your own scans' folders
   3. resampling and intensities
-  4. the training banks: ACDC slices (SliceBank) and 3D volumes (VolumeBank) with their augmentation
+  4. the training banks: ACDC slices (SliceBank) and volumes (VolumeBank: 3D crops, or 2D crops of a slice) with
+     their augmentation
   5. run files
 """
 import gzip
@@ -215,7 +216,7 @@ class Plan:
         patch = tuple(sizes) * (self.dims // len(sizes))
         fitted = patch if self.smallest_volume is None else tuple(fitted_patch(patch, self.smallest_volume))
         if fitted != patch:
-            print(f"--patch-size {' '.join(map(str, patch))} is larger than the smallest resampled training volume "
+            print(f"the crop {' x '.join(map(str, patch))} is larger than the smallest resampled case of train.list "
                   f"allows: crops of {' x '.join(map(str, fitted))}")
         return fitted
 
@@ -399,7 +400,7 @@ class Dataset:
         return read_list(self.root, f"{split}.list")
 
     def volumes(self, names, scale=1.0, standardize=False, num_classes=None):
-        """[(name, image float32, label uint8)] of whole volumes: ACDC (S, H, W); 3D (D1, D2, D3) resampled by
+        """[(name, image float32, label uint8)] of whole volumes: ACDC (S, H, W); the others (i, j, k) resampled by
         `scale`, each image z-scored with standardize; labels checked against num_classes (a run's
         --num-classes; the data set's by default)."""
         volumes = [(name, *read_h5(self.path(name), 3, num_classes or self.num_classes)) for name in names]
@@ -408,7 +409,7 @@ class Dataset:
         return [(name, *rescale(image, label, scale)) for name, image, label in volumes]
 
     def bank(self, names, device, flags=None, foreground=None):
-        """The training bank of these slices (ACDC layout) or volumes (3D) on `device`, as a run with `flags`
+        """The training bank of these slices (ACDC layout) or volumes (UA-MT's) on `device`, as a run with `flags`
         takes them (its classes; volumes at its scale, z-scored with its standardize); `foreground`, the share
         of crops centred on a class (VolumeBank)."""
         flags = {"num_classes": self.num_classes} | {key: value for key, value in (flags or {}).items() if value is not None}

@@ -17,9 +17,9 @@ prediction scores 0 on all four (counted and reported). That convention gives a 
 and ASD of 0, the best possible: it flatters those two numbers, so read them with the count of empty
 predictions. Mean over volumes, then over the classes.
 
-Your own scans (a --root that prepare_acdc.py --raw wrote) are scored as nnU-Net scores them: 3D
-models segment with nnU-Net's windows (every half window, Gaussian weights; --windows authors for
-the others), the probabilities resampled to each scan's own grid and then the argmax, the largest
+Your own scans (a --root that prepare_acdc.py --raw wrote) are scored as nnU-Net scores them: their
+models segment with nnU-Net's windows (every half window, Gaussian weights, in 2D on each slice; --windows
+authors for 3D ones), the probabilities resampled to each scan's own grid and then the argmax, the largest
 component kept only for the classes where validation chose it (train.py, with best.pt); Dice, Jaccard,
 HD95 and ASD on that grid in mm. A class absent from both reference and prediction is left out of that
 case's means; one absent from either alone scores Dice 0, its HD95 and ASD left out (undefined); each
@@ -84,7 +84,7 @@ def predict_scans(model, checkpoint, stride, scans, out_dir, device, png_dir=Non
         data.write_nifti_labels(target, (labels.transpose(2, 1, 0) if volumetric else labels).astype(np.uint8), header)
         if png_dir:
             written = data.read_nifti(target)
-            written = written.transpose(2, 1, 0) if volumetric else written.reshape(shown.shape)
+            written = written.reshape(labels.shape[::-1]).transpose(2, 1, 0) if volumetric else written.reshape(shown.shape)
             pictures.save_montage(png_dir / f"{target.name.removesuffix('.nii.gz')}.png", shown, [written], slices_last=volumetric)
         print(f"{scan} -> {target} ({np.count_nonzero(labels)} foreground voxels, {time.time() - start:.1f} s)")
 
@@ -265,8 +265,9 @@ def main(argv=None):
                              Path(args.save_png) if args.save_png else None)
     dataset = data.Dataset(args.root)
     data.check_splits(dataset.root)
-    if plan.dims != dataset.plan.dims:
-        raise data.DataError(f"{args.checkpoint}: a {plan.dims}D model cannot segment the {dataset.plan.dims}D volumes of {args.root}")
+    if (plan.dims, plan.slices_last) != (dataset.plan.dims, dataset.plan.slices_last):
+        raise data.DataError(f"{args.checkpoint}: a {plan.dims}D model of {plan.name} data cannot segment the "
+                             f"{dataset.plan.dims}D volumes of {args.root} ({dataset.plan.name})")
     if args.kde and plan.slices_last:
         raise data.DataError("--kde embeds ACDC's 2D slices; it does not apply to these volumes")
     per_volume = score_split(model, checkpoint, dataset, args, args.device)

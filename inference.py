@@ -4,7 +4,7 @@ evaluate.py and benchmark.py share. A volume is segmented as its data set's plan
 the authors' windows or nnU-Net's, which post-processing, on which grid); bcp.py is the method and data.py
 the data, and neither knows of this file.
 
-  1. slice by slice (ACDC), sliding windows (3D), the probabilities back to a scan's grid
+  1. slice by slice (ACDC), sliding windows (3D, and 2D on your own scans), the probabilities back to a scan's grid
   2. segment, segment_and_score, and the post-processing chosen on validation
   3. checkpoints (with their plan) and devices
 """
@@ -188,13 +188,18 @@ def load_weights(model, weights, path):
 def checkpoint_plan(checkpoint, path):
     """The data.Plan a checkpoint keeps. One written before plans were kept (up to commit 1a93707) gets its
     plan here, from its flags: your own 3D scans' where they hold the scans' preprocessing, else LA's for a
-    3D patch and ACDC's for a 2D one (also for your own 2D data's: it segments alike, and evaluate.py scores a
-    split as its data set's plan scores it)."""
+    3D patch and ACDC's for a 2D one (also for your own 2D data's of that time, ACDC's slices). A plan kept
+    before the array order and the unused flags were (up to commit eb4e183) gets them from its intensity rule:
+    SSL4MIS's min-max is ACDC's slices."""
     if "plan" in checkpoint:
+        kept = dict(checkpoint["plan"])
+        if "slices_last" not in kept:
+            acdc = kept["preprocessing"]["rule"] == "minmax"
+            kept |= {"slices_last": not acdc, "unused_flags": data.ACDC_PLAN.unused_flags if acdc else ()}
         try:
-            return data.Plan(**checkpoint["plan"])
-        except TypeError as error:
-            raise DataError(f"{path}: its plan is not one this version reads ({error})") from None
+            return data.Plan(**kept)
+        except (TypeError, KeyError) as error:
+            raise DataError(f"{path}: its plan is not one this version reads ({error!r})") from None
     flags = checkpoint["flags"]
     if flags.get("preprocessing"):
         return data.own_3d_plan(flags["preprocessing"])

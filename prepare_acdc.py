@@ -304,7 +304,7 @@ def own_cases(raw, val_fraction, seed):
     labeled = [name for name, (split, _) in images.items() if split == "train" and name in labels]
     subjects = list(dict.fromkeys(subject_of(name) for name in labeled))
     subjects = [subjects[i] for i in np.random.default_rng(seed).permutation(len(subjects))]
-    n_val = min(len(subjects) - 1, round(len(subjects) * val_fraction)) if len(subjects) > 1 else 0
+    n_val = min(len(subjects) - 1, max(int(val_fraction > 0), round(len(subjects) * val_fraction)))  # at least one
     held_aside = set(subjects[:n_val])
     labeled = [name for subject in subjects for name in labeled if subject_of(name) == subject]  # a subject's cases together
     splits = {name: "val" if subject_of(name) in held_aside else "train" for name in labeled}
@@ -318,7 +318,7 @@ def own_cases(raw, val_fraction, seed):
     info = {"num_classes": num_classes, "class_names": class_names or [f"class {c}" for c in range(1, num_classes)],
             "unlabeled": unlabeled, "source": str(raw),
             "validation": f"{sum(split == 'val' for split in splits.values())} cases held aside "
-                          + (f"by patient ({n_val} of {len(subjects)}: each patient's cases on one side)" if by_subject
+                          + (f"by patient ({n_val} of {len(subjects)}: each patient's labeled cases on one side)" if by_subject
                              else f"by case ({n_val} of {len(labeled)})")}
     order = ["train", "unlabeled", "val", "test"]  # train.list: labeled first (the labeling order), then unlabeled
     splits = dict(sorted(splits.items(), key=lambda item: order.index(item[1])))
@@ -358,10 +358,12 @@ NONZERO_SHARE = 3 / 4  # MRI is z-scored inside its nonzero region when that reg
                        # of the scan (nnU-Net's rule for scans with a large empty margin)
 
 
-def choose_dims(spacings):
-    """2D or 3D from the labeled training scans' spacings (along i, j, k), as nnU-Net chooses for thick slices:
-    2D where the slices (k) lie more than ANISOTROPY times the in-plane spacing apart, each slice then segmented
-    at the in-plane spacing; else 3D. -> (2 or 3, the reason in one line)."""
+def choose_dims(spacings, shapes):
+    """2D or 3D from the labeled training scans' spacings and shapes (along i, j, k), as nnU-Net chooses for
+    thick slices: 2D for single slices, and where the slices (k) lie more than ANISOTROPY times the in-plane
+    spacing apart, each slice then segmented at the in-plane spacing; else 3D. -> (2 or 3, the reason in one line)."""
+    if np.median(np.asarray(shapes)[:, 2]) == 1:
+        return 2, "2D: the scans are single slices"
     median = np.median(np.asarray(spacings, float), axis=0)
     ratio = median[2] / median[:2].min()
     voxels = " x ".join(f"{s:.3g}" for s in median)
@@ -437,13 +439,14 @@ def own_volumes(raw, val_fraction, seed, dims=None, spacing=None, ct_window=None
     training = {name: labels[name] for name, split in splits.items() if split == "train"}
     headers = {name: data.read_nifti_header(path) for name, path in images.items()}  # headers only
     spacings = {name: data.nifti_geometry(header, images[name])[0] for name, header in headers.items()}
-    chosen, reason = choose_dims([spacings[n] for n in training])
+    shapes = {name: data.nifti_shape(header) for name, header in headers.items()}
+    chosen, reason = choose_dims([spacings[n] for n in training], [shapes[n] for n in training])
     if dims and dims != chosen:
         reason = f"{dims}D as --{dims}d asks; the scans alone would have chosen {reason}"
     dims = dims or chosen
     if spacing and len(spacing) != dims:
         raise data.DataError(f"--spacing takes {dims} numbers for the {dims}D plan ({reason}), got {len(spacing)}")
-    plan = plan_grid([spacings[n] for n in training], [data.nifti_shape(headers[n]) for n in training], dims, spacing)
+    plan = plan_grid([spacings[n] for n in training], [shapes[n] for n in training], dims, spacing)
     plan["reason"] = reason
     for name, case_spacing in spacings.items():
         data.check_spacing(case_spacing, data.target_spacing(case_spacing, plan["spacing"]), images[name])
@@ -604,7 +607,7 @@ def check_la(dataset):
     root, problems, lists = dataset.root, [], {}
     for split in ("train", "test"):
         if split == "test" and dataset.own and not (root / "test.list").exists():
-            lists[split] = []  # your own 3D scans without imagesTs + labelsTs
+            lists[split] = []  # your own scans without imagesTs + labelsTs
             continue
         try:
             lists[split] = data.read_list(root, f"{split}.list")
@@ -686,7 +689,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--raw", help="the official ACDC download (folders patientXXX with Info.cfg and NIfTI files), "
                                  "or your own scans in the nnU-Net layout (imagesTr/, labelsTr/, ...)")
-    p.add_argument("--val-fraction", type=float, default=0.2, help="your own scans: labeled cases kept for validation")
+    p.add_argument("--val-fraction", type=float, default=0.2,
+                   help="your own scans: the share of labeled patients (of labeled cases where names say no patient) "
+                        "kept for validation, at least one")
     kind = p.add_mutually_exclusive_group()
     kind.add_argument("--3d", dest="dims", action="store_const", const=3,
                       help="your own scans as whole 3D volumes for the V-Net, whatever their spacing says")
@@ -734,8 +739,12 @@ def main(argv=None):
                   f"({', '.join(info['class_names'])}) in {time.time() - start:.0f} s")
             print(f"validation: {info['validation']}")
             print(f"plan (dataset.json; flags override it): {plan['reason']}")
+            smallest = np.min([info["cases"][name]["resampled_shape"] for name in lists["train"]], axis=0)[:plan["dims"]]
+            crop = data.fitted_patch(plan["patch_size"], smallest)  # as train.py cuts it
+            cut = f" (the median's {' x '.join(map(str, plan['patch_size']))}, cut to the smallest case's " \
+                  f"{' x '.join(map(str, smallest))})" if crop != plan["patch_size"] else ""
             print(f"  spacing {spacing} (median {'slice' if plan['dims'] == 2 else 'scan'} "
-                  f"{' x '.join(map(str, plan['median_shape']))} voxels), crops {' x '.join(map(str, plan['patch_size']))}, "
+                  f"{' x '.join(map(str, plan['median_shape']))} voxels), crops {' x '.join(map(str, crop))}{cut}, "
                   f"{plan['labeled_batch_size']} labeled crops a step (+ as many unlabeled in self-training); "
                   f"{done['modality']}: {done['normalization']}")
             return 0

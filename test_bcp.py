@@ -1216,6 +1216,9 @@ def test_a_checkpoint_from_before_the_plans_gets_its_plan_on_reading():
     own = old(patch_size=[48, 32, 16], preprocessing=preprocessing)
     assert (own.windows, own.post_processing, own.preprocessing) == ("gaussian", "chosen", {"rule": "prepared"} | preprocessing)
     assert inference.checkpoint_plan({"plan": inference.saved_plan(own), "flags": {}}, "new.pt") == own
+    for plan in (data.ACDC_PLAN, data.LA_PLAN, own):  # kept before slices_last and unused_flags (up to eb4e183)
+        kept = {key: value for key, value in inference.saved_plan(plan).items() if key not in ("slices_last", "unused_flags")}
+        assert inference.checkpoint_plan({"plan": kept, "flags": {}}, "kept.pt") == plan
 
 
 def test_committed_checkpoints_load_on_the_cpu():
@@ -1468,9 +1471,11 @@ def test_own_scans_end_to_end(tmp_path, capsys, monkeypatch):
     assert prepare_acdc.check(root) == []
     labeled, unlabeled, val = dataset.cases(dataset.labeled_count(), dataset.own["val_cases"])
     assert (len(labeled), len(unlabeled), len(val)) == (4, 3, 1)
-    images, labels = dataset.bank(labeled, "cpu", foreground=1 / 3).batch(torch.arange(4), (32, 32), data.VolumeBank(
-        [], [], "cpu").random_augmentation(4, torch.Generator().manual_seed(0)))
-    assert images.shape == (4, 1, 32, 32) and labels.shape == (4, 32, 32)
+    bank = dataset.bank(labeled, "cpu", foreground=1 / 3)
+    augmentation = bank.random_augmentation(6, torch.Generator().manual_seed(0))
+    images, labels = bank.batch(torch.arange(6) % 4, (32, 32), augmentation)
+    assert images.shape == (6, 1, 32, 32) and labels.shape == (6, 32, 32) and augmentation["centred"].sum() == 2
+    assert (labels[augmentation["centred"]].flatten(1) > 0).any(1).all()  # slices that hold a class
     at = TINY.index("--labeled-patients")
     tiny = TINY[:at] + TINY[at + 2:]  # the default: every labeled case
     monkeypatch.setattr(inference, "segment", lambda *a, **k: never_lv(*a, **k))
@@ -1478,6 +1483,9 @@ def test_own_scans_end_to_end(tmp_path, capsys, monkeypatch):
         train.main(["--root", str(root), *tiny, "--out", str(run), "--phase", phase, "--iterations", "4"])
     assert re.search(r"warning: .*best\.pt never predicts LV on the validation volumes that hold it", capsys.readouterr().out)
     monkeypatch.undo()
+    acdc_model = sorted(Path(__file__).parent.glob("measurements/**/best_fp16.pt"))[0]
+    with pytest.raises(data.DataError, match=r"a 2D model of acdc data cannot segment the 2D volumes of .* \(own2d\)"):
+        evaluate.main(["--root", str(root), "--checkpoint", str(acdc_model)])
     flags = inference.load_checkpoint(run / "selftrain" / "best.pt")["flags"]
     assert flags["labeled_patients"] == 4 and flags["num_classes"] == 4
     evaluate.main(["--root", str(root), "--checkpoint", str(run / "selftrain" / "best.pt"), "--json", str(tmp_path / "s.json"),
@@ -1799,9 +1807,12 @@ def test_the_plan_of_own_scans_by_hand():
     ([(0.8, 0.8, 2.4)] * 3, 3, "3D: median voxels 0.8 x 0.8 x 2.4 mm, no axis over 3 times another"),  # 3 times: not over
     ([(0.8, 0.8, 2.5)] * 3, 2, "2D: slices 2.5 mm apart are 3.1 times the 0.8 mm pixels"),
     ([(4.0, 1.0, 1.0)] * 3, 3, "thick along axis i (a 2D plan takes slices along k)"),
+    ([(0.5, 0.5, 1.0)] * 3, 2, "2D: the scans are single slices"),  # nibabel's 2D files: pixdim 1 along k
 ])
 def test_the_plan_chooses_2d_for_thick_slices_and_says_why(spacings, dims, reason):
-    assert prepare_acdc.choose_dims(spacings)[0] == dims and reason in prepare_acdc.choose_dims(spacings)[1]
+    shapes = [(100, 100, 1 if "single" in reason else 12)] * len(spacings)
+    assert prepare_acdc.choose_dims(spacings, shapes) == (dims, prepare_acdc.choose_dims(spacings, shapes)[1])
+    assert reason in prepare_acdc.choose_dims(spacings, shapes)[1]
 
 
 def disc_scan(pixels, radius=15.0, field=60.0):
@@ -1849,7 +1860,7 @@ def test_validation_is_held_aside_by_patient_when_names_say_so(tmp_path, capsys)
             number = int(path.name[6:9])
             path.rename(path.with_name(f"patient{number // 2:03d}_frame{number % 2 + 1:02d}" + path.name[9:]))
     assert prepare_acdc.main(["--raw", str(tmp_path / "raw"), "--out", str(tmp_path / "out"), "--val-fraction", "0.4"]) == 0
-    assert "validation: 4 cases held aside by patient (2 of 5: each patient's cases on one side)" in capsys.readouterr().out
+    assert "validation: 4 cases held aside by patient (2 of 5: each patient's labeled cases on one side)" in capsys.readouterr().out
     dataset = data.Dataset(tmp_path / "out")
     _, _, val = dataset.cases(dataset.labeled_count(), dataset.own["val_cases"])
     labeled = dataset.cases(dataset.labeled_count(), dataset.own["val_cases"])[0]
@@ -1858,6 +1869,38 @@ def test_validation_is_held_aside_by_patient_when_names_say_so(tmp_path, capsys)
     own_data_folder(tmp_path / "raw2", labeled=10, unlabeled=0, test=0)
     assert prepare_acdc.main(["--raw", str(tmp_path / "raw2"), "--out", str(tmp_path / "out2"), "--val-fraction", "0.4"]) == 0
     assert "validation: 4 cases held aside by case (4 of 10)" in capsys.readouterr().out
+
+
+class Threshold(torch.nn.Module):
+    """A 2D 'network': class 1 where the pixel is above 0.5, each slice alone."""
+
+    def forward(self, x):  # (B, 1, H, W) -> (B, 2, H, W)
+        assert x.ndim == 4
+        return torch.cat([0.5 - x, x - 0.5], 1)
+
+
+def test_a_2d_model_segments_each_slice_of_your_own_volumes_in_windows():
+    """Your own 2D scans: a (i, j, k) volume is segmented slice by slice along k, in (i, j) windows every half
+    window; a square on slice 1 only comes back where it is, on a volume larger than the window and on one
+    smaller (padded)."""
+    plan = data.own_2d_plan({"spacing": [1.0, 1.0, None]})
+    for shape in ((40, 28, 3), (12, 10, 3)):
+        volume = torch.zeros(shape)
+        volume[3:9, 2:7, 1] = 1
+        labels = inference.segment(Threshold(), volume, plan, (16, 16))
+        assert torch.equal(labels, volume.long()), shape
+
+
+def test_uniform_2d_crops_reach_every_slice_and_a_single_slice_is_never_padded():
+    """Uniform crops one slice deep land on every slice, the last included; a volume of one slice gives that
+    slice every time (no padding along k, as a thinner-than-the-crop axis of a 3D crop would get)."""
+    stack = np.broadcast_to(np.arange(4, dtype=np.float32), (20, 20, 4)).copy()  # slice k holds the value k
+    single = np.ones((20, 20, 1), np.float32)
+    bank = data.VolumeBank([stack, single], [np.zeros((20, 20, 4), np.uint8), np.ones((20, 20, 1), np.uint8)], "cpu")
+    augmentation = bank.random_augmentation(200, torch.Generator().manual_seed(0))
+    images, labels = bank.batch(torch.arange(200) % 2, (16, 16), augmentation)
+    assert set(images[0::2].flatten(1)[:, 0].tolist()) == {0.0, 1.0, 2.0, 3.0}
+    assert (labels[1::2] == 1).all()
 
 
 def test_a_2d_crop_is_centred_on_a_class_only_where_the_volume_holds_it():

@@ -1,6 +1,6 @@
 """
-Train BCP, or the labeled-only network it is compared with, on ACDC (2D, U-Net) or the left atrium
-(LA, 3D, V-Net); the data set is read off --root.
+Train BCP, or the labeled-only network it is compared with, on ACDC (2D, U-Net), the left atrium (LA, 3D,
+V-Net) or your own scans (2D or 3D, as prepare_acdc.py planned them); the data set is read off --root.
 
     python train.py --phase pretrain                 # labeled images copy-pasted into each other
     python train.py --phase selftrain                # Mean-Teacher with bidirectional copy-paste
@@ -70,7 +70,8 @@ def at_least(minimum, kind=int):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--root", default="data/ACDC", help="ACDC in the SSL4MIS layout, or LA in UA-MT's layout")
+    p.add_argument("--root", default="data/ACDC", help="ACDC in the SSL4MIS layout, LA in UA-MT's layout, or your own "
+                                                         "scans as prepare_acdc.py --raw wrote them")
     p.add_argument("--out", help="run folder; each phase writes <out>/<phase>/ (runs/<data set>_<labeled>)")
     p.add_argument("--phase", choices=PHASES, default="pretrain")
     p.add_argument("--schedule", choices=["paper", "cpu"], default="paper",
@@ -85,7 +86,8 @@ def parse_args(argv=None):
     p.add_argument("--labeled-batch-size", type=at_least(1), help="labeled images per step (ACDC 12, LA 4)")
     p.add_argument("--patch-size", type=at_least(16), nargs="+",
                    help="ACDC: each slice resized whole to P x P, not cropped (256); LA: random crops D1 D2 D3 of the "
-                        "volume (112 112 80); multiples of 16")
+                        "volume (112 112 80); your own scans: crops of a slice (2D) or of the volume (3D), as planned; "
+                        "multiples of 16")
     p.add_argument("--num-classes", type=at_least(2), help="background included (ACDC 4, LA 2; your own data says)")
     p.add_argument("--lr", type=at_least(0.0, float), help=f"SGD learning rate ({METHOD['lr']})")
     p.add_argument("--lr-decay", choices=["step", "poly"], help="step: divided by 10 every --lr-step steps (the "
@@ -112,7 +114,8 @@ def parse_args(argv=None):
     p.add_argument("--selftrain-sgd", choices=["pretrain", "fresh"],
                    help="selftrain starts SGD with the pre-training's momentum (ACDC) or fresh (LA)")
     p.add_argument("--val-cases", type=at_least(1),
-                   help="LA: the last N cases of train.list are held aside for validation (not in the unlabeled pool; 8)")
+                   help="LA and your own scans: the last N cases of train.list are held aside for validation (not in the "
+                        "unlabeled pool; LA 8)")
     p.add_argument("--stride", type=at_least(1), nargs=2, metavar=("XY", "Z"),
                    help="LA: sliding-window strides of validation along the first two axes and the third "
                         "(the authors' 18 4, at most the patch)")
@@ -120,7 +123,7 @@ def parse_args(argv=None):
                    help="LA: train on volumes resampled by this factor (0.5: a crop sees twice the field; for a CPU); "
                         "validation and evaluation segment at that scale and score at full resolution")
     p.add_argument("--foreground-crops", type=float, metavar="SHARE",
-                   help="3D: the share of labeled crops centred on a voxel of a foreground class, the rest uniform "
+                   help="LA and your own scans: the share of labeled crops centred on a voxel of a foreground class, the rest uniform "
                         "(nnU-Net's oversampling; your own scans 0.33, LA 0 as the authors)")
     p.add_argument("--standardize", action=argparse.BooleanOptionalAction,
                    help="LA: z-score each volume as loaded (UA-MT z-scored the whole scans before cropping them "
@@ -379,6 +382,9 @@ def load_data(args, device):
         if not unlabeled_names:
             raise data.DataError(f"{dataset.root / 'train.list'}: every training case is labeled; selftrain needs unlabeled ones")
         unlabeled = dataset.bank(unlabeled_names, device, flags)
+    if not val_names:
+        raise data.DataError(f"{dataset.root / 'train.list'}: no validation cases to choose best.pt on (prepare it again "
+                             f"with --val-fraction above 0)")
     cases = list(dataset.scored_cases(val_names, flags, device))
     held_aside = (f"{len(val_names)} validation cases held aside from train.list ({val_names[0]} ...)" if args.val_cases
                   else f"{len(val_names)} validation volumes")
@@ -601,7 +607,7 @@ def build_models(args, device, memory_format, checkpoint, folder):
     """Student, teacher (selftrain only) and SGD: from last.pt on --resume; self-training otherwise
     starts from the pre-training's best weights (and its SGD momentum with --selftrain-sgd pretrain).
     -> (student, teacher, optimizer, progress: iteration, best_dice, best_iteration, elapsed, and the best
-    checkpoint's keep_largest and predicts_no_foreground)."""
+    checkpoint's keep_largest, predicts_no_foreground and never_predicted)."""
     architecture = bcp.NETWORKS[args.dataset.plan.dims]
     # torchrun: each BatchNorm takes its training statistics over the whole batch, not this process's share
     whole_batch = bcp.whole_batch_norms if bcp.process_share()[0] > 1 else (lambda model: model)
@@ -610,7 +616,7 @@ def build_models(args, device, memory_format, checkpoint, folder):
     teacher = network() if args.phase == "selftrain" else None
     optimizer = new_sgd(args, student)
     progress = {"iteration": 0, "best_dice": -1.0, "best_iteration": 0, "elapsed": 0.0, "keep_largest": None,
-                "predicts_no_foreground": False, "budget": None}
+                "predicts_no_foreground": False, "never_predicted": [], "budget": None}
     if checkpoint is not None:
         inference.load_weights(student, checkpoint["model"], folder.last_path)
         if teacher is not None:
@@ -865,7 +871,7 @@ def train(run, cases, folder, progress):
     if progress["predicts_no_foreground"]:
         folder.log(f"warning: {folder.best_path} predicts no foreground on any validation volume that has some. "
                    f"{no_foreground_advice(args.dataset.plan)}")
-    elif progress.get("never_predicted"):
+    elif progress["never_predicted"]:
         names = args.dataset.names_of_classes(args.num_classes)
         folder.log(f"warning: {folder.best_path} never predicts {', '.join(names[c - 1] for c in progress['never_predicted'])} "
                    f"on the validation volumes that hold it. {no_foreground_advice(args.dataset.plan)}")
